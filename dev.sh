@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The project's set-up commands (see README):
+#   ./dev.sh demo   install into .venv, run the workflow for every catalog policy, print the table
+#   ./dev.sh test   install into .venv, then lint, type-check and run the tests
+#   ./dev.sh ui     install into .venv, start the simulator and `dagster dev` on loopback
+set -euo pipefail
+cd "$(dirname "$0")"
+
+find_python() {
+  for candidate in "${PYTHON:-}" python3.11 python3; do
+    if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 &&
+      "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      echo "$candidate"
+      return
+    fi
+  done
+  echo "error: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2
+  exit 2
+}
+
+install() {
+  if [ ! -x .venv/bin/python ]; then
+    "$(find_python)" -m venv .venv
+  fi
+  # uv resolves and installs the pinned lock file in seconds; pip would take minutes.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
+  .venv/bin/uv pip install --quiet --python .venv/bin/python -r requirements.lock -e .
+}
+
+case "${1:-}" in
+  demo)
+    install
+    .venv/bin/python -m policy_pipeline.demo
+    ;;
+  test)
+    install
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    .venv/bin/mypy policy_pipeline
+    .venv/bin/python -m pytest "${@:2}"
+    ;;
+  ui)
+    install
+    exec .venv/bin/python -m policy_pipeline.dev_ui "${@:2}"
+    ;;
+  *)
+    echo "usage: ./dev.sh demo | test [pytest args] | ui" >&2
+    exit 2
+    ;;
+esac

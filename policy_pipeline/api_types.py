@@ -1,0 +1,72 @@
+"""What the Policy API client hands back: attempts, responses and errors (no Dagster import)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+MAX_RECORDED_BODY = 4_000
+
+
+@dataclass(frozen=True)
+class ApiAttempt:
+    endpoint: str  # "createpolicy" | "policy_status" | "circuit"
+    method: str
+    path: str
+    attempt: int
+    latency_ms: float
+    http_status: int | None
+    outcome: str  # "ok" | "retry" | "failed"
+    body: Any  # parsed JSON, or the raw text (truncated), or None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    endpoint: str
+    method: str
+    path: str
+    http_status: int
+    text: str
+    data: Any  # parsed JSON, or None when the body was empty or not JSON
+    latency_ms: float
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.http_status < 300
+
+    @property
+    def recorded_body(self) -> Any:
+        """What goes into the state table: the JSON, else the raw text (truncated)."""
+        if self.data is not None:
+            return self.data
+        return {"raw_text": self.text[:MAX_RECORDED_BODY], "non_json": True}
+
+    def field(self, name: str) -> Any:
+        return self.data.get(name) if isinstance(self.data, dict) else None
+
+    def describe(self) -> str:
+        return f"{self.method} {self.path} answered HTTP {self.http_status}"
+
+
+class PolicyApiError(RuntimeError):
+    """The Policy API did not give a usable answer (after retries where they apply)."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+AttemptCallback = Callable[[ApiAttempt], None]
+
+
+def parse_body(text: str) -> Any:
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

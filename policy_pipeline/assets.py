@@ -1,0 +1,241 @@
+"""The workflow as three partitioned assets: policy_created -> policy_ready ->
+circuit_breaker_activation, one partition per catalog policy.
+
+Each asset is one step of the seed's workflow. A run may hold many partitions (a single-run
+backfill or a sensor tick); the step then works on them concurrently and records metadata per
+partition. Nothing goes through an IO manager: the state lives in the warehouse.
+"""
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from dagster import (
+    AssetExecutionContext,
+    AssetsDefinition,
+    BackfillPolicy,
+    BetaWarning,
+    Config,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    asset,
+    define_asset_job,
+    in_process_executor,
+)
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
+from pydantic import Field
+
+from policy_pipeline.api_client import PolicyApiResource
+from policy_pipeline.catalog import CatalogEntry
+from policy_pipeline.resources import PolicyStateResource
+from policy_pipeline.settings import env_float, env_int
+from policy_pipeline.workflow import (
+    LeasePolicy,
+    PolicyWorkflow,
+    PollingPolicy,
+    StepFailed,
+    StepOutcome,
+)
+
+WORKFLOW_GROUP = "policy_workflow"
+OWNERS = ["team:data-platform"]
+JOB_NAME = "policy_workflow_job"
+RUN_OWNER_PREFIX = "run:"
+
+
+class PollingConfig(Config):
+    """Step 2's polling schedule. The seed's behaviour: max_polls=3, backoff_multiplier=1."""
+
+    initial_interval_seconds: float = Field(
+        default_factory=lambda: env_float("POLICY_POLL_INITIAL_SECONDS", 1.0),
+        description="Wait after the first poll (env POLICY_POLL_INITIAL_SECONDS, default 1).",
+    )
+    max_interval_seconds: float = Field(
+        default_factory=lambda: env_float("POLICY_POLL_MAX_INTERVAL_SECONDS", 30.0),
+        description="Cap on the wait between polls (env POLICY_POLL_MAX_INTERVAL_SECONDS, 30).",
+    )
+    backoff_multiplier: float = Field(
+        default_factory=lambda: env_float("POLICY_POLL_BACKOFF_MULTIPLIER", 2.0, minimum=1.0),
+        description="Growth of the wait per poll (env POLICY_POLL_BACKOFF_MULTIPLIER, 2).",
+    )
+    max_polls: int = Field(
+        default_factory=lambda: env_int("POLICY_POLL_MAX_POLLS", 60, minimum=1),
+        description="Polls per run before giving up (env POLICY_POLL_MAX_POLLS, default 60).",
+    )
+    deadline_seconds: float = Field(
+        default_factory=lambda: env_float("POLICY_POLL_DEADLINE_SECONDS", 900.0),
+        description="Overall polling deadline per run (env POLICY_POLL_DEADLINE_SECONDS, 900).",
+    )
+
+    def policy(self) -> PollingPolicy:
+        return PollingPolicy(
+            initial_interval_seconds=self.initial_interval_seconds,
+            max_interval_seconds=self.max_interval_seconds,
+            backoff_multiplier=self.backoff_multiplier,
+            max_polls=self.max_polls,
+            deadline_seconds=self.deadline_seconds,
+        )
+
+
+def _workflow(
+    context: AssetExecutionContext, api: PolicyApiResource, state: PolicyStateResource
+) -> PolicyWorkflow:
+    return PolicyWorkflow(
+        store=state.store(run_id=context.run.run_id),
+        api=api,
+        owner=f"{RUN_OWNER_PREFIX}{context.run.run_id}",
+        log=context.log,
+        lease=LeasePolicy(
+            ttl_seconds=state.lease_ttl_seconds, wait_seconds=state.lease_wait_seconds
+        ),
+        owner_finished=lambda owner: _run_finished(context, owner),
+    )
+
+
+def _run_finished(context: AssetExecutionContext, owner: str) -> bool:
+    run_id = owner.removeprefix(RUN_OWNER_PREFIX)
+    run = context.instance.get_run_by_id(run_id) if owner.startswith(RUN_OWNER_PREFIX) else None
+    return run is not None and run.is_finished
+
+
+def _metadata(outcome: StepOutcome) -> dict[str, Any]:
+    return {
+        "execution_id": outcome.execution_id,
+        "policy_id": outcome.policy_id or "",
+        "status": outcome.status,
+        "poll_count": MetadataValue.int(outcome.poll_count),
+        "api_calls": MetadataValue.int(outcome.api_calls),
+        "api_latency_ms": MetadataValue.float(outcome.api_latency_ms),
+        "resumed": MetadataValue.bool(outcome.resumed),
+        "message": outcome.message,
+    }
+
+
+def run_step(
+    context: AssetExecutionContext,
+    step: Callable[[str], StepOutcome],
+    concurrency: int,
+) -> MaterializeResult:
+    """Run one workflow step for every partition of this run, concurrently, and report.
+
+    Every partition is taken to the end of the step before a failure is raised, so one bad
+    policy does not leave the others half-done.
+    """
+    keys: Sequence[str] = context.partition_keys
+    outcomes: dict[str, StepOutcome] = {}
+    failures: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(keys)))) as pool:
+        futures = {key: pool.submit(step, key) for key in keys}
+        for key, future in futures.items():
+            try:
+                outcomes[key] = future.result()
+            except StepFailed as exc:
+                failures[key] = exc.reason
+                context.log.error(str(exc))
+            except Exception as exc:
+                # An unexpected error for one policy must not hide the others' outcomes.
+                failures[key] = f"{type(exc).__name__}: {exc}"
+                context.log.exception(f"{key}: unexpected error")
+    for key, outcome in outcomes.items():
+        context.add_asset_metadata(_metadata(outcome), partition_key=key)
+    if failures:
+        listing = "\n".join(f"- {key}: {reason}" for key, reason in sorted(failures.items()))
+        raise Failure(
+            description=f"{len(failures)} of {len(keys)} policies failed:\n{listing}",
+            metadata={
+                "failed_policies": MetadataValue.json(failures),
+                "succeeded_policies": MetadataValue.json(sorted(outcomes)),
+            },
+        )
+    return MaterializeResult(
+        metadata={
+            "policies": MetadataValue.int(len(keys)),
+            "api_calls": MetadataValue.int(sum(o.api_calls for o in outcomes.values())),
+        }
+    )
+
+
+def build_workflow_assets(
+    catalog: Mapping[str, CatalogEntry],
+) -> tuple[StaticPartitionsDefinition, list[AssetsDefinition], UnresolvedAssetJobDefinition]:
+    """The partitions follow the catalog: a new YAML file is a new partition on reload."""
+    partitions = StaticPartitionsDefinition(sorted(catalog))
+    # single_run() is what lets a backfill hand many policies to one run (beta in Dagster).
+    warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
+    common: dict[str, Any] = {
+        "partitions_def": partitions,
+        "backfill_policy": BackfillPolicy.single_run(),
+        "group_name": WORKFLOW_GROUP,
+        "owners": OWNERS,
+    }
+
+    @asset(
+        description="Step 1: the policy exists in the Policy API (POST /createpolicy) and its "
+        "policy_id is stored and verified in policy_execution_state. Resumes an active "
+        "execution instead of creating a second policy.",
+        kinds={"python", "api"},
+        **common,
+    )
+    def policy_created(
+        context: AssetExecutionContext,
+        policy_api: PolicyApiResource,
+        policy_state: PolicyStateResource,
+    ) -> MaterializeResult:
+        workflow = _workflow(context, policy_api, policy_state)
+        return run_step(
+            context,
+            lambda key: workflow.create_policy(catalog[key].policy),
+            policy_api.max_concurrent_requests,
+        )
+
+    @asset(
+        deps=[policy_created],
+        description="Step 2: the Policy API reports the policy ready (GET /policy/{policy_id} "
+        "polled with backoff and jitter) and the state row agrees (status policy_ready).",
+        kinds={"python", "api"},
+        **common,
+    )
+    def policy_ready(
+        context: AssetExecutionContext,
+        config: PollingConfig,
+        policy_api: PolicyApiResource,
+        policy_state: PolicyStateResource,
+    ) -> MaterializeResult:
+        workflow = _workflow(context, policy_api, policy_state)
+        polling = config.policy()
+        return run_step(
+            context,
+            lambda key: workflow.wait_until_ready(key, polling),
+            policy_api.max_concurrent_requests,
+        )
+
+    @asset(
+        deps=[policy_ready],
+        description="Step 3: the circuit breaker was triggered exactly once (POST /circuit) for "
+        "a ready policy, and the execution is completed.",
+        kinds={"python", "api"},
+        **common,
+    )
+    def circuit_breaker_activation(
+        context: AssetExecutionContext,
+        policy_api: PolicyApiResource,
+        policy_state: PolicyStateResource,
+    ) -> MaterializeResult:
+        workflow = _workflow(context, policy_api, policy_state)
+        return run_step(
+            context, workflow.activate_circuit_breaker, policy_api.max_concurrent_requests
+        )
+
+    assets = [policy_created, policy_ready, circuit_breaker_activation]
+    job = define_asset_job(
+        JOB_NAME,
+        selection=assets,
+        description="The seed's three-step policy workflow for one or more policies.",
+        # The steps are sequential and I/O-bound (they fan out over threads inside), so one
+        # process per step would only add interpreter start-up to every run.
+        executor_def=in_process_executor,
+    )
+    return partitions, assets, job

@@ -1,0 +1,79 @@
+"""The policy catalog: one YAML file per policy, validated as a whole before anything runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from policy_pipeline.domain import PolicyDefinition
+
+CATALOG_SUFFIXES = (".yaml", ".yml")
+
+
+class CatalogError(ValueError):
+    """A catalog file is unreadable or invalid. The message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    path: Path
+    policy: PolicyDefinition
+
+
+def _catalog_files(catalog_dir: Path) -> Iterator[Path]:
+    for path in sorted(catalog_dir.iterdir()):
+        if path.is_file() and path.suffix in CATALOG_SUFFIXES and not path.name.startswith("."):
+            yield path
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(document)"
+        problems.append(f"field '{field}': {item['msg']}")
+    return "; ".join(problems)
+
+
+def parse_policy_file(path: Path) -> PolicyDefinition:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(document, dict):
+        raise CatalogError(
+            f"{path}: expected a mapping of policy fields, got {type(document).__name__}"
+        )
+    try:
+        return PolicyDefinition.model_validate(document)
+    except ValidationError as exc:
+        raise CatalogError(f"{path}: {_describe(exc)}") from None
+
+
+def load_catalog(catalog_dir: Path) -> dict[str, CatalogEntry]:
+    """Every policy in the catalog by name. Raises CatalogError for the whole catalog if one
+    file is bad, so that no run starts on a half-valid catalog."""
+    if not catalog_dir.is_dir():
+        raise CatalogError(f"{catalog_dir}: policy catalog directory does not exist")
+    entries: dict[str, CatalogEntry] = {}
+    errors: list[str] = []
+    for path in _catalog_files(catalog_dir):
+        try:
+            policy = parse_policy_file(path)
+        except CatalogError as exc:
+            errors.append(str(exc))
+            continue
+        if policy.policy_name in entries:
+            first = entries[policy.policy_name].path
+            errors.append(
+                f"{path}: field 'policy_name': duplicate value '{policy.policy_name}' "
+                f"(already defined in {first})"
+            )
+            continue
+        entries[policy.policy_name] = CatalogEntry(path=path, policy=policy)
+    if errors:
+        raise CatalogError("invalid policy catalog:\n" + "\n".join(errors))
+    return entries

@@ -1,0 +1,106 @@
+"""A thin, warehouse-neutral way to run the statements of ``sql.py``.
+
+A `Warehouse` opens a connection only for the statements that need it and closes it at once:
+DuckDB lets one process hold a database file, and Dagster runs steps, sensors and the UI in
+separate processes, so holding a connection would turn a brief wait into a lock failure.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Protocol
+
+from policy_pipeline.sql import TABLE_COLUMNS, TABLES, Dialect, Statement, add_column, create_table
+
+Params = Sequence[Any]
+
+
+class WarehouseError(RuntimeError):
+    pass
+
+
+class Session(Protocol):
+    def rows(self, statement: Statement, params: Params = ()) -> list[tuple[Any, ...]]: ...
+
+    def rowcount(self, statement: Statement, params: Params = ()) -> int: ...
+
+
+class _DBAPISession:
+    def __init__(self, connection: Any, dialect: Dialect) -> None:
+        self._connection = connection
+        self._dialect = dialect
+
+    def _execute(self, statement: Statement, params: Params) -> Any:
+        cursor = self._connection.cursor()
+        try:
+            cursor.execute(statement.render(self._dialect), list(params))
+        except Exception as exc:
+            # Name the statement, never the parameters (they may carry policy data).
+            raise WarehouseError(
+                f"{self._dialect} statement '{statement.name}' failed: {exc}"
+            ) from exc
+        return cursor
+
+    def rows(self, statement: Statement, params: Params = ()) -> list[tuple[Any, ...]]:
+        cursor = self._execute(statement, params)
+        try:
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
+        finally:
+            cursor.close()
+
+    def rowcount(self, statement: Statement, params: Params = ()) -> int:
+        cursor = self._execute(statement, params)
+        try:
+            if self._dialect is Dialect.DUCKDB:
+                # DuckDB answers DML with a one-row result holding the affected count.
+                result = cursor.fetchall()
+                return int(result[0][0]) if result else 0
+            return int(cursor.rowcount or 0)
+        finally:
+            cursor.close()
+
+
+ConnectionFactory = Callable[[], AbstractContextManager[Any]]
+
+
+class Warehouse:
+    """Runs statements on DuckDB or Snowflake through a connection factory (a dagster-duckdb
+    ``DuckDBResource.get_connection`` or a dagster-snowflake ``SnowflakeResource.get_connection``).
+    """
+
+    def __init__(self, dialect: Dialect, connect: ConnectionFactory) -> None:
+        self.dialect = dialect
+        self._connect = connect
+        # DuckDB has one writer per file and races when threads attach it at the same moment;
+        # its sessions are short, so threads of one process take turns. Snowflake needs no turn.
+        self._turn: AbstractContextManager[Any] = (
+            threading.Lock() if dialect is Dialect.DUCKDB else nullcontext()
+        )
+        self._schema_ready = False
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One connection for a few statements; autocommit, so each statement commits.
+
+        dagster-duckdb's ``get_connection`` already retries with backoff while another process
+        holds the DuckDB file, so concurrent runs wait briefly rather than fail.
+        """
+        with self._turn, self._connect() as connection:
+            yield _DBAPISession(connection, self.dialect)
+
+    def ensure_schema(self) -> None:
+        """Create the tables and add any missing column; idempotent and cheap after the first
+        call in a process."""
+        if self._schema_ready:
+            return
+        with self.session() as session:
+            for table in TABLES:
+                session.rows(create_table(table))
+            for table, columns in TABLES.items():
+                existing = {row[0] for row in session.rows(TABLE_COLUMNS, [table])}
+                for name, _ddl in columns:
+                    if name not in existing:
+                        session.rows(add_column(table, name))
+        self._schema_ready = True

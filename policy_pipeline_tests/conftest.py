@@ -1,0 +1,145 @@
+"""Shared fixtures: the Policy API simulator on an ephemeral loopback port, a temporary DuckDB
+file and catalog, and a way to run the real job from the real Definitions."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
+
+from policy_pipeline.catalog import load_catalog
+from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
+
+CATALOG = PROJECT_ROOT / "policies"
+CATALOG_POLICIES = sorted(load_catalog(CATALOG))
+
+# Fast polling and retries for tests; the defaults are for real APIs.
+FAST_ENV = {
+    "POLICY_POLL_INITIAL_SECONDS": "0.05",
+    "POLICY_POLL_MAX_INTERVAL_SECONDS": "0.2",
+    "POLICY_POLL_MAX_POLLS": "20",
+    "POLICY_POLL_DEADLINE_SECONDS": "30",
+    "POLICY_API_BACKOFF_INITIAL_SECONDS": "0.01",
+    "POLICY_API_BACKOFF_MAX_SECONDS": "0.05",
+    "POLICY_API_TIMEOUT_SECONDS": "2",
+    "POLICY_LEASE_WAIT_SECONDS": "5",
+}
+
+
+@pytest.fixture
+def simulator() -> Iterator[PolicyApiSimulator]:
+    config = SimulatorConfig(api_key="sim-key-" + secrets.token_hex(12), ready_after_polls=1)
+    with PolicyApiSimulator(config) as sim:
+        yield sim
+
+
+@dataclass
+class Workspace:
+    """One isolated installation: catalog, DuckDB file, environment, Dagster instance."""
+
+    root: Path
+    simulator: PolicyApiSimulator
+    env: dict[str, str]
+    instance: DagsterInstance = field(default_factory=DagsterInstance.ephemeral)
+
+    @property
+    def catalog_dir(self) -> Path:
+        return Path(self.env["POLICY_CATALOG_DIR"])
+
+    @property
+    def duckdb_path(self) -> Path:
+        return Path(self.env["POLICY_DUCKDB_PATH"])
+
+    @property
+    def api_key(self) -> str:
+        return self.env["POLICY_API_KEY"]
+
+    def definitions(self) -> Any:
+        from policy_pipeline.definitions import build_definitions
+        from policy_pipeline.settings import Settings
+
+        return build_definitions(Settings.from_env())
+
+    def run(
+        self,
+        partitions: list[str] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+        selection: list[str] | None = None,
+    ) -> ExecuteInProcessResult:
+        """Run policy_workflow_job (or a subset of its assets) for some partitions."""
+        keys = partitions or CATALOG_POLICIES
+        defs = self.definitions()
+        job = defs.resolve_job_def("policy_workflow_job")
+        tags = {
+            "dagster/asset_partition_range_start": keys[0],
+            "dagster/asset_partition_range_end": keys[-1],
+        }
+        if len(keys) == 1:
+            tags = {"dagster/partition": keys[0]}
+        return job.execute_in_process(
+            instance=self.instance,
+            tags=tags,
+            run_config=run_config,
+            raise_on_error=False,
+            asset_selection=[AssetKey(a) for a in selection] if selection else None,
+        )
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        with duckdb.connect(str(self.duckdb_path), read_only=True) as conn:
+            return conn.execute(sql, params or []).fetchall()
+
+    def executions(self, policy_name: str) -> list[dict[str, Any]]:
+        cols = [
+            "execution_id",
+            "policy_id",
+            "status",
+            "poll_count",
+            "completed",
+            "circuit_breaker_initiated",
+            "circuit_breaker_completed",
+            "error_message",
+            "resumable",
+        ]
+        rows = self.query(
+            f"SELECT {', '.join(cols)} FROM policy_execution_state "
+            "WHERE policy_name = ? ORDER BY start_time",
+            [policy_name],
+        )
+        return [dict(zip(cols, row, strict=True)) for row in rows]
+
+
+@pytest.fixture
+def workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, simulator: PolicyApiSimulator
+) -> Workspace:
+    catalog = tmp_path / "policies"
+    shutil.copytree(CATALOG, catalog)
+    env = {
+        "POLICY_API_ENDPOINT": simulator.base_url,
+        "POLICY_API_KEY": simulator.config.api_key or "",
+        "POLICY_WAREHOUSE": "duckdb",
+        "POLICY_DUCKDB_PATH": str(tmp_path / "state.duckdb"),
+        "POLICY_CATALOG_DIR": str(catalog),
+        **FAST_ENV,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Workspace(root=tmp_path, simulator=simulator, env=env)
+
+
+def subprocess_env(workspace: Workspace, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_", "SNOWFLAKE_"))}
+    env.update(workspace.env)
+    env["DAGSTER_HOME"] = str(workspace.root / "dagster_home")
+    Path(env["DAGSTER_HOME"]).mkdir(exist_ok=True)
+    env.update(extra)
+    return env
