@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -52,7 +53,9 @@ class PolicyApiResource(ConfigurableResource):
     """HTTP client for the Policy API (create policy, policy status, circuit breaker)."""
 
     endpoint: str = Field(description="Base URL of the Policy API (POLICY_API_ENDPOINT).")
-    api_key: str = Field(description="Sent as 'Authorization: Bearer ...' (POLICY_API_KEY).")
+    api_key: str = Field(
+        repr=False, description="Sent as 'Authorization: Bearer ...' (POLICY_API_KEY)."
+    )
     create_path: str = "/createpolicy"
     status_path: str = "/policy/{policy_id}"
     circuit_path: str = "/circuit"
@@ -68,6 +71,7 @@ class PolicyApiResource(ConfigurableResource):
     )
 
     _client: httpx.Client | None = PrivateAttr(default=None)
+    _client_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     _sleep: Callable[[float], None] = PrivateAttr(default=time.sleep)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
@@ -78,18 +82,31 @@ class PolicyApiResource(ConfigurableResource):
             self._client.close()
             self._client = None
 
-    def __repr__(self) -> str:  # pydantic's repr would print the key
+    def __repr__(self) -> str:
         return f"PolicyApiResource(endpoint={self.endpoint!r})"
 
+    __str__ = __repr__
+
     def _http(self) -> httpx.Client:
-        if self._client is None:
-            self._client = httpx.Client(
-                base_url=self.endpoint.rstrip("/"),
-                timeout=self.timeout_seconds,
-                headers={"Authorization": f"Bearer {self.api_key}"},
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            )
-        return self._client
+        # Steps call one resource from many threads: build one client, once.
+        with self._client_lock:
+            if self._client is None:
+                # A key read from a secret file often ends in a newline. Anything else
+                # unprintable would make httpx quote the header, key and all, in its error; the
+                # check is here, not in a pydantic validator, whose error repeats the value.
+                key = self.api_key.strip()
+                if not key or not key.isprintable():
+                    raise PolicyApiError(
+                        "POLICY_API_KEY is empty or contains unprintable characters",
+                        transient=False,
+                    )
+                self._client = httpx.Client(
+                    base_url=self.endpoint.rstrip("/"),
+                    timeout=self.timeout_seconds,
+                    headers={"Authorization": f"Bearer {key}"},
+                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                )
+            return self._client
 
     # --- the three endpoints --------------------------------------------------------------------
 
@@ -124,7 +141,8 @@ class PolicyApiResource(ConfigurableResource):
     def backoff_seconds(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.retry_after_max_seconds)
-        ceiling = min(self.backoff_max_seconds, self.backoff_initial_seconds * 2 ** (attempt - 1))
+        growth = 2 ** min(attempt - 1, 32)  # bounded: a huge attempt number must not overflow
+        ceiling = min(self.backoff_max_seconds, self.backoff_initial_seconds * growth)
         return random.uniform(0, ceiling)  # full jitter
 
     def _call(
@@ -138,15 +156,24 @@ class PolicyApiResource(ConfigurableResource):
     ) -> ApiResponse:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         last_problem = ""
+        http = self._http()
         for attempt in range(1, self.max_attempts + 1):
             started = time.monotonic()
             retry_after: float | None = None
             try:
-                response = self._http().request(method, path, json=body, headers=headers)
+                response = http.request(method, path, json=body, headers=headers)
+            except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+                # Our request cannot be sent as built: retrying cannot help, and httpx's text
+                # may quote a header value, so it is not repeated.
+                problem = f"{type(exc).__name__}: the request could not be sent"
+                on_attempt(
+                    ApiAttempt(endpoint, method, path, attempt, 0.0, None, "failed", None, problem)
+                )
+                raise PolicyApiError(f"{method} {path}: {problem}", transient=False) from None
             except httpx.HTTPError as exc:
                 latency = (time.monotonic() - started) * 1000
-                # The exception text carries the URL only; headers (the key) never appear.
-                last_problem = f"{type(exc).__name__}: {exc}"
+                # Transport errors name the URL, not the headers; the key is scrubbed regardless.
+                last_problem = f"{type(exc).__name__}: {exc}".replace(self.api_key, "***")
                 retrying = attempt < self.max_attempts
                 on_attempt(
                     ApiAttempt(

@@ -1,6 +1,10 @@
 """The workflow as three partitioned assets: policy_created -> policy_ready ->
 circuit_breaker_activation, one partition per catalog policy.
 
+The partitions are dynamic (named "policies") because the catalog is data, not code: the
+catalog sensor adds a partition when a policy file appears, and a run registers its own
+catalog policies if this Dagster instance has not seen them yet (a fresh DAGSTER_HOME).
+
 Each asset is one step of the seed's workflow. A run may hold many partitions (a single-run
 backfill or a sensor tick); the step then works on them concurrently and records metadata per
 partition. Nothing goes through an IO manager: the state lives in the warehouse.
@@ -17,10 +21,10 @@ from dagster import (
     BackfillPolicy,
     BetaWarning,
     Config,
+    DynamicPartitionsDefinition,
     Failure,
     MaterializeResult,
     MetadataValue,
-    StaticPartitionsDefinition,
     asset,
     define_asset_job,
     in_process_executor,
@@ -43,6 +47,8 @@ from policy_pipeline.workflow import (
 WORKFLOW_GROUP = "policy_workflow"
 OWNERS = ["team:data-platform"]
 JOB_NAME = "policy_workflow_job"
+PARTITIONS_NAME = "policies"
+POLICY_PARTITIONS = DynamicPartitionsDefinition(name=PARTITIONS_NAME)
 RUN_OWNER_PREFIX = "run:"
 
 
@@ -114,8 +120,45 @@ def _metadata(outcome: StepOutcome) -> dict[str, Any]:
     }
 
 
+def contiguous_ranges(ordered: Sequence[str], wanted: set[str]) -> list[tuple[str, str]]:
+    """The wanted partition keys as maximal runs of neighbours in the partitions' order: a run
+    can take a range of partitions, not an arbitrary set."""
+    ranges: list[tuple[str, str]] = []
+    start: str | None = None
+    previous: str | None = None
+    for key in ordered:
+        if key in wanted:
+            start = start or key
+            previous = key
+        elif start is not None and previous is not None:
+            ranges.append((start, previous))
+            start = None
+    if start is not None and previous is not None:
+        ranges.append((start, previous))
+    return ranges
+
+
+def partition_tags(first: str, last: str) -> dict[str, str]:
+    if first == last:
+        return {"dagster/partition": first}
+    return {
+        "dagster/asset_partition_range_start": first,
+        "dagster/asset_partition_range_end": last,
+    }
+
+
+def register_partitions(context: AssetExecutionContext, keys: Sequence[str]) -> None:
+    """Make this run's policies known partitions of the instance (a fresh DAGSTER_HOME has
+    none until the catalog sensor's first tick)."""
+    known = set(context.instance.get_dynamic_partitions(PARTITIONS_NAME))
+    missing = [key for key in keys if key not in known]
+    if missing:
+        context.instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
+
+
 def run_step(
     context: AssetExecutionContext,
+    catalog: Mapping[str, CatalogEntry],
     step: Callable[[str], StepOutcome],
     concurrency: int,
 ) -> MaterializeResult:
@@ -124,11 +167,19 @@ def run_step(
     Every partition is taken to the end of the step before a failure is raised, so one bad
     policy does not leave the others half-done.
     """
-    keys: Sequence[str] = context.partition_keys
+    key_range = context.partition_key_range
+    # A single key is taken as is: resolving it would fail before it is registered.
+    keys: Sequence[str] = (
+        [key_range.start] if key_range.start == key_range.end else context.partition_keys
+    )
     outcomes: dict[str, StepOutcome] = {}
-    failures: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(keys)))) as pool:
-        futures = {key: pool.submit(step, key) for key in keys}
+    failures: dict[str, str] = {
+        key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog
+    }
+    register_partitions(context, [key for key in keys if key in catalog])
+    runnable = [key for key in keys if key in catalog]
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(runnable)))) as pool:
+        futures = {key: pool.submit(step, key) for key in runnable}
         for key, future in futures.items():
             try:
                 outcomes[key] = future.result()
@@ -160,13 +211,11 @@ def run_step(
 
 def build_workflow_assets(
     catalog: Mapping[str, CatalogEntry],
-) -> tuple[StaticPartitionsDefinition, list[AssetsDefinition], UnresolvedAssetJobDefinition]:
-    """The partitions follow the catalog: a new YAML file is a new partition on reload."""
-    partitions = StaticPartitionsDefinition(sorted(catalog))
+) -> tuple[list[AssetsDefinition], UnresolvedAssetJobDefinition]:
     # single_run() is what lets a backfill hand many policies to one run (beta in Dagster).
     warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
     common: dict[str, Any] = {
-        "partitions_def": partitions,
+        "partitions_def": POLICY_PARTITIONS,
         "backfill_policy": BackfillPolicy.single_run(),
         "group_name": WORKFLOW_GROUP,
         "owners": OWNERS,
@@ -187,6 +236,7 @@ def build_workflow_assets(
         workflow = _workflow(context, policy_api, policy_state)
         return run_step(
             context,
+            catalog,
             lambda key: workflow.create_policy(catalog[key].policy),
             policy_api.max_concurrent_requests,
         )
@@ -208,6 +258,7 @@ def build_workflow_assets(
         polling = config.policy()
         return run_step(
             context,
+            catalog,
             lambda key: workflow.wait_until_ready(key, polling),
             policy_api.max_concurrent_requests,
         )
@@ -226,7 +277,7 @@ def build_workflow_assets(
     ) -> MaterializeResult:
         workflow = _workflow(context, policy_api, policy_state)
         return run_step(
-            context, workflow.activate_circuit_breaker, policy_api.max_concurrent_requests
+            context, catalog, workflow.activate_circuit_breaker, policy_api.max_concurrent_requests
         )
 
     assets = [policy_created, policy_ready, circuit_breaker_activation]
@@ -238,4 +289,4 @@ def build_workflow_assets(
         # process per step would only add interpreter start-up to every run.
         executor_def=in_process_executor,
     )
-    return partitions, assets, job
+    return assets, job

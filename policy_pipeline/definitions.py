@@ -58,7 +58,7 @@ def open_state_store(settings: Settings) -> Iterator[StateStore]:
 
 def build_definitions(settings: Settings) -> Definitions:
     catalog = load_catalog(settings.catalog_dir)
-    _partitions, workflow_assets, workflow_job = build_workflow_assets(catalog)
+    workflow_assets, workflow_job = build_workflow_assets(catalog)
     return Definitions(
         assets=workflow_assets,
         jobs=[workflow_job],

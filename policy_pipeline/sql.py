@@ -57,6 +57,7 @@ STATE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("updated_time", "TIMESTAMP_NTZ DEFAULT CURRENT_TIMESTAMP()"),
     ("error_step", "VARCHAR"),
     ("resumable", "BOOLEAN DEFAULT FALSE"),
+    ("resume_count", "NUMBER DEFAULT 0"),
     ("dagster_run_id", "VARCHAR"),
 )
 
@@ -86,10 +87,32 @@ LOCK_COLUMNS: tuple[tuple[str, str], ...] = (
     ("updated_time", "TIMESTAMP_NTZ DEFAULT CURRENT_TIMESTAMP()"),
 )
 
+STATE_HISTORY_TABLE = "policy_execution_history"
+EVENTS_HISTORY_TABLE = "policy_execution_events_history"
+ARCHIVE_RUNS_TABLE = "policy_archive_runs"
+
+_ARCHIVED = (("archived_time", "TIMESTAMP_NTZ"), ("archive_run_id", "VARCHAR"))
+
+ARCHIVE_RUN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("archive_run_id", "VARCHAR"),
+    ("started_time", "TIMESTAMP_NTZ DEFAULT CURRENT_TIMESTAMP()"),
+    ("finished_time", "TIMESTAMP_NTZ"),
+    ("retention_days", "NUMBER"),
+    ("status", "VARCHAR"),
+    ("batches", "NUMBER DEFAULT 0"),
+    ("executions_archived", "NUMBER DEFAULT 0"),
+    ("events_archived", "NUMBER DEFAULT 0"),
+    ("error_message", "VARCHAR"),
+    ("dagster_run_id", "VARCHAR"),
+)
+
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     STATE_TABLE: STATE_COLUMNS,
     EVENTS_TABLE: EVENT_COLUMNS,
     LOCKS_TABLE: LOCK_COLUMNS,
+    STATE_HISTORY_TABLE: STATE_COLUMNS + _ARCHIVED,
+    EVENTS_HISTORY_TABLE: EVENT_COLUMNS + _ARCHIVED,
+    ARCHIVE_RUNS_TABLE: ARCHIVE_RUN_COLUMNS,
 }
 
 # Columns read back into `ExecutionRow` (the JSON columns stay in the warehouse).
@@ -202,8 +225,8 @@ INSERT_EXECUTION = Statement(
     f'INSERT INTO {STATE_TABLE} ("execution_id", "policy_name", "policy_content_hash", '
     f'"policy_data", "create_idempotency_key", "status", "poll_count", "completed", '
     f'"requires_circuit_breaker", "circuit_breaker_initiated", "circuit_breaker_completed", '
-    f'"resumable", "message", "dagster_run_id", "start_time", "updated_time") '
-    f"SELECT ?, ?, ?, PARSE_JSON(?), ?, 'pending', 0, FALSE, FALSE, FALSE, FALSE, FALSE, ?, ?, "
+    f'"resumable", "resume_count", "message", "dagster_run_id", "start_time", "updated_time") '
+    f"SELECT ?, ?, ?, PARSE_JSON(?), ?, 'pending', 0, FALSE, FALSE, FALSE, FALSE, FALSE, 0, ?, ?, "
     f"CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP()",
 )
 
@@ -283,6 +306,7 @@ MARK_ERROR = Statement(
 REOPEN_EXECUTION = Statement(
     "reopen_execution",
     f'UPDATE {STATE_TABLE} SET "status" = ?, "resumable" = FALSE, "error_message" = NULL, '
+    f'"resume_count" = COALESCE("resume_count", 0) + 1, '
     f'"error_step" = NULL, "message" = ?, "updated_time" = CURRENT_TIMESTAMP() '
     f'WHERE "execution_id" = ? AND "status" = \'error\' AND "resumable" = TRUE',
 )
@@ -305,6 +329,152 @@ RECENT_EXECUTIONS = Statement(
     f'SELECT "policy_name", "execution_id", "policy_id", "status", "poll_count", '
     f'"circuit_breaker_completed", "message", "start_time" '
     f'FROM {STATE_TABLE} ORDER BY "start_time" DESC, "policy_name" LIMIT ?',
+)
+
+# --- Monitoring: the seeds' queries, as checks and the operator CLI run them -------------------
+
+# The seed's health check ("not completed and started more than an hour ago"), limited to
+# executions still in flight: a failed execution is reported as failed, not as stuck.
+STUCK_EXECUTIONS = Statement(
+    "stuck_executions",
+    f'SELECT "execution_id", "policy_name", "status", "start_time", "message", "error_message" '
+    f'FROM {STATE_TABLE} WHERE "completed" = FALSE AND {ACTIVE} '
+    f'AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP()) '
+    f'ORDER BY "start_time" LIMIT ?',
+)
+
+STUCK_EXECUTION_COUNT = Statement(
+    "stuck_execution_count",
+    f'SELECT COUNT(*) FROM {STATE_TABLE} WHERE "completed" = FALSE AND {ACTIVE} '
+    f'AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP())',
+)
+
+# The seed's 24-hour success rate, with NULLIF so an empty window is no division by zero.
+SUCCESS_RATE = Statement(
+    "success_rate",
+    "SELECT COUNT(*) AS total_executions, "
+    "SUM(CASE WHEN \"status\" = 'completed' THEN 1 ELSE 0 END) AS successful, "
+    "SUM(CASE WHEN \"status\" = 'error' THEN 1 ELSE 0 END) AS failed, "
+    "ROUND(100.0 * SUM(CASE WHEN \"status\" = 'completed' THEN 1 ELSE 0 END) "
+    "/ NULLIF(COUNT(*), 0), 2) AS success_rate_percent "
+    f'FROM {STATE_TABLE} WHERE "start_time" >= DATEADD(hour, ?, CURRENT_TIMESTAMP())',
+)
+
+_VIOLATION = '"execution_id", "policy_name", "status"'
+
+# The state machine's invariants; every row returned is one violation.
+CONSISTENCY_VIOLATIONS = Statement(
+    "consistency_violations",
+    f"SELECT 'completed_without_circuit_breaker' AS violation, {_VIOLATION} FROM {STATE_TABLE} "
+    f'WHERE "completed" = TRUE AND "circuit_breaker_completed" = FALSE '
+    f'AND "requires_circuit_breaker" = TRUE '
+    f"UNION ALL SELECT 'completed_flag_disagrees_with_status', {_VIOLATION} FROM {STATE_TABLE} "
+    f'WHERE ("status" = \'completed\') <> "completed" '
+    f"UNION ALL SELECT 'missing_policy_id', {_VIOLATION} FROM {STATE_TABLE} "
+    f"WHERE \"status\" IN ('policy_created', 'policy_ready', 'completed') "
+    f'AND "policy_id" IS NULL '
+    f"UNION ALL SELECT 'circuit_breaker_completed_without_initiation', {_VIOLATION} "
+    f'FROM {STATE_TABLE} WHERE "circuit_breaker_completed" = TRUE '
+    f'AND "circuit_breaker_initiated" = FALSE '
+    f"UNION ALL SELECT 'poll_count_over_maximum', {_VIOLATION} FROM {STATE_TABLE} "
+    f'WHERE "poll_count" > ? * (COALESCE("resume_count", 0) + 1) '
+    f"UNION ALL SELECT 'several_active_executions', NULL, \"policy_name\", NULL "
+    f'FROM {STATE_TABLE} WHERE {ACTIVE} GROUP BY "policy_name" HAVING COUNT(*) > 1 '
+    f"ORDER BY 1, 3 LIMIT ?",
+)
+
+FILTERED_EXECUTIONS = Statement(
+    "filtered_executions",
+    f'SELECT "policy_name", "execution_id", "policy_id", "status", "poll_count", '
+    f'"circuit_breaker_completed", "message", "start_time", "error_message" '
+    f"FROM {STATE_TABLE} "
+    f'WHERE (CAST(? AS VARCHAR) IS NULL OR "policy_name" = ?) '
+    f'AND (CAST(? AS VARCHAR) IS NULL OR "status" = ?) '
+    f'ORDER BY "start_time" DESC, "policy_name" LIMIT ?',
+)
+
+FAILED_EXECUTIONS = Statement(
+    "failed_executions",
+    f'SELECT "execution_id", "policy_name", "error_step", "error_message", "resumable", '
+    f'"updated_time" FROM {STATE_TABLE} WHERE "status" = \'error\' '
+    f'AND "start_time" >= DATEADD(hour, ?, CURRENT_TIMESTAMP()) '
+    f'ORDER BY "updated_time" DESC LIMIT ?',
+)
+
+LAST_API_CALLS = Statement(
+    "last_api_calls",
+    f'SELECT "event_time", "policy_name", "http_method", "endpoint", "http_status", '
+    f'"attempt", "outcome", "latency_ms" FROM {EVENTS_TABLE} '
+    f'WHERE "event_type" = \'api_call\' ORDER BY "event_time" DESC LIMIT ?',
+)
+
+PING = Statement("ping", "SELECT 1")
+
+# --- Archiving: terminal executions move to history tables, one transaction per batch ---------
+
+TERMINAL = '("status" = \'completed\' OR ("status" = \'error\' AND "resumable" = FALSE))'
+
+BEGIN = Statement("begin", "BEGIN")
+COMMIT = Statement("commit", "COMMIT")
+ROLLBACK = Statement("rollback", "ROLLBACK")
+
+ARCHIVE_CANDIDATES = Statement(
+    "archive_candidates",
+    f'SELECT "execution_id" FROM {STATE_TABLE} WHERE {TERMINAL} '
+    f'AND COALESCE("completed_time", "updated_time", "start_time") '
+    f"< DATEADD(day, ?, CURRENT_TIMESTAMP()) "
+    f'ORDER BY "start_time", "execution_id" LIMIT ?',
+)
+
+
+def _names(columns: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f'"{name}"' for name, _ in columns)
+
+
+@functools.cache
+def archive_batch(rows: int) -> tuple[Statement, Statement, Statement, Statement]:
+    """Copy a batch of executions and their events to history, then delete them. Every
+    statement re-checks that the execution is terminal, so an in-progress row is never moved."""
+    ids = ", ".join("?" for _ in range(rows))
+    terminal_ids = f'SELECT "execution_id" FROM {STATE_TABLE} WHERE "execution_id" IN ({ids}) '
+    terminal_ids += f"AND {TERMINAL}"
+    state, events = _names(STATE_COLUMNS), _names(EVENT_COLUMNS)
+    return (
+        Statement(
+            f"archive_events_{rows}",
+            f'INSERT INTO {EVENTS_HISTORY_TABLE} ({events}, "archived_time", "archive_run_id") '
+            f"SELECT {events}, CURRENT_TIMESTAMP(), ? FROM {EVENTS_TABLE} "
+            f'WHERE "execution_id" IN ({terminal_ids})',
+        ),
+        Statement(
+            f"archive_executions_{rows}",
+            f'INSERT INTO {STATE_HISTORY_TABLE} ({state}, "archived_time", "archive_run_id") '
+            f"SELECT {state}, CURRENT_TIMESTAMP(), ? FROM {STATE_TABLE} "
+            f'WHERE "execution_id" IN ({terminal_ids})',
+        ),
+        Statement(
+            f"delete_archived_events_{rows}",
+            f'DELETE FROM {EVENTS_TABLE} WHERE "execution_id" IN ({terminal_ids})',
+        ),
+        Statement(
+            f"delete_archived_executions_{rows}",
+            f'DELETE FROM {STATE_TABLE} WHERE "execution_id" IN ({ids}) AND {TERMINAL}',
+        ),
+    )
+
+
+START_ARCHIVE_RUN = Statement(
+    "start_archive_run",
+    f'INSERT INTO {ARCHIVE_RUNS_TABLE} ("archive_run_id", "started_time", "retention_days", '
+    f'"status", "batches", "executions_archived", "events_archived", "dagster_run_id") '
+    f"SELECT ?, CURRENT_TIMESTAMP(), ?, 'running', 0, 0, 0, ?",
+)
+
+FINISH_ARCHIVE_RUN = Statement(
+    "finish_archive_run",
+    f'UPDATE {ARCHIVE_RUNS_TABLE} SET "finished_time" = CURRENT_TIMESTAMP(), "status" = ?, '
+    f'"batches" = ?, "executions_archived" = ?, "events_archived" = ?, "error_message" = ? '
+    f'WHERE "archive_run_id" = ?',
 )
 
 # --- Audit events -------------------------------------------------------------------------------

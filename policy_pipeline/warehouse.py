@@ -12,7 +12,17 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
-from policy_pipeline.sql import TABLE_COLUMNS, TABLES, Dialect, Statement, add_column, create_table
+from policy_pipeline.sql import (
+    BEGIN,
+    COMMIT,
+    ROLLBACK,
+    TABLE_COLUMNS,
+    TABLES,
+    Dialect,
+    Statement,
+    add_column,
+    create_table,
+)
 
 Params = Sequence[Any]
 
@@ -89,6 +99,18 @@ class Warehouse:
         """
         with self._turn, self._connect() as connection:
             yield _DBAPISession(connection, self.dialect)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """Several statements that commit together or not at all."""
+        with self.session() as session:
+            session.rows(BEGIN)
+            try:
+                yield session
+            except BaseException:
+                session.rows(ROLLBACK)
+                raise
+            session.rows(COMMIT)
 
     def ensure_schema(self) -> None:
         """Create the tables and add any missing column; idempotent and cheap after the first

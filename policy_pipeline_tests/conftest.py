@@ -15,6 +15,7 @@ import duckdb
 import pytest
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 
+from policy_pipeline.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
 from policy_pipeline.catalog import load_catalog
 from policy_pipeline.settings import PROJECT_ROOT
 from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
@@ -79,15 +80,13 @@ class Workspace:
         keys = partitions or CATALOG_POLICIES
         defs = self.definitions()
         job = defs.resolve_job_def("policy_workflow_job")
-        tags = {
-            "dagster/asset_partition_range_start": keys[0],
-            "dagster/asset_partition_range_end": keys[-1],
-        }
-        if len(keys) == 1:
-            tags = {"dagster/partition": keys[0]}
+        known = self.instance.get_dynamic_partitions(PARTITIONS_NAME)
+        self.instance.add_dynamic_partitions(PARTITIONS_NAME, [k for k in keys if k not in known])
+        ordered = self.instance.get_dynamic_partitions(PARTITIONS_NAME)
+        [(first, last)] = contiguous_ranges(ordered, set(keys))
         return job.execute_in_process(
             instance=self.instance,
-            tags=tags,
+            tags=partition_tags(first, last),
             run_config=run_config,
             raise_on_error=False,
             asset_selection=[AssetKey(a) for a in selection] if selection else None,
