@@ -6,65 +6,39 @@ secrets reach them as ``EnvVar`` so they are resolved at run time and never disp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dagster import Definitions, in_process_executor
 
-from dagster import Definitions, EnvVar
-from dagster_duckdb import DuckDBResource
-
-from policy_pipeline.api_client import PolicyApiResource
 from policy_pipeline.assets import build_workflow_assets
 from policy_pipeline.catalog import load_catalog
-from policy_pipeline.resources import DuckDBStateResource, PolicyStateResource
-from policy_pipeline.settings import Settings, env_float, env_int
-from policy_pipeline.state import StateStore
-
-
-def policy_api_resource() -> PolicyApiResource:
-    return PolicyApiResource(
-        endpoint=EnvVar("POLICY_API_ENDPOINT"),
-        api_key=EnvVar("POLICY_API_KEY"),
-        timeout_seconds=env_float("POLICY_API_TIMEOUT_SECONDS", 30.0),
-        max_attempts=env_int("POLICY_API_MAX_ATTEMPTS", 5, minimum=1),
-        backoff_initial_seconds=env_float("POLICY_API_BACKOFF_INITIAL_SECONDS", 0.5),
-        backoff_max_seconds=env_float("POLICY_API_BACKOFF_MAX_SECONDS", 30.0),
-        max_concurrent_requests=env_int("POLICY_API_MAX_CONCURRENCY", 16, minimum=1),
-    )
-
-
-def state_resource(settings: Settings) -> PolicyStateResource:
-    ttl = env_int("POLICY_LEASE_TTL_SECONDS", 300, minimum=5)
-    wait = env_float("POLICY_LEASE_WAIT_SECONDS", 60.0)
-    if settings.warehouse == "snowflake":
-        from policy_pipeline.snowflake_config import SnowflakeStateResource, snowflake_resource
-
-        return SnowflakeStateResource(
-            snowflake=snowflake_resource(), lease_ttl_seconds=ttl, lease_wait_seconds=wait
-        )
-    return DuckDBStateResource(
-        duckdb=DuckDBResource(database=str(settings.duckdb_path)),
-        lease_ttl_seconds=ttl,
-        lease_wait_seconds=wait,
-    )
-
-
-@contextmanager
-def open_state_store(settings: Settings) -> Iterator[StateStore]:
-    """The state store outside a Dagster run (demo, CLI): EnvVar fields resolved from the
-    environment as a run would."""
-    with state_resource(settings).process_config_and_initialize_cm() as resource:
-        yield resource.store()
+from policy_pipeline.checks import CHECKS, policy_checks_job, policy_checks_schedule
+from policy_pipeline.dbt_assets import (
+    dbt_cli_resource,
+    policy_dbt_assets,
+    policy_reporting_job,
+    policy_reporting_schedule,
+)
+from policy_pipeline.maintenance import policy_archive_job, policy_archive_schedule
+from policy_pipeline.resources import policy_api_resource, state_resource
+from policy_pipeline.sensors import build_catalog_sensor, policy_run_failure_alert
+from policy_pipeline.settings import Settings
 
 
 def build_definitions(settings: Settings) -> Definitions:
     catalog = load_catalog(settings.catalog_dir)
     workflow_assets, workflow_job = build_workflow_assets(catalog)
     return Definitions(
-        assets=workflow_assets,
-        jobs=[workflow_job],
+        assets=[*workflow_assets, policy_dbt_assets],
+        asset_checks=CHECKS,
+        jobs=[workflow_job, policy_reporting_job, policy_checks_job, policy_archive_job],
+        schedules=[policy_checks_schedule, policy_reporting_schedule, policy_archive_schedule],
+        sensors=[build_catalog_sensor(workflow_job), policy_run_failure_alert],
+        # Every step is I/O-bound and fans out over threads itself: one process per step would
+        # only add an interpreter start (and the dbt import) to each.
+        executor=in_process_executor,
         resources={
             "policy_api": policy_api_resource(),
             "policy_state": state_resource(settings),
+            "dbt": dbt_cli_resource(settings),
         },
     )
 

@@ -27,9 +27,9 @@ from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
 JOB = "policy_workflow_job"
 
 
-def workflow_command(first: str, last: str) -> list[str]:
-    """The README's ``dagster job execute`` form, over a range of partitions."""
-    return [
+def job_command(job: str, tags: dict[str, str] | None = None) -> list[str]:
+    """The README's ``dagster job execute`` form."""
+    command = [
         sys.executable,
         "-m",
         "dagster",
@@ -38,10 +38,13 @@ def workflow_command(first: str, last: str) -> list[str]:
         "-m",
         "policy_pipeline",
         "-j",
-        JOB,
-        "--tags",
-        json.dumps(partition_tags(first, last)),
+        job,
     ]
+    return [*command, "--tags", json.dumps(tags)] if tags else command
+
+
+def workflow_command(first: str, last: str) -> list[str]:
+    return job_command(JOB, partition_tags(first, last))
 
 
 @contextmanager
@@ -122,11 +125,22 @@ def main(argv: list[str] | None = None) -> int:
                     check=False,
                 )
                 returncode = returncode or result.returncode
+            if returncode == 0:
+                print("Building the dbt reporting models (policy_reporting_job)", flush=True)
+                result = subprocess.run(
+                    job_command("policy_reporting_job"),
+                    env=env,
+                    cwd=PROJECT_ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                )
+                returncode = result.returncode
 
-    from policy_pipeline.definitions import open_state_store
+    from policy_pipeline.resources import open_state
 
-    with open_state_store(settings) as store:
-        rows = store.recent_executions(limit=10 * len(names))
+    with open_state(settings) as state:
+        rows = state.store().recent_executions(limit=10 * len(names))
     latest: dict[str, dict[str, object]] = {}
     for row in rows:  # newest first: keep each policy's latest execution
         if row["policy_name"] in catalog:

@@ -64,17 +64,23 @@ class ExecutionStatus(StrEnum):
     ERROR = "error"
 
 
-# Every legal move of the state machine. `error -> ...` is allowed only for a resumable error
-# (a polling deadline, or a circuit-breaker call that may be retried with its idempotency key).
+# Every legal move of the state machine. `error -> ...` is a resumed recoverable error (a
+# polling deadline, a circuit-breaker call retried with its key) or an operator's override;
+# `policy_created -> completed` is an operator skipping the circuit breaker with --force.
 TRANSITIONS: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
     ExecutionStatus.PENDING: frozenset({ExecutionStatus.POLICY_CREATED, ExecutionStatus.ERROR}),
     ExecutionStatus.POLICY_CREATED: frozenset(
-        {ExecutionStatus.POLICY_READY, ExecutionStatus.ERROR}
+        {ExecutionStatus.POLICY_READY, ExecutionStatus.ERROR, ExecutionStatus.COMPLETED}
     ),
     ExecutionStatus.POLICY_READY: frozenset({ExecutionStatus.COMPLETED, ExecutionStatus.ERROR}),
     ExecutionStatus.COMPLETED: frozenset(),
     ExecutionStatus.ERROR: frozenset(
-        {ExecutionStatus.PENDING, ExecutionStatus.POLICY_CREATED, ExecutionStatus.POLICY_READY}
+        {
+            ExecutionStatus.PENDING,
+            ExecutionStatus.POLICY_CREATED,
+            ExecutionStatus.POLICY_READY,
+            ExecutionStatus.COMPLETED,
+        }
     ),
 }
 

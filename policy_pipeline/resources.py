@@ -1,14 +1,21 @@
-"""The warehouse resources: where the workflow's state lives (DuckDB here; Snowflake in
-`snowflake_config`, imported only when chosen because dagster-snowflake takes seconds to import)."""
+"""The resources, and their configuration for this environment (from environment variables).
+
+The state lives in DuckDB here, or in Snowflake (`snowflake_config`, imported only when chosen
+because dagster-snowflake takes seconds to import). Secrets reach the resources as ``EnvVar``
+so they are resolved at run time and never displayed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
+from policy_pipeline.api_client import PolicyApiResource
+from policy_pipeline.settings import Settings, env_float, env_int
 from policy_pipeline.sql import Dialect
 from policy_pipeline.state import StateStore
 from policy_pipeline.warehouse import Warehouse
@@ -49,3 +56,39 @@ class DuckDBStateResource(PolicyStateResource):
     def _connect_warehouse(self) -> Warehouse:
         Path(self.duckdb.database).parent.mkdir(parents=True, exist_ok=True)
         return Warehouse(Dialect.DUCKDB, self.duckdb.get_connection)
+
+
+def policy_api_resource() -> PolicyApiResource:
+    return PolicyApiResource(
+        endpoint=EnvVar("POLICY_API_ENDPOINT"),
+        api_key=EnvVar("POLICY_API_KEY"),
+        timeout_seconds=env_float("POLICY_API_TIMEOUT_SECONDS", 30.0),
+        max_attempts=env_int("POLICY_API_MAX_ATTEMPTS", 5, minimum=1),
+        backoff_initial_seconds=env_float("POLICY_API_BACKOFF_INITIAL_SECONDS", 0.5),
+        backoff_max_seconds=env_float("POLICY_API_BACKOFF_MAX_SECONDS", 30.0),
+        max_concurrent_requests=env_int("POLICY_API_MAX_CONCURRENCY", 16, minimum=1),
+    )
+
+
+def state_resource(settings: Settings) -> PolicyStateResource:
+    ttl = env_int("POLICY_LEASE_TTL_SECONDS", 300, minimum=5)
+    wait = env_float("POLICY_LEASE_WAIT_SECONDS", 60.0)
+    if settings.warehouse == "snowflake":
+        from policy_pipeline.snowflake_config import SnowflakeStateResource, snowflake_resource
+
+        return SnowflakeStateResource(
+            snowflake=snowflake_resource(), lease_ttl_seconds=ttl, lease_wait_seconds=wait
+        )
+    return DuckDBStateResource(
+        duckdb=DuckDBResource(database=str(settings.duckdb_path)),
+        lease_ttl_seconds=ttl,
+        lease_wait_seconds=wait,
+    )
+
+
+@contextmanager
+def open_state(settings: Settings) -> Iterator[PolicyStateResource]:
+    """The state resource outside a Dagster run (demo, CLI), its EnvVar fields resolved from
+    the environment as a run would resolve them."""
+    with state_resource(settings).process_config_and_initialize_cm() as resource:
+        yield resource

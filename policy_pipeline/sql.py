@@ -323,6 +323,27 @@ SET_API_RESPONSE = Statement(
     f'"updated_time" = CURRENT_TIMESTAMP() WHERE "execution_id" = ?',
 )
 
+# Operator overrides (`policy-pipeline override`): conditional like every other move.
+FORCE_READY = Statement(
+    "force_ready",
+    f'UPDATE {STATE_TABLE} SET "status" = \'policy_ready\', "requires_circuit_breaker" = TRUE, '
+    f'"resumable" = FALSE, "error_message" = NULL, "error_step" = NULL, "message" = ?, '
+    f'"policy_ready_time" = COALESCE("policy_ready_time", CURRENT_TIMESTAMP()), '
+    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f"WHERE \"execution_id\" = ? AND \"status\" IN ('policy_created', 'error') "
+    f'AND "policy_id" IS NOT NULL AND "circuit_breaker_completed" = FALSE',
+)
+
+SKIP_CIRCUIT_BREAKER = Statement(
+    "skip_circuit_breaker",
+    f'UPDATE {STATE_TABLE} SET "status" = \'completed\', "completed" = TRUE, '
+    f'"requires_circuit_breaker" = FALSE, "resumable" = FALSE, "error_message" = NULL, '
+    f'"message" = ?, "completed_time" = CURRENT_TIMESTAMP(), '
+    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f'WHERE "execution_id" = ? AND "status" IN (?, ?, ?) '
+    f'AND "circuit_breaker_initiated" = FALSE',
+)
+
 # The seed's "View recent executions" query, with the policy name added.
 RECENT_EXECUTIONS = Statement(
     "recent_executions",
@@ -409,6 +430,14 @@ LAST_API_CALLS = Statement(
 )
 
 PING = Statement("ping", "SELECT 1")
+
+# Which policy contents have already been executed (so the catalog sensor never launches the
+# same content twice, even with a lost cursor). Archived executions count too.
+EXECUTED_CONTENT = Statement(
+    "executed_content",
+    f'SELECT DISTINCT "policy_name", "policy_content_hash" FROM {STATE_TABLE} '
+    f'UNION SELECT DISTINCT "policy_name", "policy_content_hash" FROM {STATE_HISTORY_TABLE}',
+)
 
 # --- Archiving: terminal executions move to history tables, one transaction per batch ---------
 

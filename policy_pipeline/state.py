@@ -74,7 +74,7 @@ def to_json(value: Any, limit: int | None = None) -> str:
 
 @dataclass
 class AuditEvent:
-    execution_id: str
+    execution_id: str | None  # None for events about a run rather than an execution
     policy_name: str
     event_type: str  # "api_call" | "transition" | "lease" | "warning"
     message: str
@@ -218,6 +218,12 @@ class StateStore:
         with self.warehouse.session() as session:
             rows = session.rows(sql.LATEST_EXECUTION_FOR_POLICY, [policy_name])
         return ExecutionRow.from_row(rows[0]) if rows else None
+
+    def executed_content(self) -> set[tuple[str, str]]:
+        """(policy_name, content hash) of every content ever executed, archived ones included."""
+        with self.warehouse.session() as session:
+            rows = session.rows(sql.EXECUTED_CONTENT)
+        return {(str(name), str(digest)) for name, digest in rows if digest is not None}
 
     def recent_executions(self, limit: int = 50) -> list[dict[str, Any]]:
         with self.warehouse.session() as session:
@@ -372,6 +378,29 @@ class StateStore:
                 sql.SET_API_RESPONSE, [to_json(response, MAX_DETAIL_CHARS), row.execution_id]
             )
             self.flush(session)
+
+    def force_ready(self, row: ExecutionRow, message: str) -> bool:
+        with self.warehouse.session() as session:
+            return self._transition(
+                session,
+                sql.FORCE_READY,
+                [message, row.execution_id],
+                row,
+                ExecutionStatus.POLICY_READY,
+                message,
+            )
+
+    def skip_circuit_breaker(self, row: ExecutionRow, message: str, force: bool) -> bool:
+        allowed = ["policy_ready", "policy_created", "error"] if force else ["policy_ready"] * 3
+        with self.warehouse.session() as session:
+            return self._transition(
+                session,
+                sql.SKIP_CIRCUIT_BREAKER,
+                [message, row.execution_id, *allowed],
+                row,
+                ExecutionStatus.COMPLETED,
+                message,
+            )
 
     def set_circuit_response(self, row: ExecutionRow, response: Any) -> None:
         with self.warehouse.session() as session:

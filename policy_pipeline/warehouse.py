@@ -38,38 +38,40 @@ class Session(Protocol):
 
 
 class _DBAPISession:
-    def __init__(self, connection: Any, dialect: Dialect) -> None:
-        self._connection = connection
-        self._dialect = dialect
+    """Statements on one connection. DuckDB's ``cursor()`` would open a second connection
+    (outside any transaction begun on the first), so DuckDB statements run on the connection
+    itself; Snowflake's run on one cursor for the session."""
 
-    def _execute(self, statement: Statement, params: Params) -> Any:
-        cursor = self._connection.cursor()
+    def __init__(self, connection: Any, dialect: Dialect) -> None:
+        self._dialect = dialect
+        self._cursor = connection if dialect is Dialect.DUCKDB else connection.cursor()
+
+    def _execute(self, statement: Statement, params: Params) -> None:
         try:
-            cursor.execute(statement.render(self._dialect), list(params))
+            self._cursor.execute(statement.render(self._dialect), list(params))
         except Exception as exc:
             # Name the statement, never the parameters (they may carry policy data).
             raise WarehouseError(
                 f"{self._dialect} statement '{statement.name}' failed: {exc}"
             ) from exc
-        return cursor
 
     def rows(self, statement: Statement, params: Params = ()) -> list[tuple[Any, ...]]:
-        cursor = self._execute(statement, params)
-        try:
-            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
-        finally:
-            cursor.close()
+        self._execute(statement, params)
+        if not self._cursor.description:
+            return []
+        return [tuple(row) for row in self._cursor.fetchall()]
 
     def rowcount(self, statement: Statement, params: Params = ()) -> int:
-        cursor = self._execute(statement, params)
-        try:
-            if self._dialect is Dialect.DUCKDB:
-                # DuckDB answers DML with a one-row result holding the affected count.
-                result = cursor.fetchall()
-                return int(result[0][0]) if result else 0
-            return int(cursor.rowcount or 0)
-        finally:
-            cursor.close()
+        self._execute(statement, params)
+        if self._dialect is Dialect.DUCKDB:
+            # DuckDB answers DML with a one-row result holding the affected count.
+            result = self._cursor.fetchall()
+            return int(result[0][0]) if result else 0
+        return int(self._cursor.rowcount or 0)
+
+    def close(self) -> None:
+        if self._dialect is not Dialect.DUCKDB:
+            self._cursor.close()
 
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
@@ -98,7 +100,11 @@ class Warehouse:
         holds the DuckDB file, so concurrent runs wait briefly rather than fail.
         """
         with self._turn, self._connect() as connection:
-            yield _DBAPISession(connection, self.dialect)
+            session = _DBAPISession(connection, self.dialect)
+            try:
+                yield session
+            finally:
+                session.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -1,0 +1,309 @@
+"""`policy-pipeline`: the operator's command line over the same state the assets write.
+
+    policy-pipeline status [--policy P] [--status S] [--limit N] [--json]
+    policy-pipeline diagnose [--json]
+    policy-pipeline retry POLICY
+    policy-pipeline override POLICY (--trigger-circuit-breaker | --skip-circuit-breaker)
+                             --reason TEXT [--force]
+
+Exit codes: 0 fine, 1 something needs attention (or the action failed), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any
+
+import httpx
+
+from policy_pipeline.domain import ExecutionStatus
+from policy_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, env_float, env_int
+
+log = logging.getLogger("policy_pipeline.cli")
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ", timespec="seconds")
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    if not rows:
+        print("(none)")
+        return
+    columns = list(columns or rows[0].keys())
+    cells = [[_text(row.get(c))[:80] for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=_text, indent=2)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from policy_pipeline.monitoring import Monitor
+    from policy_pipeline.resources import open_state
+
+    with open_state(settings) as state:
+        rows = Monitor(state.warehouse()).executions(args.policy, args.status, args.limit)
+    if args.json:
+        print(_json(rows))
+    else:
+        columns = ["policy_name", "status", "policy_id", "poll_count"]
+        print_table(rows, [*columns, "circuit_breaker_completed", "start_time", "message"])
+    return 0
+
+
+def _api_reachability() -> dict[str, Any]:
+    endpoint = os.environ.get("POLICY_API_ENDPOINT", "").strip()
+    if not endpoint:
+        return {"ok": False, "detail": "POLICY_API_ENDPOINT is not set"}
+    key = os.environ.get("POLICY_API_KEY", "").strip()
+    try:
+        # An unknown policy id: any HTTP answer proves the API is reachable; 401/403 prove the
+        # key is not accepted.
+        response = httpx.get(
+            endpoint.rstrip("/") + "/policy/__policy_pipeline_diagnose__",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=env_float("POLICY_API_TIMEOUT_SECONDS", 30.0),
+        )
+    except httpx.HTTPError as exc:
+        return {"ok": False, "detail": f"unreachable: {type(exc).__name__}"}
+    if response.status_code in (401, 403):
+        return {
+            "ok": False,
+            "detail": f"reachable, but the key was refused (HTTP {response.status_code})",
+        }
+    return {"ok": True, "detail": f"reachable (HTTP {response.status_code})"}
+
+
+def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
+    """The seed's diagnose_policy_execution: what needs attention, and why."""
+    from policy_pipeline.monitoring import Monitor
+    from policy_pipeline.resources import open_state
+
+    report: dict[str, Any] = {"attention": []}
+    stuck_after = env_int("POLICY_STUCK_AFTER_MINUTES", 60, minimum=1)
+    error_below = env_float("POLICY_SUCCESS_RATE_ERROR_PERCENT", 80.0)
+    try:
+        with open_state(settings) as state:
+            monitor = Monitor(state.warehouse())
+            monitor.ping()
+            report["warehouse"] = {"ok": True, "detail": f"{settings.warehouse} reachable"}
+            report["stuck_executions"] = monitor.stuck_executions(stuck_after, limit=20)
+            report["failed_executions_24h"] = monitor.failed_executions(24, limit=20)
+            rate = monitor.success_rate(24)
+            report["success_rate_24h"] = rate.__dict__
+            report["last_api_calls"] = monitor.last_api_calls(10)
+    except Exception as exc:
+        report["warehouse"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+        rate = None
+    report["policy_api"] = _api_reachability()
+
+    if not report["warehouse"]["ok"]:
+        report["attention"].append("the warehouse is not reachable")
+    if not report["policy_api"]["ok"]:
+        report["attention"].append(f"Policy API: {report['policy_api']['detail']}")
+    if report.get("stuck_executions"):
+        report["attention"].append(f"{len(report['stuck_executions'])} stuck executions")
+    if report.get("failed_executions_24h"):
+        report["attention"].append(f"{len(report['failed_executions_24h'])} failed executions")
+    if rate is not None and rate.rate_percent is not None and rate.rate_percent < error_below:
+        report["attention"].append(f"success rate {rate.rate_percent}% is below {error_below}%")
+
+    if args.json:
+        print(_json(report))
+    else:
+        _print_diagnosis(report, stuck_after)
+    return 1 if report["attention"] else 0
+
+
+def _print_diagnosis(report: dict[str, Any], stuck_after: int) -> None:
+    print(f"Warehouse:  {report['warehouse']['detail']}")
+    print(f"Policy API: {report['policy_api']['detail']}")
+    rate = report.get("success_rate_24h")
+    if rate:
+        shown = "n/a" if rate["rate_percent"] is None else f"{rate['rate_percent']}%"
+        print(
+            f"Success rate (24h): {shown} of {rate['total']} "
+            f"({rate['successful']} completed, {rate['failed']} failed)"
+        )
+    for title, key in (
+        (f"Stuck executions (in flight > {stuck_after} min)", "stuck_executions"),
+        ("Failed executions (24h)", "failed_executions_24h"),
+        ("Last API interactions", "last_api_calls"),
+    ):
+        if key in report:
+            print(f"\n{title}:")
+            print_table(report[key])
+    print()
+    if report["attention"]:
+        print("Needs attention:")
+        for item in report["attention"]:
+            print(f"  - {item}")
+    else:
+        print("All good.")
+
+
+def _audit_operator(store: Any, row: Any, action: str, reason: str) -> None:
+    from policy_pipeline.state import AuditEvent
+
+    store.audit(
+        AuditEvent(
+            execution_id=row.execution_id,
+            policy_name=row.policy_name,
+            event_type="override",
+            message=f"{action} by {getpass.getuser()}: {reason}",
+            detail={"action": action, "operator": getpass.getuser(), "reason": reason},
+        )
+    )
+    store.flush()
+
+
+def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the workflow for one policy now: it resumes the active execution, if any."""
+    from policy_pipeline.demo import workflow_command
+    from policy_pipeline.resources import open_state
+
+    with open_state(settings) as state:
+        store = state.store()
+        row = store.latest_execution(args.policy)
+        if row is not None:
+            _audit_operator(store, row, "retry", args.reason or "manual retry")
+    print(f"Running the workflow for {args.policy} (dagster job execute)...", flush=True)
+    result = subprocess.run(
+        workflow_command(args.policy, args.policy), cwd=PROJECT_ROOT, check=False
+    )
+    return 0 if result.returncode == 0 else 1
+
+
+def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
+    from policy_pipeline.resources import open_state, policy_api_resource
+    from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, StepFailed
+
+    owner = f"operator:{getpass.getuser()}"
+    with open_state(settings) as state:
+        store = state.store()
+        active = store.active_executions(args.policy)
+        row = active[0] if active else store.latest_execution(args.policy)
+        if row is None:
+            print(f"error: no execution for policy '{args.policy}'", file=sys.stderr)
+            return 1
+        if row.circuit_breaker_completed or row.status is ExecutionStatus.COMPLETED:
+            print(
+                f"error: execution {row.execution_id} is already completed "
+                f"(circuit breaker {'triggered' if row.circuit_breaker_completed else 'skipped'});"
+                " an override never fires it twice",
+                file=sys.stderr,
+            )
+            return 1
+        ready = row.status is ExecutionStatus.POLICY_READY
+        if not ready and not args.force:
+            print(
+                f"error: execution {row.execution_id} is '{row.status}', not 'policy_ready'; "
+                "use --force to override anyway",
+                file=sys.stderr,
+            )
+            return 1
+        action = (
+            "trigger_circuit_breaker" if args.trigger_circuit_breaker else "skip_circuit_breaker"
+        )
+        _audit_operator(store, row, action + (" (forced)" if args.force else ""), args.reason)
+        if args.skip_circuit_breaker:
+            message = f"Circuit breaker skipped by {owner}: {args.reason}"
+            if not store.skip_circuit_breaker(row, message, force=args.force):
+                print("error: the execution changed meanwhile; nothing done", file=sys.stderr)
+                return 1
+            print(f"Execution {row.execution_id} completed without the circuit breaker.")
+            return 0
+        if not ready:
+            if row.policy_id is None:
+                print("error: the policy was never created; nothing to trigger", file=sys.stderr)
+                return 1
+            store.force_ready(row, f"Forced to policy_ready by {owner}: {args.reason}")
+        with policy_api_resource().process_config_and_initialize_cm() as api:
+            workflow = PolicyWorkflow(
+                store=store,
+                api=api,
+                owner=owner,
+                log=log,
+                lease=LeasePolicy(state.lease_ttl_seconds, state.lease_wait_seconds),
+            )
+            try:
+                outcome = workflow.activate_circuit_breaker(args.policy)
+            except StepFailed as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+    print(f"Circuit breaker triggered for execution {outcome.execution_id}: {outcome.status}.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="policy-pipeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    status = commands.add_parser("status", help="recent executions")
+    status.add_argument("--policy", help="only this policy")
+    status.add_argument("--status", choices=[s.value for s in ExecutionStatus])
+    status.add_argument("--limit", type=int, default=20)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    diagnose = commands.add_parser("diagnose", help="what needs attention (exit 1 if anything)")
+    diagnose.add_argument("--json", action="store_true")
+    diagnose.set_defaults(handler=cmd_diagnose)
+
+    retry = commands.add_parser("retry", help="run the workflow for one policy now")
+    retry.add_argument("policy")
+    retry.add_argument("--reason", help="recorded in the audit table")
+    retry.set_defaults(handler=cmd_retry)
+
+    override = commands.add_parser("override", help="manual intervention on the circuit breaker")
+    override.add_argument("policy")
+    what = override.add_mutually_exclusive_group(required=True)
+    what.add_argument("--trigger-circuit-breaker", action="store_true")
+    what.add_argument("--skip-circuit-breaker", action="store_true")
+    override.add_argument("--reason", required=True, help="why (recorded in the audit table)")
+    override.add_argument(
+        "--force", action="store_true", help="even if the execution is not policy_ready"
+    )
+    override.set_defaults(handler=cmd_override)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Our own messages at INFO; the libraries' (httpx, alembic) only when they matter.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result: int = args.handler(args, settings)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
