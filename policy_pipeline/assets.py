@@ -12,7 +12,6 @@ partition. Nothing goes through an IO manager: the state lives in the warehouse.
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dagster import (
@@ -40,8 +39,8 @@ from policy_pipeline.workflow import (
     LeasePolicy,
     PolicyWorkflow,
     PollingPolicy,
-    StepFailed,
     StepOutcome,
+    StepReport,
 )
 
 WORKFLOW_GROUP = "policy_workflow"
@@ -97,6 +96,7 @@ def _workflow(
         lease=LeasePolicy(
             ttl_seconds=state.lease_ttl_seconds, wait_seconds=state.lease_wait_seconds
         ),
+        concurrency=api.max_concurrent_requests,
         owner_finished=lambda owner: _run_finished(context, owner),
     )
 
@@ -159,10 +159,10 @@ def register_partitions(context: AssetExecutionContext, keys: Sequence[str]) -> 
 def run_step(
     context: AssetExecutionContext,
     catalog: Mapping[str, CatalogEntry],
-    step: Callable[[str], StepOutcome],
-    concurrency: int,
+    step: Callable[[list[str]], StepReport],
 ) -> MaterializeResult:
-    """Run one workflow step for every partition of this run, concurrently, and report.
+    """Run one workflow step for every partition of this run (the workflow works on them
+    concurrently) and report per partition.
 
     Every partition is taken to the end of the step before a failure is raised, so one bad
     policy does not leave the others half-done.
@@ -172,39 +172,31 @@ def run_step(
     keys: Sequence[str] = (
         [key_range.start] if key_range.start == key_range.end else context.partition_keys
     )
-    outcomes: dict[str, StepOutcome] = {}
-    failures: dict[str, str] = {
-        key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog
-    }
-    register_partitions(context, [key for key in keys if key in catalog])
     runnable = [key for key in keys if key in catalog]
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(runnable)))) as pool:
-        futures = {key: pool.submit(step, key) for key in runnable}
-        for key, future in futures.items():
-            try:
-                outcomes[key] = future.result()
-            except StepFailed as exc:
-                failures[key] = exc.reason
-                context.log.error(str(exc))
-            except Exception as exc:
-                # An unexpected error for one policy must not hide the others' outcomes.
-                failures[key] = f"{type(exc).__name__}: {exc}"
-                context.log.exception(f"{key}: unexpected error")
-    for key, outcome in outcomes.items():
+    register_partitions(context, runnable)
+    report = step(runnable)
+    failures = dict(report.failures)
+    failures.update(
+        {key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog}
+    )
+    for key, outcome in report.outcomes.items():
         context.add_asset_metadata(_metadata(outcome), partition_key=key)
+    for key, reason in sorted(failures.items())[:50]:
+        context.log.error(f"{key}: {reason}")
     if failures:
-        listing = "\n".join(f"- {key}: {reason}" for key, reason in sorted(failures.items()))
+        listing = "\n".join(f"- {key}: {reason}" for key, reason in sorted(failures.items())[:50])
+        more = f"\n(and {len(failures) - 50} more)" if len(failures) > 50 else ""
         raise Failure(
-            description=f"{len(failures)} of {len(keys)} policies failed:\n{listing}",
+            description=f"{len(failures)} of {len(keys)} policies failed:\n{listing}{more}",
             metadata={
                 "failed_policies": MetadataValue.json(failures),
-                "succeeded_policies": MetadataValue.json(sorted(outcomes)),
+                "succeeded_policies": MetadataValue.int(len(report.outcomes)),
             },
         )
     return MaterializeResult(
         metadata={
             "policies": MetadataValue.int(len(keys)),
-            "api_calls": MetadataValue.int(sum(o.api_calls for o in outcomes.values())),
+            "api_calls": MetadataValue.int(sum(o.api_calls for o in report.outcomes.values())),
         }
     )
 
@@ -237,8 +229,7 @@ def build_workflow_assets(
         return run_step(
             context,
             catalog,
-            lambda key: workflow.create_policy(catalog[key].policy),
-            policy_api.max_concurrent_requests,
+            lambda keys: workflow.create_policies([catalog[key].policy for key in keys]),
         )
 
     @asset(
@@ -256,12 +247,7 @@ def build_workflow_assets(
     ) -> MaterializeResult:
         workflow = _workflow(context, policy_api, policy_state)
         polling = config.policy()
-        return run_step(
-            context,
-            catalog,
-            lambda key: workflow.wait_until_ready(key, polling),
-            policy_api.max_concurrent_requests,
-        )
+        return run_step(context, catalog, lambda keys: workflow.wait_until_ready(keys, polling))
 
     @asset(
         deps=[policy_ready],
@@ -276,9 +262,7 @@ def build_workflow_assets(
         policy_state: PolicyStateResource,
     ) -> MaterializeResult:
         workflow = _workflow(context, policy_api, policy_state)
-        return run_step(
-            context, catalog, workflow.activate_circuit_breaker, policy_api.max_concurrent_requests
-        )
+        return run_step(context, catalog, workflow.activate_circuit_breakers)
 
     assets = [policy_created, policy_ready, circuit_breaker_activation]
     job = define_asset_job(

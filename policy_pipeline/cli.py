@@ -187,7 +187,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
     with open_state(settings) as state:
         store = state.store()
-        row = store.latest_execution(args.policy)
+        row = store.current_execution(args.policy)
         if row is not None:
             _audit_operator(store, row, "retry", args.reason or "manual retry")
     print(f"Running the workflow for {args.policy} (dagster job execute)...", flush=True)
@@ -204,8 +204,7 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
     owner = f"operator:{getpass.getuser()}"
     with open_state(settings) as state:
         store = state.store()
-        active = store.active_executions(args.policy)
-        row = active[0] if active else store.latest_execution(args.policy)
+        row = store.current_execution(args.policy)
         if row is None:
             print(f"error: no execution for policy '{args.policy}'", file=sys.stderr)
             return 1
@@ -248,6 +247,7 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
                 owner=owner,
                 log=log,
                 lease=LeasePolicy(state.lease_ttl_seconds, state.lease_wait_seconds),
+                concurrency=1,
             )
             try:
                 outcome = workflow.activate_circuit_breaker(args.policy)

@@ -179,149 +179,264 @@ TABLE_COLUMNS = Statement(
     "WHERE LOWER(table_name) = LOWER(?) AND LOWER(table_schema) = LOWER(CURRENT_SCHEMA())",
 )
 
+# --- Batches ------------------------------------------------------------------------------------
+# A step works on many policies at once, so the statements below take a list: one round trip
+# per chunk of up to MAX_BATCH policies, not one per policy. Each factory is cached by size.
+
+MAX_BATCH = 500
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join("?" for _ in range(count))
+
+
+def _values(rows: int, columns: tuple[str, ...]) -> str:
+    """``VALUES (?, ?), (?, ?) AS v (a, b)``: a table of bound rows to join or insert from."""
+    row = f"({_placeholders(len(columns))})"
+    return f"VALUES {', '.join(row for _ in range(rows))} AS v ({', '.join(columns)})"
+
+
+def _update_from_values(
+    name: str, rows: int, columns: tuple[str, ...], assignments: str, condition: str
+) -> Statement:
+    """UPDATE the state rows named by ``v_execution_id`` with per-row values, if ``condition``
+    still holds for them (the conditional move that decides who wins)."""
+    return Statement(
+        f"{name}_{rows}",
+        f'UPDATE {STATE_TABLE} SET {assignments}, "updated_time" = CURRENT_TIMESTAMP() '
+        f"FROM (SELECT * FROM {_values(rows, ('v_execution_id', *columns))}) AS v "
+        f'WHERE {STATE_TABLE}."execution_id" = v.v_execution_id AND {condition}',
+    )
+
+
 # --- Per-policy lease: at most one run works on a policy at a time ------------------------------
 
-ENSURE_LOCK_ROW = Statement(
-    "ensure_lock_row",
-    f'INSERT INTO {LOCKS_TABLE} ("policy_name", "updated_time") '
-    f"SELECT ?, CURRENT_TIMESTAMP() "
-    f'WHERE NOT EXISTS (SELECT 1 FROM {LOCKS_TABLE} WHERE "policy_name" = ?)',
-)
 
-ACQUIRE_LEASE = Statement(
-    "acquire_lease",
-    f'UPDATE {LOCKS_TABLE} SET "lease_owner" = ?, '
-    f'"lease_expires_at" = DATEADD(second, ?, CURRENT_TIMESTAMP()), '
-    f'"updated_time" = CURRENT_TIMESTAMP() '
-    f'WHERE "policy_name" = ? AND ("lease_owner" IS NULL OR "lease_owner" = ? '
-    f'OR "lease_expires_at" < CURRENT_TIMESTAMP())',
-)
+@functools.cache
+def ensure_lock_rows(rows: int) -> Statement:
+    return Statement(
+        f"ensure_lock_rows_{rows}",
+        f'INSERT INTO {LOCKS_TABLE} ("policy_name", "updated_time") '
+        f"SELECT v_policy_name, CURRENT_TIMESTAMP() FROM {_values(rows, ('v_policy_name',))} "
+        f'WHERE NOT EXISTS (SELECT 1 FROM {LOCKS_TABLE} l WHERE l."policy_name" = v_policy_name)',
+    )
 
-# Taking over the lease of a run that is known to have finished (crashed or failed).
-TAKE_OVER_LEASE = Statement(
-    "take_over_lease",
-    f'UPDATE {LOCKS_TABLE} SET "lease_owner" = ?, '
-    f'"lease_expires_at" = DATEADD(second, ?, CURRENT_TIMESTAMP()), '
-    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "policy_name" = ? AND "lease_owner" = ?',
-)
 
-RELEASE_LEASE = Statement(
-    "release_lease",
-    f'UPDATE {LOCKS_TABLE} SET "lease_owner" = NULL, "lease_expires_at" = NULL, '
-    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "policy_name" = ? AND "lease_owner" = ?',
-)
+@functools.cache
+def acquire_leases(rows: int) -> Statement:
+    """Params: owner, ttl seconds, names..., owner. Free, expired or already ours."""
+    return Statement(
+        f"acquire_leases_{rows}",
+        f'UPDATE {LOCKS_TABLE} SET "lease_owner" = ?, '
+        f'"lease_expires_at" = DATEADD(second, ?, CURRENT_TIMESTAMP()), '
+        f'"updated_time" = CURRENT_TIMESTAMP() '
+        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND ("lease_owner" IS NULL '
+        f'OR "lease_owner" = ? OR "lease_expires_at" < CURRENT_TIMESTAMP())',
+    )
 
-LEASE_HOLDER = Statement(
-    "lease_holder",
-    f'SELECT "lease_owner", "lease_expires_at" FROM {LOCKS_TABLE} '
-    f'WHERE "policy_name" = ? AND "lease_owner" IS NOT NULL '
-    f'AND "lease_expires_at" >= CURRENT_TIMESTAMP()',
-)
+
+@functools.cache
+def take_over_leases(rows: int) -> Statement:
+    """Params: owner, ttl seconds, names..., previous owner (a run known to have finished)."""
+    return Statement(
+        f"take_over_leases_{rows}",
+        f'UPDATE {LOCKS_TABLE} SET "lease_owner" = ?, '
+        f'"lease_expires_at" = DATEADD(second, ?, CURRENT_TIMESTAMP()), '
+        f'"updated_time" = CURRENT_TIMESTAMP() '
+        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND "lease_owner" = ?',
+    )
+
+
+@functools.cache
+def release_leases(rows: int) -> Statement:
+    """Params: names..., owner."""
+    return Statement(
+        f"release_leases_{rows}",
+        f'UPDATE {LOCKS_TABLE} SET "lease_owner" = NULL, "lease_expires_at" = NULL, '
+        f'"updated_time" = CURRENT_TIMESTAMP() '
+        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND "lease_owner" = ?',
+    )
+
+
+@functools.cache
+def lease_holders(rows: int) -> Statement:
+    return Statement(
+        f"lease_holders_{rows}",
+        f'SELECT "policy_name", "lease_owner", "lease_expires_at" FROM {LOCKS_TABLE} '
+        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND "lease_owner" IS NOT NULL '
+        f'AND "lease_expires_at" >= CURRENT_TIMESTAMP()',
+    )
+
 
 # --- Executions ---------------------------------------------------------------------------------
 
-INSERT_EXECUTION = Statement(
-    "insert_execution",
-    f'INSERT INTO {STATE_TABLE} ("execution_id", "policy_name", "policy_content_hash", '
-    f'"policy_data", "create_idempotency_key", "status", "poll_count", "completed", '
-    f'"requires_circuit_breaker", "circuit_breaker_initiated", "circuit_breaker_completed", '
-    f'"resumable", "resume_count", "message", "dagster_run_id", "start_time", "updated_time") '
-    f"SELECT ?, ?, ?, PARSE_JSON(?), ?, 'pending', 0, FALSE, FALSE, FALSE, FALSE, FALSE, 0, ?, ?, "
-    f"CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP()",
+_NEW_EXECUTION = (
+    "v_execution_id",
+    "v_policy_name",
+    "v_policy_content_hash",
+    "v_policy_data",
+    "v_create_idempotency_key",
+    "v_message",
+    "v_dagster_run_id",
 )
 
-GET_EXECUTION = Statement(
-    "get_execution", f'SELECT {_READ} FROM {STATE_TABLE} WHERE "execution_id" = ?'
-)
 
-GET_POLICY_DATA = Statement(
-    "get_policy_data", f'SELECT "policy_data" FROM {STATE_TABLE} WHERE "execution_id" = ?'
-)
+@functools.cache
+def insert_executions(rows: int) -> Statement:
+    """The intents: committed before any create call is made."""
+    return Statement(
+        f"insert_executions_{rows}",
+        f'INSERT INTO {STATE_TABLE} ("execution_id", "policy_name", "policy_content_hash", '
+        f'"policy_data", "create_idempotency_key", "message", "dagster_run_id", "status", '
+        f'"poll_count", "completed", "requires_circuit_breaker", "circuit_breaker_initiated", '
+        f'"circuit_breaker_completed", "resumable", "resume_count", "start_time", '
+        f'"updated_time") '
+        f"SELECT v_execution_id, v_policy_name, v_policy_content_hash, PARSE_JSON(v_policy_data), "
+        f"v_create_idempotency_key, v_message, v_dagster_run_id, 'pending', 0, FALSE, FALSE, "
+        f"FALSE, FALSE, FALSE, 0, CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP() "
+        f"FROM {_values(rows, _NEW_EXECUTION)}",
+    )
 
-ACTIVE_EXECUTIONS_FOR_POLICY = Statement(
-    "active_executions_for_policy",
-    f'SELECT {_READ} FROM {STATE_TABLE} WHERE "policy_name" = ? AND {ACTIVE} '
-    f'ORDER BY "start_time" DESC, "execution_id" DESC',
-)
 
-LATEST_EXECUTION_FOR_POLICY = Statement(
-    "latest_execution_for_policy",
-    f'SELECT {_READ} FROM {STATE_TABLE} WHERE "policy_name" = ? '
-    f'ORDER BY "start_time" DESC, "execution_id" DESC LIMIT 1',
-)
+@functools.cache
+def current_executions(rows: int) -> Statement:
+    """Each policy's active execution, or else its latest."""
+    return Statement(
+        f"current_executions_{rows}",
+        f'SELECT {_READ} FROM {STATE_TABLE} WHERE "policy_name" IN ({_placeholders(rows)}) '
+        f'QUALIFY ROW_NUMBER() OVER (PARTITION BY "policy_name" '
+        f'ORDER BY CASE WHEN {ACTIVE} THEN 0 ELSE 1 END, "start_time" DESC, '
+        f'"execution_id" DESC) = 1',
+    )
 
-MARK_POLICY_CREATED = Statement(
-    "mark_policy_created",
-    f'UPDATE {STATE_TABLE} SET "status" = \'policy_created\', "policy_id" = ?, '
-    f'"api_response" = PARSE_JSON(?), "message" = ?, '
-    f'"policy_created_time" = CURRENT_TIMESTAMP(), "updated_time" = CURRENT_TIMESTAMP() '
-    f'WHERE "execution_id" = ? AND "status" = \'pending\'',
-)
 
-RECORD_POLL = Statement(
-    "record_poll",
-    f'UPDATE {STATE_TABLE} SET "poll_count" = "poll_count" + 1, '
-    f'"last_poll_time" = CURRENT_TIMESTAMP(), "policy_status_response" = PARSE_JSON(?), '
-    f'"message" = ?, "updated_time" = CURRENT_TIMESTAMP() '
-    f'WHERE "execution_id" = ? AND "status" = \'policy_created\'',
-)
+@functools.cache
+def active_execution_counts(rows: int) -> Statement:
+    return Statement(
+        f"active_execution_counts_{rows}",
+        f'SELECT "policy_name", COUNT(*) FROM {STATE_TABLE} '
+        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND {ACTIVE} GROUP BY "policy_name"',
+    )
 
-MARK_POLICY_READY = Statement(
-    "mark_policy_ready",
-    f"UPDATE {STATE_TABLE} SET \"status\" = 'policy_ready', "
-    f'"requires_circuit_breaker" = TRUE, "message" = ?, '
-    f'"policy_ready_time" = CURRENT_TIMESTAMP(), "updated_time" = CURRENT_TIMESTAMP() '
-    f'WHERE "execution_id" = ? AND "status" = \'policy_created\' '
-    f'AND "policy_id" IS NOT NULL',
-)
 
-# The exactly-once gate for the circuit breaker: only one caller sees a row count of 1.
-CLAIM_CIRCUIT_BREAKER = Statement(
-    "claim_circuit_breaker",
-    f'UPDATE {STATE_TABLE} SET "circuit_breaker_initiated" = TRUE, '
-    f'"circuit_idempotency_key" = ?, "trigger_reason" = ?, "message" = ?, '
-    f'"updated_time" = CURRENT_TIMESTAMP() '
-    f'WHERE "execution_id" = ? AND "status" = \'policy_ready\' '
-    f'AND "circuit_breaker_initiated" = FALSE',
-)
+@functools.cache
+def executions_by_id(rows: int) -> Statement:
+    return Statement(
+        f"executions_by_id_{rows}",
+        f'SELECT {_READ} FROM {STATE_TABLE} WHERE "execution_id" IN ({_placeholders(rows)})',
+    )
 
-MARK_COMPLETED = Statement(
-    "mark_completed",
-    f'UPDATE {STATE_TABLE} SET "status" = \'completed\', "completed" = TRUE, '
-    f'"circuit_breaker_completed" = TRUE, "circuit_breaker_response" = PARSE_JSON(?), '
-    f'"message" = ?, "error_message" = NULL, "completed_time" = CURRENT_TIMESTAMP(), '
-    f'"updated_time" = CURRENT_TIMESTAMP() '
-    f'WHERE "execution_id" = ? AND "status" = \'policy_ready\' '
-    f'AND "circuit_breaker_initiated" = TRUE AND "circuit_breaker_completed" = FALSE',
-)
 
-MARK_ERROR = Statement(
-    "mark_error",
-    f'UPDATE {STATE_TABLE} SET "status" = \'error\', "error_message" = ?, '
-    f'"error_step" = ?, "resumable" = ?, "message" = ?, "updated_time" = CURRENT_TIMESTAMP() '
-    f"WHERE \"execution_id\" = ? AND \"status\" IN ('pending', 'policy_created', 'policy_ready')",
-)
+@functools.cache
+def policy_data_by_id(rows: int) -> Statement:
+    return Statement(
+        f"policy_data_by_id_{rows}",
+        f'SELECT "execution_id", "policy_data" FROM {STATE_TABLE} '
+        f'WHERE "execution_id" IN ({_placeholders(rows)})',
+    )
 
-# A resumable error goes back to the state its step starts from; the row count says who won.
-REOPEN_EXECUTION = Statement(
-    "reopen_execution",
-    f'UPDATE {STATE_TABLE} SET "status" = ?, "resumable" = FALSE, "error_message" = NULL, '
-    f'"resume_count" = COALESCE("resume_count", 0) + 1, '
-    f'"error_step" = NULL, "message" = ?, "updated_time" = CURRENT_TIMESTAMP() '
-    f'WHERE "execution_id" = ? AND "status" = \'error\' AND "resumable" = TRUE',
-)
 
-SET_CIRCUIT_RESPONSE = Statement(
-    "set_circuit_response",
-    f'UPDATE {STATE_TABLE} SET "circuit_breaker_response" = PARSE_JSON(?), '
-    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "execution_id" = ?',
-)
+@functools.cache
+def reopen_executions(rows: int) -> Statement:
+    """Params: target status, message, ids... A resumable error goes back to where its step
+    starts."""
+    return Statement(
+        f"reopen_executions_{rows}",
+        f'UPDATE {STATE_TABLE} SET "status" = ?, "message" = ?, "resumable" = FALSE, '
+        f'"error_message" = NULL, "error_step" = NULL, '
+        f'"resume_count" = COALESCE("resume_count", 0) + 1, "updated_time" = CURRENT_TIMESTAMP() '
+        f'WHERE "execution_id" IN ({_placeholders(rows)}) AND "status" = \'error\' '
+        f'AND "resumable" = TRUE',
+    )
 
-SET_API_RESPONSE = Statement(
-    "set_api_response",
-    f'UPDATE {STATE_TABLE} SET "api_response" = PARSE_JSON(?), '
-    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "execution_id" = ?',
-)
+
+@functools.cache
+def mark_created(rows: int) -> Statement:
+    return _update_from_values(
+        "mark_created",
+        rows,
+        ("v_policy_id", "v_response", "v_message"),
+        '"status" = \'policy_created\', "policy_id" = v.v_policy_id, '
+        '"api_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
+        '"policy_created_time" = CURRENT_TIMESTAMP()',
+        f"{STATE_TABLE}.\"status\" = 'pending'",
+    )
+
+
+@functools.cache
+def record_polls(rows: int) -> Statement:
+    return _update_from_values(
+        "record_polls",
+        rows,
+        ("v_polls", "v_response", "v_message"),
+        '"poll_count" = COALESCE("poll_count", 0) + v.v_polls, '
+        '"last_poll_time" = CURRENT_TIMESTAMP(), '
+        '"policy_status_response" = PARSE_JSON(v.v_response), "message" = v.v_message',
+        f"{STATE_TABLE}.\"status\" = 'policy_created'",
+    )
+
+
+@functools.cache
+def mark_ready(rows: int) -> Statement:
+    return _update_from_values(
+        "mark_ready",
+        rows,
+        ("v_message",),
+        '"status" = \'policy_ready\', "requires_circuit_breaker" = TRUE, '
+        '"message" = v.v_message, "policy_ready_time" = CURRENT_TIMESTAMP()',
+        f'{STATE_TABLE}."status" = \'policy_created\' AND {STATE_TABLE}."policy_id" IS NOT NULL',
+    )
+
+
+@functools.cache
+def claim_circuit_breakers(rows: int) -> Statement:
+    """The exactly-once gate: only a ready execution whose breaker is not yet initiated moves."""
+    return _update_from_values(
+        "claim_circuit_breakers",
+        rows,
+        ("v_key", "v_reason", "v_message"),
+        '"circuit_breaker_initiated" = TRUE, "circuit_idempotency_key" = v.v_key, '
+        '"trigger_reason" = v.v_reason, "message" = v.v_message',
+        f"{STATE_TABLE}.\"status\" = 'policy_ready' "
+        f'AND {STATE_TABLE}."circuit_breaker_initiated" = FALSE',
+    )
+
+
+@functools.cache
+def mark_completed(rows: int) -> Statement:
+    return _update_from_values(
+        "mark_completed",
+        rows,
+        ("v_response", "v_message"),
+        '"status" = \'completed\', "completed" = TRUE, "circuit_breaker_completed" = TRUE, '
+        '"circuit_breaker_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
+        '"error_message" = NULL, "completed_time" = CURRENT_TIMESTAMP()',
+        f"{STATE_TABLE}.\"status\" = 'policy_ready' "
+        f'AND {STATE_TABLE}."circuit_breaker_initiated" = TRUE '
+        f'AND {STATE_TABLE}."circuit_breaker_completed" = FALSE',
+    )
+
+
+@functools.cache
+def mark_errors(rows: int) -> Statement:
+    return _update_from_values(
+        "mark_errors",
+        rows,
+        ("v_error", "v_step", "v_resumable", "v_message"),
+        '"status" = \'error\', "error_message" = v.v_error, "error_step" = v.v_step, '
+        '"resumable" = v.v_resumable, "message" = v.v_message',
+        f"{STATE_TABLE}.\"status\" IN ('pending', 'policy_created', 'policy_ready')",
+    )
+
+
+@functools.cache
+def set_responses(column: str, rows: int) -> Statement:
+    """Keep a raw API response (``api_response`` or ``circuit_breaker_response``)."""
+    assert column in ("api_response", "circuit_breaker_response")
+    return _update_from_values(
+        f"set_{column}", rows, ("v_response",), f'"{column}" = PARSE_JSON(v.v_response)', "TRUE"
+    )
+
 
 # Operator overrides (`policy-pipeline override`): conditional like every other move.
 FORCE_READY = Statement(

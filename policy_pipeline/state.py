@@ -1,17 +1,21 @@
-"""The execution state table, the audit trail and the per-policy lease, over any `Warehouse`.
+"""The execution state table, the audit trail and the per-policy leases, over any `Warehouse`.
 
-Every state change is a conditional UPDATE whose row count says whether it happened, so two
-processes racing on one execution cannot both move it (Snowflake enforces no unique keys).
+Every method takes a batch: a step over a thousand policies makes a few round trips, not a few
+thousand (each costs tens of milliseconds on Snowflake). Every state change is a conditional
+UPDATE, re-read afterwards, so two processes racing on one execution cannot both move it
+(Snowflake enforces no unique keys), and only moves that happened are audited.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from policy_pipeline import sql
 from policy_pipeline.domain import (
@@ -24,7 +28,7 @@ from policy_pipeline.warehouse import Session, Warehouse
 
 # Audit details are truncated so a huge or hostile response cannot bloat the table.
 MAX_DETAIL_CHARS = 4_000
-EVENT_BATCH_ROWS = 200
+EVENT_BATCH_ROWS = 1_000
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class AuditEvent:
 
 class StateStore:
     """The workflow's reads and writes. Audit events are buffered and written in batches, in the
-    same connection as the state change that follows them."""
+    same connection as the state change they accompany."""
 
     def __init__(self, warehouse: Warehouse, run_id: str | None = None) -> None:
         self.warehouse = warehouse
@@ -138,86 +142,99 @@ class StateStore:
             self._write_events(session, events)
 
     def _write_events(self, session: Session, events: list[AuditEvent]) -> None:
-        for start in range(0, len(events), EVENT_BATCH_ROWS):
-            batch = events[start : start + EVENT_BATCH_ROWS]
+        for batch in _chunks(events, EVENT_BATCH_ROWS):
             params: list[Any] = []
             for event in batch:
                 params.extend(event.params(self.run_id))
             session.rowcount(sql.insert_events(len(batch)), params)
 
-    def _transition(
-        self,
-        session: Session,
-        statement: sql.Statement,
-        params: list[Any],
-        row: ExecutionRow,
-        target: ExecutionStatus,
-        message: str,
-    ) -> bool:
-        """Run a conditional update and audit it if it took effect, in one connection."""
-        check_transition(row.status, target)
-        changed = session.rowcount(statement, params) == 1
-        if changed:
-            self.audit(
-                AuditEvent(
-                    execution_id=row.execution_id,
-                    policy_name=row.policy_name,
-                    event_type="transition",
-                    message=message,
-                    from_status=row.status.value,
-                    to_status=target.value,
-                )
-            )
-        self.flush(session)
-        return changed
+    # --- leases ---------------------------------------------------------------------------------
 
-    # --- lease ----------------------------------------------------------------------------------
-
-    def acquire_lease(self, policy_name: str, owner: str, ttl_seconds: int) -> bool:
+    def acquire_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> set[str]:
+        """Claim the free (or expired, or already ours) leases; returns the names now ours."""
         with self.warehouse.session() as session:
-            session.rowcount(sql.ENSURE_LOCK_ROW, [policy_name, policy_name])
-            return (
-                session.rowcount(sql.ACQUIRE_LEASE, [owner, ttl_seconds, policy_name, owner]) >= 1
-            )
-
-    def take_over_lease(
-        self, policy_name: str, owner: str, previous_owner: str, ttl_seconds: int
-    ) -> bool:
-        with self.warehouse.session() as session:
-            return (
+            for chunk in _chunks(names):
+                session.rowcount(sql.ensure_lock_rows(len(chunk)), chunk)
                 session.rowcount(
-                    sql.TAKE_OVER_LEASE, [owner, ttl_seconds, policy_name, previous_owner]
+                    sql.acquire_leases(len(chunk)), [owner, ttl_seconds, *chunk, owner]
                 )
-                >= 1
-            )
+            holders = self._holders(session, names)
+        return {name for name, (holder, _until) in holders.items() if holder == owner}
 
-    def release_lease(self, policy_name: str, owner: str) -> None:
+    def lease_holders(self, names: Sequence[str]) -> dict[str, tuple[str, datetime]]:
         with self.warehouse.session() as session:
-            session.rowcount(sql.RELEASE_LEASE, [policy_name, owner])
+            return self._holders(session, names)
 
-    def lease_holder(self, policy_name: str) -> tuple[str, datetime] | None:
+    def _holders(self, session: Session, names: Sequence[str]) -> dict[str, tuple[str, datetime]]:
+        holders: dict[str, tuple[str, datetime]] = {}
+        for chunk in _chunks(names):
+            for name, holder, until in session.rows(sql.lease_holders(len(chunk)), chunk):
+                holders[str(name)] = (str(holder), until)
+        return holders
+
+    def take_over_leases(
+        self, names: Sequence[str], owner: str, previous_owner: str, ttl_seconds: int
+    ) -> None:
         with self.warehouse.session() as session:
-            rows = session.rows(sql.LEASE_HOLDER, [policy_name])
-        return (str(rows[0][0]), rows[0][1]) if rows else None
+            for chunk in _chunks(names):
+                session.rowcount(
+                    sql.take_over_leases(len(chunk)), [owner, ttl_seconds, *chunk, previous_owner]
+                )
+
+    def renew_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> None:
+        self.acquire_leases(names, owner, ttl_seconds)
+
+    def release_leases(self, names: Sequence[str], owner: str) -> None:
+        with self.warehouse.session() as session:
+            for chunk in _chunks(names):
+                session.rowcount(sql.release_leases(len(chunk)), [*chunk, owner])
 
     # --- reads ----------------------------------------------------------------------------------
 
+    def current_executions(self, names: Sequence[str]) -> dict[str, ExecutionRow]:
+        """Each policy's active execution, or else its latest (absent: never executed)."""
+        found: dict[str, ExecutionRow] = {}
+        with self.warehouse.session() as session:
+            for chunk in _chunks(names):
+                for row in session.rows(sql.current_executions(len(chunk)), chunk):
+                    execution = ExecutionRow.from_row(row)
+                    found[execution.policy_name] = execution
+        return found
+
+    def active_counts(self, names: Sequence[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self.warehouse.session() as session:
+            for chunk in _chunks(names):
+                for name, count in session.rows(sql.active_execution_counts(len(chunk)), chunk):
+                    counts[str(name)] = int(count)
+        return counts
+
+    def executions(self, ids: Sequence[str]) -> dict[str, ExecutionRow]:
+        found: dict[str, ExecutionRow] = {}
+        with self.warehouse.session() as session:
+            for chunk in _chunks(ids):
+                for row in session.rows(sql.executions_by_id(len(chunk)), chunk):
+                    execution = ExecutionRow.from_row(row)
+                    found[execution.execution_id] = execution
+        return found
+
     def get(self, execution_id: str) -> ExecutionRow:
-        with self.warehouse.session() as session:
-            rows = session.rows(sql.GET_EXECUTION, [execution_id])
-        if not rows:
+        rows = self.executions([execution_id])
+        if execution_id not in rows:
             raise LookupError(f"no execution {execution_id} in {sql.STATE_TABLE}")
-        return ExecutionRow.from_row(rows[0])
+        return rows[execution_id]
 
-    def active_executions(self, policy_name: str) -> list[ExecutionRow]:
-        with self.warehouse.session() as session:
-            rows = session.rows(sql.ACTIVE_EXECUTIONS_FOR_POLICY, [policy_name])
-        return [ExecutionRow.from_row(row) for row in rows]
+    def current_execution(self, policy_name: str) -> ExecutionRow | None:
+        return self.current_executions([policy_name]).get(policy_name)
 
-    def latest_execution(self, policy_name: str) -> ExecutionRow | None:
+    def policy_data(self, ids: Sequence[str]) -> dict[str, Any]:
+        """The stored create bodies: a retried create re-sends exactly what was sent."""
+        data: dict[str, Any] = {}
         with self.warehouse.session() as session:
-            rows = session.rows(sql.LATEST_EXECUTION_FOR_POLICY, [policy_name])
-        return ExecutionRow.from_row(rows[0]) if rows else None
+            for chunk in _chunks(ids):
+                for execution_id, value in session.rows(sql.policy_data_by_id(len(chunk)), chunk):
+                    data[str(execution_id)] = json.loads(value) if isinstance(value, str) else value
+        return data
 
     def executed_content(self) -> set[tuple[str, str]]:
         """(policy_name, content hash) of every content ever executed, archived ones included."""
@@ -242,13 +259,13 @@ class StateStore:
 
     # --- writes ---------------------------------------------------------------------------------
 
-    def start_execution(self, policy: PolicyDefinition) -> ExecutionRow:
-        """Commit the intent (execution id, idempotency key, policy data) before any API call."""
-        execution_id = str(uuid.uuid4())
+    def start_executions(self, policies: Sequence[PolicyDefinition]) -> list[ExecutionRow]:
+        """Commit the intents (execution id, idempotency key, policy data) before any call."""
         message = "Execution started; creating policy"
-        with self.warehouse.session() as session:
-            session.rowcount(
-                sql.INSERT_EXECUTION,
+        params: list[list[Any]] = []
+        for policy in policies:
+            execution_id = str(uuid.uuid4())
+            params.append(
                 [
                     execution_id,
                     policy.policy_name,
@@ -257,7 +274,7 @@ class StateStore:
                     create_idempotency_key(execution_id),
                     message,
                     self.run_id,
-                ],
+                ]
             )
             self.audit(
                 AuditEvent(
@@ -268,55 +285,122 @@ class StateStore:
                     to_status=ExecutionStatus.PENDING.value,
                 )
             )
+        with self.warehouse.session() as session:
+            for chunk in _chunks(params):
+                session.rowcount(sql.insert_executions(len(chunk)), _flat(chunk))
             self.flush(session)
-        return self.get(execution_id)
+        rows = self.executions([p[0] for p in params])
+        return [rows[p[0]] for p in params]
 
-    def mark_created(self, row: ExecutionRow, policy_id: str, response: Any) -> bool:
-        message = f"Step 1 complete: policy {policy_id} created"
+    def _move(
+        self,
+        factory: Callable[[int], sql.Statement],
+        rows: Sequence[tuple[ExecutionRow, Sequence[Any]]],
+        target: ExecutionStatus | None,
+        messages: Sequence[str] | None = None,
+    ) -> dict[str, ExecutionRow]:
+        """Apply a conditional per-row update to a batch, then read the rows back: the ones
+        now in ``target`` are the moves that happened (and are audited). Returns every row as
+        it is now."""
+        for row, _values in rows:
+            if target is not None and target is not row.status:
+                check_transition(row.status, target)
         with self.warehouse.session() as session:
-            return self._transition(
-                session,
-                sql.MARK_POLICY_CREATED,
-                [policy_id, to_json(response, MAX_DETAIL_CHARS), message, row.execution_id],
-                row,
-                ExecutionStatus.POLICY_CREATED,
-                message,
-            )
+            for chunk in _chunks(list(rows)):
+                params = _flat([[row.execution_id, *values] for row, values in chunk])
+                session.rowcount(factory(len(chunk)), params)
+        after = self.executions([row.execution_id for row, _ in rows])
+        if target is not None:
+            for index, (row, _values) in enumerate(rows):
+                now = after.get(row.execution_id)
+                if now is not None and now.status is target and row.status is not target:
+                    self.audit(
+                        AuditEvent(
+                            execution_id=row.execution_id,
+                            policy_name=row.policy_name,
+                            event_type="transition",
+                            message=messages[index] if messages else f"moved to {target}",
+                            from_status=row.status.value,
+                            to_status=target.value,
+                        )
+                    )
+        self.flush()
+        return after
 
-    def record_poll(self, row: ExecutionRow, response: Any, message: str) -> bool:
+    def reopen(
+        self, rows: Sequence[ExecutionRow], target: ExecutionStatus
+    ) -> dict[str, ExecutionRow]:
+        message = "Resumed after a recoverable error"
+        for row in rows:
+            check_transition(row.status, target)
         with self.warehouse.session() as session:
-            changed = (
-                session.rowcount(
-                    sql.RECORD_POLL,
-                    [to_json(response, MAX_DETAIL_CHARS), message, row.execution_id],
+            for chunk in _chunks([row.execution_id for row in rows]):
+                session.rowcount(sql.reopen_executions(len(chunk)), [target.value, message, *chunk])
+        after = self.executions([row.execution_id for row in rows])
+        for row in rows:
+            if after[row.execution_id].status is target:
+                self.audit(
+                    AuditEvent(
+                        execution_id=row.execution_id,
+                        policy_name=row.policy_name,
+                        event_type="transition",
+                        message=f"{message} in {row.error_step}: {row.error_message}",
+                        from_status=row.status.value,
+                        to_status=target.value,
+                    )
                 )
-                == 1
-            )
-            self.flush(session)
-        return changed
+        self.flush()
+        return after
 
-    def mark_ready(self, row: ExecutionRow, message: str) -> bool:
+    def mark_created(
+        self, results: Sequence[tuple[ExecutionRow, str, Any]]
+    ) -> dict[str, ExecutionRow]:
+        messages = [f"Step 1 complete: policy {policy_id} created" for _r, policy_id, _ in results]
+        return self._move(
+            sql.mark_created,
+            [
+                (row, [policy_id, to_json(response, MAX_DETAIL_CHARS), message])
+                for (row, policy_id, response), message in zip(results, messages, strict=True)
+            ],
+            ExecutionStatus.POLICY_CREATED,
+            messages,
+        )
+
+    def record_polls(self, polls: Sequence[tuple[ExecutionRow, int, Any, str]]) -> None:
+        """Per execution: polls made since the last write, the last response, a message."""
         with self.warehouse.session() as session:
-            return self._transition(
-                session,
-                sql.MARK_POLICY_READY,
-                [message, row.execution_id],
-                row,
-                ExecutionStatus.POLICY_READY,
-                message,
-            )
+            for chunk in _chunks(list(polls)):
+                params = _flat(
+                    [
+                        [row.execution_id, count, to_json(response, MAX_DETAIL_CHARS), message]
+                        for row, count, response, message in chunk
+                    ]
+                )
+                session.rowcount(sql.record_polls(len(chunk)), params)
+            self.flush(session)
 
-    def claim_circuit_breaker(self, row: ExecutionRow, key: str, reason: str) -> bool:
-        """The exactly-once gate: True for the one caller that moved the flag."""
+    def mark_ready(self, rows: Sequence[tuple[ExecutionRow, str]]) -> dict[str, ExecutionRow]:
+        return self._move(
+            sql.mark_ready,
+            [(row, [message]) for row, message in rows],
+            ExecutionStatus.POLICY_READY,
+            [message for _row, message in rows],
+        )
+
+    def claim_circuit_breakers(
+        self, rows: Sequence[tuple[ExecutionRow, str]], reason: str
+    ) -> dict[str, ExecutionRow]:
+        """The exactly-once gate. Afterwards, an execution with ``circuit_breaker_initiated``
+        and this key is ours to call for (the caller holds its lease)."""
         message = "Step 3: circuit breaker initiated"
-        with self.warehouse.session() as session:
-            claimed = (
-                session.rowcount(
-                    sql.CLAIM_CIRCUIT_BREAKER, [key, reason, message, row.execution_id]
-                )
-                == 1
-            )
-            if claimed:
+        after = self._move(
+            sql.claim_circuit_breakers,
+            [(row, [key, reason, message]) for row, key in rows],
+            None,
+        )
+        for row, key in rows:
+            now = after.get(row.execution_id)
+            if now and now.circuit_breaker_initiated and not row.circuit_breaker_initiated:
                 self.audit(
                     AuditEvent(
                         execution_id=row.execution_id,
@@ -325,87 +409,85 @@ class StateStore:
                         message=message,
                         from_status=row.status.value,
                         to_status=row.status.value,
-                        detail={"circuit_breaker_initiated": True},
+                        detail={"circuit_breaker_initiated": True, "idempotency_key": key},
                     )
                 )
-            self.flush(session)
-        return claimed
+        self.flush()
+        return after
 
-    def mark_completed(self, row: ExecutionRow, response: Any) -> bool:
+    def mark_completed(
+        self, results: Sequence[tuple[ExecutionRow, Any]]
+    ) -> dict[str, ExecutionRow]:
         message = "Workflow completed: circuit breaker triggered"
-        with self.warehouse.session() as session:
-            return self._transition(
-                session,
-                sql.MARK_COMPLETED,
-                [to_json(response, MAX_DETAIL_CHARS), message, row.execution_id],
-                row,
-                ExecutionStatus.COMPLETED,
-                message,
-            )
+        return self._move(
+            sql.mark_completed,
+            [(row, [to_json(response, MAX_DETAIL_CHARS), message]) for row, response in results],
+            ExecutionStatus.COMPLETED,
+            [message] * len(results),
+        )
 
-    def mark_error(self, row: ExecutionRow, error: str, step: str, resumable: bool) -> bool:
-        message = f"{step} failed" + (" (a later run resumes it)" if resumable else "")
-        with self.warehouse.session() as session:
-            return self._transition(
-                session,
-                sql.MARK_ERROR,
-                [error[:MAX_DETAIL_CHARS], step, resumable, message, row.execution_id],
-                row,
-                ExecutionStatus.ERROR,
-                f"{message}: {error[:500]}",
-            )
+    def mark_errors(
+        self, failures: Sequence[tuple[ExecutionRow, str, str, bool]]
+    ) -> dict[str, ExecutionRow]:
+        """Per execution: the error, the step, and whether a later run resumes it."""
+        rows = []
+        messages = []
+        for row, error, step, resumable in failures:
+            message = f"{step} failed" + (" (a later run resumes it)" if resumable else "")
+            rows.append((row, [error[:MAX_DETAIL_CHARS], step, resumable, message]))
+            messages.append(f"{message}: {error[:500]}")
+        return self._move(sql.mark_errors, rows, ExecutionStatus.ERROR, messages)
 
-    def reopen(self, row: ExecutionRow, target: ExecutionStatus) -> bool:
-        message = f"Resumed after a recoverable error in {row.error_step}"
-        with self.warehouse.session() as session:
-            return self._transition(
-                session,
-                sql.REOPEN_EXECUTION,
-                [target.value, message, row.execution_id],
-                row,
-                target,
-                message,
-            )
+    def set_responses(self, column: str, responses: Sequence[tuple[ExecutionRow, Any]]) -> None:
+        factory = functools.partial(sql.set_responses, column)
+        self._move(
+            factory,
+            [(row, [to_json(response, MAX_DETAIL_CHARS)]) for row, response in responses],
+            None,
+        )
 
-    def policy_data(self, execution_id: str) -> Any:
-        with self.warehouse.session() as session:
-            rows = session.rows(sql.GET_POLICY_DATA, [execution_id])
-        return rows[0][0] if rows else None
-
-    def set_api_response(self, row: ExecutionRow, response: Any) -> None:
-        with self.warehouse.session() as session:
-            session.rowcount(
-                sql.SET_API_RESPONSE, [to_json(response, MAX_DETAIL_CHARS), row.execution_id]
-            )
-            self.flush(session)
+    # --- operator overrides (one execution at a time) -------------------------------------------
 
     def force_ready(self, row: ExecutionRow, message: str) -> bool:
+        check_transition(row.status, ExecutionStatus.POLICY_READY)
         with self.warehouse.session() as session:
-            return self._transition(
-                session,
-                sql.FORCE_READY,
-                [message, row.execution_id],
-                row,
-                ExecutionStatus.POLICY_READY,
-                message,
-            )
+            moved = session.rowcount(sql.FORCE_READY, [message, row.execution_id]) == 1
+        if moved:
+            self._audit_move(row, ExecutionStatus.POLICY_READY, message)
+        return moved
 
     def skip_circuit_breaker(self, row: ExecutionRow, message: str, force: bool) -> bool:
+        check_transition(row.status, ExecutionStatus.COMPLETED)
         allowed = ["policy_ready", "policy_created", "error"] if force else ["policy_ready"] * 3
         with self.warehouse.session() as session:
-            return self._transition(
-                session,
-                sql.SKIP_CIRCUIT_BREAKER,
-                [message, row.execution_id, *allowed],
-                row,
-                ExecutionStatus.COMPLETED,
-                message,
+            moved = (
+                session.rowcount(sql.SKIP_CIRCUIT_BREAKER, [message, row.execution_id, *allowed])
+                == 1
             )
+        if moved:
+            self._audit_move(row, ExecutionStatus.COMPLETED, message)
+        return moved
 
-    def set_circuit_response(self, row: ExecutionRow, response: Any) -> None:
-        with self.warehouse.session() as session:
-            session.rowcount(
-                sql.SET_CIRCUIT_RESPONSE,
-                [to_json(response, MAX_DETAIL_CHARS), row.execution_id],
+    def _audit_move(self, row: ExecutionRow, target: ExecutionStatus, message: str) -> None:
+        self.audit(
+            AuditEvent(
+                execution_id=row.execution_id,
+                policy_name=row.policy_name,
+                event_type="transition",
+                message=message,
+                from_status=row.status.value,
+                to_status=target.value,
             )
-            self.flush(session)
+        )
+        self.flush()
+
+
+T = TypeVar("T")
+
+
+def _chunks(items: Sequence[T], size: int = sql.MAX_BATCH) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _flat(rows: Sequence[Sequence[Any]]) -> list[Any]:
+    return [value for row in rows for value in row]

@@ -1,19 +1,24 @@
-"""The three workflow steps for one policy, as plain Python over the state store and the API.
+"""The three workflow steps, each over a batch of policies, as plain Python over the state
+store and the Policy API.
 
-Each step holds the policy's lease while it works, moves the execution only through conditional
-updates, and audits every API attempt. A step that cannot finish raises `StepFailed` after
-recording why in the state table; a recoverable failure is left for the next run to resume.
+A step claims its policies' leases, reads their executions in one query, makes its API calls
+concurrently (at most ``concurrency`` in flight) and writes what it learnt in batches every
+``flush_seconds``: the warehouse sees a few statements per flush, not a few per policy. Every
+move of an execution is a conditional update; a recoverable failure is recorded so that the
+next run resumes the same execution (same ``policy_id``, same idempotency keys).
 """
 
 from __future__ import annotations
 
-import json
+import heapq
+import itertools
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol, TypeVar
 
 from policy_pipeline import sql
 from policy_pipeline.api_types import ApiAttempt, ApiResponse, AttemptCallback, PolicyApiError
@@ -24,7 +29,6 @@ from policy_pipeline.domain import (
     PolicyDefinition,
     circuit_idempotency_key,
     classify_api_status,
-    create_idempotency_key,
 )
 from policy_pipeline.state import AuditEvent, ExecutionRow, StateStore
 
@@ -38,6 +42,13 @@ RESUME_FROM = {
     STEP_READY: ExecutionStatus.POLICY_CREATED,
     STEP_CIRCUIT: ExecutionStatus.POLICY_READY,
 }
+ACTIVE_STATUSES = (
+    ExecutionStatus.PENDING,
+    ExecutionStatus.POLICY_CREATED,
+    ExecutionStatus.POLICY_READY,
+)
+# Per-policy log lines only for small batches; a thousand-policy run logs summaries.
+DETAILED_LOG_LIMIT = 25
 
 
 class StepFailed(Exception):
@@ -88,7 +99,7 @@ class PollingPolicy:
     def interval(self, poll_number: int) -> float:
         base = min(
             self.max_interval_seconds,
-            self.initial_interval_seconds * self.backoff_multiplier ** (poll_number - 1),
+            self.initial_interval_seconds * self.backoff_multiplier ** min(poll_number - 1, 64),
         )
         # "Equal jitter": never zero, never more than the computed interval.
         return base / 2 + random.uniform(0, base / 2)
@@ -111,7 +122,18 @@ class StepOutcome:
     api_calls: int = 0
     api_latency_ms: float = 0.0
     message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepReport:
+    """What a step did for each policy of its batch."""
+
+    outcomes: dict[str, StepOutcome] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failures[name] = reason
+        self.outcomes.pop(name, None)
 
 
 class _AttemptRecorder:
@@ -144,8 +166,11 @@ class _AttemptRecorder:
         )
 
 
+T = TypeVar("T")
+
+
 class PolicyWorkflow:
-    """The seed's three steps, one policy at a time (callers run many concurrently)."""
+    """The seed's three steps, for a batch of policies at a time."""
 
     def __init__(
         self,
@@ -154,6 +179,8 @@ class PolicyWorkflow:
         owner: str,
         log: Logger,
         lease: LeasePolicy | None = None,
+        concurrency: int = 16,
+        flush_seconds: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         owner_finished: Callable[[str], bool] = lambda owner: False,
     ) -> None:
@@ -162,288 +189,317 @@ class PolicyWorkflow:
         self.owner = owner
         self.log = log
         self.lease = lease or LeasePolicy()
+        self.concurrency = max(1, concurrency)
+        self.flush_seconds = flush_seconds
         self.sleep = sleep
         self.owner_finished = owner_finished
+        self._recorders: dict[str, _AttemptRecorder] = {}
+        self._verbose = True
 
     # --- step 1 ---------------------------------------------------------------------------------
 
-    def create_policy(self, policy: PolicyDefinition) -> StepOutcome:
-        """Create the policy, or resume the execution that is still active for it."""
-        name = policy.policy_name
-        with self._lease(name, STEP_CREATE):
-            active = self.store.active_executions(name)
-            if len(active) > 1:
-                self.log.warning(
-                    f"policy '{name}' has {len(active)} active executions; resuming the newest"
-                )
-            row = active[0] if active else None
-            resumed = row is not None
-            if row is not None and row.status is ExecutionStatus.ERROR:
-                row = self._reopen(row, RESUME_FROM[row.error_step or STEP_CREATE])
-            if row is not None and row.status is not ExecutionStatus.PENDING:
-                self.log.info(
-                    f"policy '{name}': resuming execution {row.execution_id} "
-                    f"({row.status}, policy_id {row.policy_id}); no new policy is created"
-                )
-                return self._outcome(row, resumed=True, message="resumed active execution")
-            if row is None:
-                row = self.store.start_execution(policy)
-            return self._post_create(row, resumed)
+    def create_policies(self, policies: Sequence[PolicyDefinition]) -> StepReport:
+        """Create each policy, or resume the execution still active for it."""
+        by_name = {policy.policy_name: policy for policy in policies}
+        report = StepReport()
+        with self._leased(list(by_name), STEP_CREATE, report) as held:
+            current = self._resume_errors(self.store.current_executions(held), None)
+            to_post: list[ExecutionRow] = []
+            for name in held:
+                row = current.get(name)
+                if row is None or row.status not in ACTIVE_STATUSES:
+                    continue
+                if row.status is ExecutionStatus.PENDING:
+                    to_post.append(row)  # intent recorded, create never confirmed: re-send
+                else:
+                    self._detail(f"policy '{name}': resuming {row.execution_id} ({row.status})")
+                    report.outcomes[name] = self._outcome(row, resumed=True, message="resumed")
+            resumed_ids = {row.execution_id for row in to_post}
+            fresh = [
+                by_name[name]
+                for name in held
+                if name not in report.outcomes and name not in {r.policy_name for r in to_post}
+            ]
+            to_post.extend(self.store.start_executions(fresh))
+            self._post_creates(to_post, resumed_ids, report)
+        return report
 
-    def _post_create(self, row: ExecutionRow, resumed: bool) -> StepOutcome:
-        name = row.policy_name
-        create_key = row.create_idempotency_key or create_idempotency_key(row.execution_id)
-        payload = {**self._stored_policy_data(row), "execution_id": row.execution_id}
-        recorder = _AttemptRecorder(self.store, row)
-        response = self._call(
-            row,
-            STEP_CREATE,
-            lambda: self.api.create_policy(payload, create_key, recorder),
-            recoverable=True,
-        )
-        if not response.ok:
-            self._fail(row, STEP_CREATE, f"{response.describe()}: {_excerpt(response)}", False)
-        policy_id = response.field("policy_id")
-        if not isinstance(policy_id, str) or not policy_id.strip():
-            self.store.set_api_response(row, response.recorded_body)
-            # An unreadable body may hide a created policy: a later run re-sends the same
-            # idempotency key and gets the original answer. JSON without the field is final.
-            unreadable = response.data is None
-            self._fail(row, STEP_CREATE, _missing_field(response, "policy_id"), unreadable)
-        if not self.store.mark_created(row, policy_id, response.recorded_body):
-            self.log.warning(f"policy '{name}': execution {row.execution_id} moved concurrently")
-        # The seed's "verify database storage" before going on.
-        stored = self.store.get(row.execution_id)
-        if stored.policy_id != policy_id or stored.status is ExecutionStatus.PENDING:
-            self._fail(
-                stored,
-                STEP_CREATE,
-                f"state row for execution {row.execution_id} does not hold policy_id "
-                f"{policy_id} after the write (found {stored.policy_id}, {stored.status})",
-                False,
+    def _post_creates(
+        self, rows: list[ExecutionRow], resumed_ids: set[str], report: StepReport
+    ) -> None:
+        bodies = self.store.policy_data([row.execution_id for row in rows])
+        created: list[tuple[ExecutionRow, str, Any]] = []
+        failed: list[tuple[ExecutionRow, str, str, bool]] = []
+        kept: list[tuple[ExecutionRow, Any]] = []
+
+        def post(row: ExecutionRow) -> ApiResponse:
+            body = bodies.get(row.execution_id)
+            if not isinstance(body, dict):
+                raise PolicyApiError("stored policy_data is not a JSON object", transient=False)
+            key = row.create_idempotency_key or ""
+            return self.api.create_policy(
+                {**body, "execution_id": row.execution_id}, key, self._recorder(row)
             )
-        self.log.info(f"policy '{name}': created {policy_id} (execution {row.execution_id})")
-        return self._outcome(
-            stored, resumed=resumed, recorder=recorder, message=f"created {policy_id}"
-        )
+
+        def on_result(row: ExecutionRow, response: ApiResponse | PolicyApiError) -> None:
+            if isinstance(response, PolicyApiError):
+                failed.append((row, str(response), STEP_CREATE, response.transient))
+                return
+            if not response.ok:
+                problem = f"{response.describe()}: {_excerpt(response)}"
+                failed.append((row, problem, STEP_CREATE, False))
+                return
+            policy_id = response.field("policy_id")
+            if not isinstance(policy_id, str) or not policy_id.strip():
+                kept.append((row, response.recorded_body))
+                # An unreadable body may hide a created policy: a later run re-sends the same
+                # idempotency key and gets the original answer. JSON without the field is final.
+                unreadable = response.data is None
+                failed.append((row, _missing_field(response, "policy_id"), STEP_CREATE, unreadable))
+                return
+            created.append((row, policy_id, response.recorded_body))
+
+        def flush() -> None:
+            batch, created[:] = list(created), []
+            if batch:
+                after = self.store.mark_created(batch)
+                for row, policy_id, _body in batch:
+                    # The seed's "verify database storage" before going on.
+                    stored = after.get(row.execution_id)
+                    if stored is None or stored.policy_id != policy_id:
+                        report.fail(
+                            row.policy_name,
+                            f"state row for execution {row.execution_id} does not hold "
+                            f"policy_id {policy_id} after the write",
+                        )
+                        continue
+                    self._detail(f"policy '{row.policy_name}': created {policy_id}")
+                    report.outcomes[row.policy_name] = self._outcome(
+                        stored,
+                        resumed=row.execution_id in resumed_ids,
+                        message=f"created {policy_id}",
+                    )
+            self._flush_failures(failed, kept, "api_response", report)
+
+        self._fan_out(rows, post, on_result, flush)
 
     # --- step 2 ---------------------------------------------------------------------------------
 
-    def wait_until_ready(self, policy_name: str, polling: PollingPolicy) -> StepOutcome:
-        with self._lease(policy_name, STEP_READY):
-            row = self._current(policy_name, STEP_READY)
-            if row.status in (ExecutionStatus.POLICY_READY, ExecutionStatus.COMPLETED):
-                return self._outcome(row, resumed=True, message="already ready")
-            if row.status is not ExecutionStatus.POLICY_CREATED:
-                self._refuse(row, STEP_READY, "materialize policy_created first")
-            return self._poll(row, polling)
-
-    def _poll(self, row: ExecutionRow, polling: PollingPolicy) -> StepOutcome:
-        policy_id = row.policy_id
-        assert policy_id is not None
-        name = row.policy_name
-        recorder = _AttemptRecorder(self.store, row)
-        started = time.monotonic()
-        last_status: object = None
-        for poll_number in range(1, polling.max_polls + 1):
-            response = self._call(
-                row,
-                STEP_READY,
-                lambda: self.api.get_policy_status(policy_id, recorder),
-                recoverable=True,
-            )
-            if not response.ok:
-                self.store.record_poll(row, response.recorded_body, response.describe())
-                self._fail(row, STEP_READY, f"{response.describe()}: {_excerpt(response)}", False)
-            last_status = response.field("status")
-            verdict = classify_api_status(last_status)
-            self.store.record_poll(
-                row,
-                response.recorded_body,
-                f"Poll {poll_number}: API status {last_status!r}",
-            )
-            if verdict is ApiPolicyStatus.READY:
-                return self._confirm_ready(row, last_status, recorder, poll_number)
-            if verdict is ApiPolicyStatus.FAILED:
-                self._fail(
-                    row,
-                    STEP_READY,
-                    f"Policy API reported status {last_status!r} for policy {row.policy_id}",
-                    False,
-                )
-            if verdict is ApiPolicyStatus.UNKNOWN:
-                self._warn(row, _unknown_status(response, last_status))
-            elapsed = time.monotonic() - started
-            wait = polling.interval(poll_number)
-            if poll_number == polling.max_polls or elapsed + wait > polling.deadline_seconds:
-                break
-            self._renew_lease(name)
-            self.sleep(wait)
-        elapsed = time.monotonic() - started
-        self._fail(
-            row,
-            STEP_READY,
-            f"policy {row.policy_id} not ready after {poll_number} polls in {elapsed:.1f}s "
-            f"(last status {last_status!r}); a later run resumes polling the same policy",
-            True,
-        )
-
-    def _confirm_ready(
-        self, row: ExecutionRow, api_status: object, recorder: _AttemptRecorder, polls: int
-    ) -> StepOutcome:
-        # The seed's dual validation: the API says ready AND the state row agrees.
-        stored = self.store.get(row.execution_id)
-        if stored.status is not ExecutionStatus.POLICY_CREATED or stored.policy_id != row.policy_id:
-            self._refuse(stored, STEP_READY, "state row changed while polling")
-        message = f"Step 2 complete: API status {api_status!r} after {polls} polls"
-        self.store.mark_ready(stored, message)
-        ready = self.store.get(row.execution_id)
-        if ready.status is not ExecutionStatus.POLICY_READY:
-            self._refuse(ready, STEP_READY, "state row did not reach policy_ready")
-        self.log.info(f"policy '{row.policy_name}': {row.policy_id} ready after {polls} polls")
-        return self._outcome(ready, recorder=recorder, message=message)
+    def wait_until_ready(self, names: Sequence[str], polling: PollingPolicy) -> StepReport:
+        """Poll every created policy on one shared schedule until each is ready or done."""
+        report = StepReport()
+        with self._leased(names, STEP_READY, report) as held:
+            current = self._resume_errors(self.store.current_executions(held), STEP_READY)
+            to_poll: list[ExecutionRow] = []
+            for name in held:
+                row = current.get(name)
+                if row is None:
+                    report.fail(name, "no execution exists; materialize policy_created first")
+                elif row.status in (ExecutionStatus.POLICY_READY, ExecutionStatus.COMPLETED):
+                    report.outcomes[name] = self._outcome(row, resumed=True, message="ready")
+                elif row.status is not ExecutionStatus.POLICY_CREATED:
+                    report.fail(name, _refusal(row, "materialize policy_created first"))
+                else:
+                    to_poll.append(row)
+            if to_poll:
+                _Poller(self, to_poll, polling, report, held).run()
+        return report
 
     # --- step 3 ---------------------------------------------------------------------------------
 
+    def activate_circuit_breakers(self, names: Sequence[str]) -> StepReport:
+        """Trigger the circuit breaker, exactly once, for every ready policy."""
+        report = StepReport()
+        with self._leased(names, STEP_CIRCUIT, report) as held:
+            current = self._resume_errors(self.store.current_executions(held), STEP_CIRCUIT)
+            ready: list[ExecutionRow] = []
+            for name in held:
+                row = current.get(name)
+                if row is None:
+                    report.fail(name, "no execution exists; materialize policy_created first")
+                elif row.status is ExecutionStatus.COMPLETED:
+                    report.outcomes[name] = self._outcome(row, resumed=True, message="done")
+                elif row.status is not ExecutionStatus.POLICY_READY:
+                    report.fail(name, _refusal(row, "the policy has not reached policy_ready"))
+                else:
+                    ready.append(row)
+            after = self.store.claim_circuit_breakers(
+                [(row, circuit_idempotency_key(row.execution_id)) for row in ready],
+                TRIGGER_REASON,
+            )
+            to_call: list[ExecutionRow] = []
+            for row in ready:
+                now = after[row.execution_id]
+                if now.circuit_breaker_completed:
+                    report.outcomes[row.policy_name] = self._outcome(now, message="done")
+                elif now.circuit_breaker_initiated and now.status is ExecutionStatus.POLICY_READY:
+                    # Initiated now, or by a run that crashed: we hold the lease, so nobody else
+                    # is calling, and the stored idempotency key makes a repeat safe.
+                    to_call.append(now)
+                else:
+                    report.fail(row.policy_name, _refusal(now, "it changed while claiming"))
+            self._post_circuits(to_call, report)
+        return report
+
     def activate_circuit_breaker(self, policy_name: str) -> StepOutcome:
-        with self._lease(policy_name, STEP_CIRCUIT):
-            row = self._current(policy_name, STEP_CIRCUIT)
-            if row.status is ExecutionStatus.COMPLETED:
-                return self._outcome(row, resumed=True, message="circuit breaker already done")
-            if row.status is not ExecutionStatus.POLICY_READY:
-                self._refuse(row, STEP_CIRCUIT, "the policy has not reached policy_ready")
+        """One policy (the operator CLI); raises StepFailed."""
+        report = self.activate_circuit_breakers([policy_name])
+        if policy_name in report.failures:
+            raise StepFailed(policy_name, STEP_CIRCUIT, report.failures[policy_name])
+        return report.outcomes[policy_name]
+
+    def _post_circuits(self, rows: list[ExecutionRow], report: StepReport) -> None:
+        completed: list[tuple[ExecutionRow, Any]] = []
+        failed: list[tuple[ExecutionRow, str, str, bool]] = []
+        kept: list[tuple[ExecutionRow, Any]] = []
+
+        def post(row: ExecutionRow) -> ApiResponse:
             assert row.policy_id is not None
-            key = circuit_idempotency_key(row.execution_id)
-            if not self.store.claim_circuit_breaker(row, key, TRIGGER_REASON):
-                row = self.store.get(row.execution_id)
-                if row.circuit_breaker_completed:
-                    return self._outcome(row, resumed=True, message="completed concurrently")
-                # Initiated earlier by a run that crashed or failed: we hold the lease, so
-                # nobody else is calling; the same idempotency key makes the retry safe.
-                key = row.circuit_idempotency_key or key
-                self.log.info(f"policy '{policy_name}': retrying the circuit breaker call")
-            recorder = _AttemptRecorder(self.store, row)
-            policy_id = row.policy_id
-            assert policy_id is not None
-            response = self._call(
-                row,
-                STEP_CIRCUIT,
-                lambda: self.api.trigger_circuit_breaker(
-                    policy_id, row.execution_id, TRIGGER_REASON, key, recorder
-                ),
-                recoverable=True,
+            key = row.circuit_idempotency_key or circuit_idempotency_key(row.execution_id)
+            return self.api.trigger_circuit_breaker(
+                row.policy_id, row.execution_id, TRIGGER_REASON, key, self._recorder(row)
             )
-            if not response.ok:
-                self.store.set_circuit_response(row, response.recorded_body)
-                self._fail(row, STEP_CIRCUIT, f"{response.describe()}: {_excerpt(response)}", True)
-            self.store.mark_completed(row, response.recorded_body)
-            done = self.store.get(row.execution_id)
-            if done.status is not ExecutionStatus.COMPLETED:
-                self._refuse(done, STEP_CIRCUIT, "state row did not reach completed")
-            self.log.info(f"policy '{policy_name}': circuit breaker triggered; completed")
-            return self._outcome(done, recorder=recorder, message="circuit breaker triggered")
 
-    # --- helpers --------------------------------------------------------------------------------
+        def on_result(row: ExecutionRow, response: ApiResponse | PolicyApiError) -> None:
+            # Steps 1 and 2 stay recorded; the next run retries the same call with its key.
+            if isinstance(response, PolicyApiError):
+                failed.append((row, str(response), STEP_CIRCUIT, True))
+            elif not response.ok:
+                kept.append((row, response.recorded_body))
+                failed.append(
+                    (row, f"{response.describe()}: {_excerpt(response)}", STEP_CIRCUIT, True)
+                )
+            else:
+                completed.append((row, response.recorded_body))
 
-    def _current(self, policy_name: str, step: str) -> ExecutionRow:
-        active = self.store.active_executions(policy_name)
-        row = active[0] if active else self.store.latest_execution(policy_name)
-        if row is None:
-            raise StepFailed(policy_name, step, "no execution exists; materialize policy_created")
-        if row.status is ExecutionStatus.ERROR and row.resumable and row.error_step == step:
-            row = self._reopen(row, RESUME_FROM[step])
-        return row
+        def flush() -> None:
+            batch, completed[:] = list(completed), []
+            if batch:
+                after = self.store.mark_completed(batch)
+                for row, _body in batch:
+                    done = after.get(row.execution_id)
+                    if done is None or done.status is not ExecutionStatus.COMPLETED:
+                        report.fail(row.policy_name, "state row did not reach completed")
+                        continue
+                    self._detail(f"policy '{row.policy_name}': circuit breaker triggered")
+                    report.outcomes[row.policy_name] = self._outcome(
+                        done, message="circuit breaker triggered"
+                    )
+            self._flush_failures(failed, kept, "circuit_breaker_response", report)
 
-    def _reopen(self, row: ExecutionRow, target: ExecutionStatus) -> ExecutionRow:
-        self.store.reopen(row, target)
-        self.log.info(
-            f"policy '{row.policy_name}': resuming execution {row.execution_id} from {target} "
-            f"after: {row.error_message}"
-        )
-        return self.store.get(row.execution_id)
+        self._fan_out(rows, post, on_result, flush)
 
-    def _stored_policy_data(self, row: ExecutionRow) -> dict[str, Any]:
-        # Re-sending the stored body (not the catalog's current one) keeps the idempotency key
-        # valid when the create is retried after a crash.
-        text = self.store.policy_data(row.execution_id)
-        data = json.loads(text) if isinstance(text, str) else text
-        if not isinstance(data, dict):
-            raise StepFailed(row.policy_name, STEP_CREATE, "stored policy_data is not an object")
-        return data
+    # --- shared machinery -----------------------------------------------------------------------
 
-    def _call(
-        self, row: ExecutionRow, step: str, call: Callable[[], ApiResponse], recoverable: bool
-    ) -> ApiResponse:
-        try:
-            return call()
-        except PolicyApiError as exc:
-            self._fail(row, step, str(exc), recoverable)
-        finally:
-            self.store.flush()
+    def _fan_out(
+        self,
+        items: Sequence[ExecutionRow],
+        call: Callable[[ExecutionRow], ApiResponse],
+        on_result: Callable[[ExecutionRow, ApiResponse | PolicyApiError], None],
+        flush: Callable[[], None],
+    ) -> None:
+        """Make one call per item, ``concurrency`` at a time, flushing results periodically."""
+        if not items:
+            return
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
+            pending = {pool.submit(call, item): item for item in items}
+            next_flush = time.monotonic() + self.flush_seconds
+            while pending:
+                timeout = max(0.0, next_flush - time.monotonic())
+                done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                for future in done:
+                    on_result(pending.pop(future), _result(future))
+                if time.monotonic() >= next_flush:
+                    self.store.flush()
+                    flush()
+                    next_flush = time.monotonic() + self.flush_seconds
+        self.store.flush()
+        flush()
 
-    def _fail(self, row: ExecutionRow, step: str, message: str, resumable: bool) -> NoReturn:
-        self.store.mark_error(row, message, step, resumable)
-        raise StepFailed(row.policy_name, step, message)
+    def _flush_failures(
+        self,
+        failed: list[tuple[ExecutionRow, str, str, bool]],
+        kept: list[tuple[ExecutionRow, Any]],
+        column: str,
+        report: StepReport,
+    ) -> None:
+        if kept:
+            batch, kept[:] = list(kept), []
+            self.store.set_responses(column, batch)
+        if failed:
+            batch_failed, failed[:] = list(failed), []
+            self.store.mark_errors(batch_failed)
+            for row, error, _step, _resumable in batch_failed:
+                report.fail(row.policy_name, error)
 
-    def _refuse(self, row: ExecutionRow, step: str, why: str) -> NoReturn:
-        raise StepFailed(
-            row.policy_name,
-            step,
-            f"execution {row.execution_id} is '{row.status}'"
-            + (f" ({row.error_message})" if row.error_message else "")
-            + f": {why}",
-        )
-
-    def _warn(self, row: ExecutionRow, message: str) -> None:
-        self.log.warning(f"policy '{row.policy_name}': {message}")
-        self.store.audit(
-            AuditEvent(
-                execution_id=row.execution_id,
-                policy_name=row.policy_name,
-                event_type="warning",
-                message=message,
-            )
-        )
+    def _resume_errors(
+        self, current: dict[str, ExecutionRow], step: str | None
+    ) -> dict[str, ExecutionRow]:
+        """Reopen recoverable errors (of ``step``, or of any step when None) so this run goes
+        on with the same execution."""
+        groups: dict[ExecutionStatus, list[ExecutionRow]] = {}
+        for row in current.values():
+            if row.status is ExecutionStatus.ERROR and row.resumable:
+                failed_step = row.error_step or STEP_CREATE
+                if step is None or failed_step == step:
+                    groups.setdefault(RESUME_FROM.get(failed_step, ExecutionStatus.PENDING), [])
+                    groups[RESUME_FROM.get(failed_step, ExecutionStatus.PENDING)].append(row)
+        for target, rows in groups.items():
+            after = self.store.reopen(rows, target)
+            for row in rows:
+                current[row.policy_name] = after[row.execution_id]
+                self._detail(f"policy '{row.policy_name}': resuming after {row.error_message}")
+        return current
 
     @contextmanager
-    def _lease(self, policy_name: str, step: str) -> Iterator[None]:
+    def _leased(self, names: Sequence[str], step: str, report: StepReport) -> Iterator[list[str]]:
+        """Claim the policies' leases (waiting a while for other runs); yields the names held
+        and reports the others as failed."""
+        names = list(dict.fromkeys(names))
+        self._verbose = len(names) <= DETAILED_LOG_LIMIT
+        ttl = self.lease.ttl_seconds
+        held = self.store.acquire_leases(names, self.owner, ttl)
         deadline = time.monotonic() + self.lease.wait_seconds
         delay = 0.2
-        while not self._try_lease(policy_name):
-            if time.monotonic() > deadline:
-                holder = self.store.lease_holder(policy_name)
-                who = f"run {holder[0]} until {holder[1]}" if holder else "another run"
-                raise StepFailed(
-                    policy_name, step, f"the policy is being processed by {who}; try again later"
-                )
+        while len(held) < len(names):
+            waiting = [name for name in names if name not in held]
+            holders = self.store.lease_holders(waiting)
+            for previous in {owner for owner, _until in holders.values()}:
+                # A run that has already finished (failed, or crashed and marked so) holds
+                # nothing: take its policies over at once.
+                if previous != self.owner and self.owner_finished(previous):
+                    taken = [n for n, (owner, _u) in holders.items() if owner == previous]
+                    self.log.warning(f"taking over {len(taken)} leases of {previous}")
+                    self.store.take_over_leases(taken, self.owner, previous, ttl)
+            held |= self.store.acquire_leases(waiting, self.owner, ttl)
+            if len(held) == len(names) or time.monotonic() > deadline:
+                break
             self.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+        for name in names:
+            if name not in held:
+                holder = self.store.lease_holders([name]).get(name)
+                who = f"{holder[0]} (until {holder[1]})" if holder else "another run"
+                report.fail(name, f"the policy is being processed by {who}; try again later")
+        ordered = [name for name in names if name in held]
         try:
-            yield
+            yield ordered
         finally:
-            self.store.release_lease(policy_name, self.owner)
+            self.store.flush()
+            self.store.release_leases(ordered, self.owner)
 
-    def _try_lease(self, policy_name: str) -> bool:
-        ttl = self.lease.ttl_seconds
-        if self.store.acquire_lease(policy_name, self.owner, ttl):
-            return True
-        holder = self.store.lease_holder(policy_name)
-        # A run that has already finished (failed, crashed and marked so) holds nothing.
-        if holder is not None and self.owner_finished(holder[0]):
-            self.log.warning(f"policy '{policy_name}': taking over the lease of {holder[0]}")
-            return self.store.take_over_lease(policy_name, self.owner, holder[0], ttl)
-        return False
+    def _recorder(self, row: ExecutionRow) -> _AttemptRecorder:
+        recorder = self._recorders.get(row.execution_id)
+        if recorder is None:
+            recorder = self._recorders[row.execution_id] = _AttemptRecorder(self.store, row)
+        return recorder
 
-    def _renew_lease(self, policy_name: str) -> None:
-        self.store.acquire_lease(policy_name, self.owner, self.lease.ttl_seconds)
+    def _detail(self, message: str) -> None:
+        if self._verbose:
+            self.log.info(message)
 
-    def _outcome(
-        self,
-        row: ExecutionRow,
-        resumed: bool = False,
-        recorder: _AttemptRecorder | None = None,
-        message: str = "",
-    ) -> StepOutcome:
+    def _outcome(self, row: ExecutionRow, resumed: bool = False, message: str = "") -> StepOutcome:
+        recorder = self._recorders.get(row.execution_id)
         return StepOutcome(
             policy_name=row.policy_name,
             execution_id=row.execution_id,
@@ -455,6 +511,185 @@ class PolicyWorkflow:
             api_latency_ms=round(recorder.latency_ms, 3) if recorder else 0.0,
             message=message,
         )
+
+
+class _Poller:
+    """Step 2's single schedule: a heap of policies by next due time, at most ``concurrency``
+    status calls in flight, and the run asleep until the next policy is due."""
+
+    def __init__(
+        self,
+        workflow: PolicyWorkflow,
+        rows: list[ExecutionRow],
+        polling: PollingPolicy,
+        report: StepReport,
+        held: list[str],
+    ) -> None:
+        self.wf = workflow
+        self.polling = polling
+        self.report = report
+        self.held = held
+        self.rows = {row.execution_id: row for row in rows}
+        self.polls: dict[str, int] = dict.fromkeys(self.rows, 0)
+        self.unwritten: dict[str, list[Any]] = {}  # id -> [polls since flush, body, message]
+        self.ready: list[tuple[ExecutionRow, str]] = []
+        self.failed: list[tuple[ExecutionRow, str, str, bool]] = []
+        self.last_status: dict[str, object] = {}
+        self.started = time.monotonic()
+        self.counter = itertools.count()
+        self.due: list[tuple[float, int, str]] = [
+            (self.started, next(self.counter), execution_id) for execution_id in self.rows
+        ]
+
+    def run(self) -> None:
+        wf = self.wf
+        next_flush = time.monotonic() + wf.flush_seconds
+        next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
+        with ThreadPoolExecutor(max_workers=min(wf.concurrency, len(self.rows))) as pool:
+            in_flight: dict[Future[ApiResponse], str] = {}
+            while self.due or in_flight:
+                now = time.monotonic()
+                while self.due and self.due[0][0] <= now and len(in_flight) < wf.concurrency:
+                    _due, _seq, execution_id = heapq.heappop(self.due)
+                    row = self.rows[execution_id]
+                    assert row.policy_id is not None
+                    future = pool.submit(wf.api.get_policy_status, row.policy_id, wf._recorder(row))
+                    in_flight[future] = execution_id
+                wake = next_flush
+                if self.due and len(in_flight) < wf.concurrency:
+                    wake = min(wake, self.due[0][0])
+                done, _ = (
+                    wait(
+                        in_flight,
+                        timeout=max(0.0, wake - time.monotonic()),
+                        return_when=FIRST_COMPLETED,
+                    )
+                    if in_flight
+                    else (set(), set())
+                )
+                if not in_flight and wake > time.monotonic():
+                    wf.sleep(wake - time.monotonic())
+                for future in done:
+                    self._handle(in_flight.pop(future), _result(future))
+                if time.monotonic() >= next_flush:
+                    self._flush()
+                    next_flush = time.monotonic() + wf.flush_seconds
+                if time.monotonic() >= next_renewal:
+                    wf.store.renew_leases(self.held, wf.owner, wf.lease.ttl_seconds)
+                    next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
+        self._flush()
+
+    def _handle(self, execution_id: str, response: ApiResponse | PolicyApiError) -> None:
+        row = self.rows[execution_id]
+        self.polls[execution_id] += 1
+        count = self.polls[execution_id]
+        record = self.unwritten.setdefault(execution_id, [0, None, ""])
+        record[0] += 1
+        if isinstance(response, PolicyApiError):
+            # The client already retried; a poll that got no answer is still a poll.
+            record[1] = {"error": str(response)}
+            record[2] = f"Poll {count}: no answer ({response})"
+            status: object = None
+        elif not response.ok:
+            record[1], record[2] = response.recorded_body, response.describe()
+            self.failed.append(
+                (row, f"{response.describe()}: {_excerpt(response)}", STEP_READY, False)
+            )
+            return
+        else:
+            status = response.field("status")
+            record[1], record[2] = response.recorded_body, f"Poll {count}: API status {status!r}"
+            verdict = classify_api_status(status)
+            if verdict is ApiPolicyStatus.READY:
+                message = f"Step 2 complete: API status {status!r} after {count} polls"
+                self.ready.append((row, message))
+                return
+            if verdict is ApiPolicyStatus.FAILED:
+                error = f"Policy API reported status {status!r} for policy {row.policy_id}"
+                self.failed.append((row, error, STEP_READY, False))
+                return
+            if verdict is ApiPolicyStatus.UNKNOWN:
+                self._warn(row, _unknown_status(response, status))
+        self.last_status[execution_id] = status
+        wait_seconds = self.polling.interval(count)
+        elapsed = time.monotonic() - self.started
+        if (
+            count >= self.polling.max_polls
+            or elapsed + wait_seconds > self.polling.deadline_seconds
+        ):
+            self.failed.append(
+                (
+                    row,
+                    f"policy {row.policy_id} not ready after {count} polls in {elapsed:.1f}s "
+                    f"(last status {status!r}); a later run resumes polling the same policy",
+                    STEP_READY,
+                    True,
+                )
+            )
+            return
+        heapq.heappush(
+            self.due, (time.monotonic() + wait_seconds, next(self.counter), execution_id)
+        )
+
+    def _warn(self, row: ExecutionRow, message: str) -> None:
+        self.wf.log.warning(f"policy '{row.policy_name}': {message}")
+        self.wf.store.audit(
+            AuditEvent(
+                execution_id=row.execution_id,
+                policy_name=row.policy_name,
+                event_type="warning",
+                message=message,
+            )
+        )
+
+    def _flush(self) -> None:
+        store = self.wf.store
+        if self.unwritten:
+            polls, self.unwritten = self.unwritten, {}
+            store.record_polls(
+                [
+                    (self.rows[i], count, body, message)
+                    for i, (count, body, message) in polls.items()
+                ]
+            )
+        if self.ready:
+            ready, self.ready = self.ready, []
+            # The seed's dual validation: the API says ready AND the state row agrees.
+            stored = store.executions([row.execution_id for row, _m in ready])
+            agreed = []
+            for row, message in ready:
+                now = stored.get(row.execution_id)
+                if (
+                    now
+                    and now.status is ExecutionStatus.POLICY_CREATED
+                    and now.policy_id == row.policy_id
+                ):
+                    agreed.append((now, message))
+                else:
+                    self.report.fail(row.policy_name, "state row changed while polling")
+            after = store.mark_ready(agreed)
+            for row, _message in agreed:
+                done = after[row.execution_id]
+                if done.status is ExecutionStatus.POLICY_READY:
+                    self.wf._detail(f"policy '{row.policy_name}': {row.policy_id} ready")
+                    self.report.outcomes[row.policy_name] = self.wf._outcome(
+                        done, message=f"ready after {done.poll_count} polls"
+                    )
+                else:
+                    self.report.fail(row.policy_name, "state row did not reach policy_ready")
+        self.wf._flush_failures(self.failed, [], "api_response", self.report)
+
+
+def _result(future: Future[ApiResponse]) -> ApiResponse | PolicyApiError:
+    try:
+        return future.result()
+    except PolicyApiError as exc:
+        return exc
+
+
+def _refusal(row: ExecutionRow, why: str) -> str:
+    detail = f" ({row.error_message})" if row.error_message else ""
+    return f"execution {row.execution_id} is '{row.status}'{detail}: {why}"
 
 
 def _excerpt(response: ApiResponse, limit: int = 300) -> str:
