@@ -17,6 +17,7 @@ from policy_pipeline.warehouse import Warehouse
 REQUIRED = (
     "SNOWFLAKE_ACCOUNT",
     "SNOWFLAKE_USER",
+    "SNOWFLAKE_ROLE",
     "SNOWFLAKE_WAREHOUSE",
     "SNOWFLAKE_DATABASE",
     "SNOWFLAKE_SCHEMA",
@@ -44,9 +45,8 @@ def snowflake_resource() -> SnowflakeResource:
         "warehouse": EnvVar("SNOWFLAKE_WAREHOUSE"),
         "database": EnvVar("SNOWFLAKE_DATABASE"),
         "schema": EnvVar("SNOWFLAKE_SCHEMA"),
+        "role": EnvVar("SNOWFLAKE_ROLE"),
     }
-    if _set("SNOWFLAKE_ROLE"):
-        args["role"] = EnvVar("SNOWFLAKE_ROLE")
     if _set("SNOWFLAKE_PASSWORD"):
         args["password"] = EnvVar("SNOWFLAKE_PASSWORD")
     elif _set("SNOWFLAKE_PRIVATE_KEY"):

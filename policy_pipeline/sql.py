@@ -191,9 +191,9 @@ def _placeholders(count: int) -> str:
 
 
 def _values(rows: int, columns: tuple[str, ...]) -> str:
-    """``VALUES (?, ?), (?, ?) AS v (a, b)``: a table of bound rows to join or insert from."""
+    """``(VALUES (?, ?), (?, ?)) AS v (a, b)``: a table of bound rows to join or insert from."""
     row = f"({_placeholders(len(columns))})"
-    return f"VALUES {', '.join(row for _ in range(rows))} AS v ({', '.join(columns)})"
+    return f"(VALUES {', '.join(row for _ in range(rows))}) AS v ({', '.join(columns)})"
 
 
 def _update_from_values(
@@ -214,11 +214,13 @@ def _update_from_values(
 
 @functools.cache
 def ensure_lock_rows(rows: int) -> Statement:
+    # MERGE, not INSERT ... WHERE NOT EXISTS: Snowflake runs concurrent INSERTs side by side,
+    # while MERGEs on one table take turns, so two first-time callers cannot both insert.
     return Statement(
         f"ensure_lock_rows_{rows}",
-        f'INSERT INTO {LOCKS_TABLE} ("policy_name", "updated_time") '
-        f"SELECT v_policy_name, CURRENT_TIMESTAMP() FROM {_values(rows, ('v_policy_name',))} "
-        f'WHERE NOT EXISTS (SELECT 1 FROM {LOCKS_TABLE} l WHERE l."policy_name" = v_policy_name)',
+        f"MERGE INTO {LOCKS_TABLE} USING (SELECT * FROM {_values(rows, ('v_policy_name',))}) "
+        f'AS s ON {LOCKS_TABLE}."policy_name" = s.v_policy_name WHEN NOT MATCHED THEN '
+        f'INSERT ("policy_name", "updated_time") VALUES (s.v_policy_name, CURRENT_TIMESTAMP())',
     )
 
 
@@ -645,16 +647,13 @@ EVENT_INSERT_COLUMNS = (
 @functools.cache
 def insert_events(rows: int) -> Statement:
     """One INSERT for a batch of audit events (a round trip per flush, not per event)."""
-    aliases = [f"v_{c}" for c in EVENT_INSERT_COLUMNS]
+    aliases = tuple(f"v_{c}" for c in EVENT_INSERT_COLUMNS)
     select = ", ".join(f"PARSE_JSON({a})" if a == "v_detail" else a for a in aliases)
-    placeholders = "(" + ", ".join("?" for _ in EVENT_INSERT_COLUMNS) + ")"
-    values = ", ".join(placeholders for _ in range(rows))
     columns = ", ".join(f'"{c}"' for c in EVENT_INSERT_COLUMNS)
     return Statement(
         f"insert_events_{rows}",
         f'INSERT INTO {EVENTS_TABLE} ({columns}, "event_time") '
-        f"SELECT {select}, CURRENT_TIMESTAMP() "
-        f"FROM VALUES {values} AS v ({', '.join(aliases)})",
+        f"SELECT {select}, CURRENT_TIMESTAMP() FROM {_values(rows, aliases)}",
     )
 
 
@@ -670,10 +669,16 @@ def _render(source: str, dialect: Dialect) -> str:
 
 
 def _snowflake_pyformat(source: str) -> str:
-    """The source itself, with ``?`` as ``%s`` and literal ``%`` doubled (pyformat binding)."""
+    """The source itself, with ``?`` as ``%s`` and literal ``%`` doubled (pyformat binding).
+
+    A statement without parameters is sent as is: the connector only interpolates (and so
+    only un-doubles ``%%``) when there are parameters."""
+    tokens = sqlglot.tokenize(source, read="snowflake")
+    if not any(t.token_type == TokenType.PLACEHOLDER and t.text == "?" for t in tokens):
+        return source
     out: list[str] = []
     cursor = 0
-    for token in sqlglot.tokenize(source, read="snowflake"):
+    for token in tokens:
         if token.token_type == TokenType.PLACEHOLDER and token.text == "?":
             out.append(source[cursor : token.start].replace("%", "%%"))
             out.append("%s")

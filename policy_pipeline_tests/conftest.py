@@ -1,24 +1,30 @@
-"""Shared fixtures: the Policy API simulator on an ephemeral loopback port, a temporary DuckDB
-file and catalog, and a way to run the real job from the real Definitions."""
+"""Shared fixtures: the Policy API simulator on an ephemeral loopback port, a warehouse (a
+temporary DuckDB file, or a schema on a local fakesnow server reached through the real
+Snowflake connector), a temporary catalog, and a way to run the real job from the real
+Definitions.
+
+Tests marked ``both_warehouses`` run once per warehouse; the others on DuckDB only."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 
 from policy_pipeline.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
 from policy_pipeline.catalog import load_catalog
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.resources import open_state
+from policy_pipeline.settings import PROJECT_ROOT, Settings
 from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.sql import Dialect, Statement
+from policy_pipeline_tests.fakesnow_server import FakesnowServer, fakesnow_server
 
 CATALOG = PROJECT_ROOT / "policies"
 CATALOG_POLICIES = sorted(load_catalog(CATALOG))
@@ -36,6 +42,27 @@ FAST_ENV = {
 }
 
 
+# A real account, when one is configured: the live smoke test runs the same scenarios on it.
+LIVE_SNOWFLAKE_ENV = {k: v for k, v in os.environ.items() if k.startswith("SNOWFLAKE_")}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "warehouse" in metafunc.fixturenames:
+        params = ["duckdb"]
+        if metafunc.definition.get_closest_marker("both_warehouses"):
+            params.append("snowflake")
+        if metafunc.definition.get_closest_marker("live_snowflake"):
+            params.append("snowflake-live")
+        metafunc.parametrize("warehouse", params)
+
+
+@pytest.fixture(scope="session")
+def fakesnow() -> Iterator[FakesnowServer]:
+    """One local fakesnow server for the session; each test gets a schema of its own."""
+    with fakesnow_server() as server:
+        yield server
+
+
 @pytest.fixture
 def simulator() -> Iterator[PolicyApiSimulator]:
     config = SimulatorConfig(api_key="sim-key-" + secrets.token_hex(12), ready_after_polls=1)
@@ -50,7 +77,13 @@ class Workspace:
     root: Path
     simulator: PolicyApiSimulator
     env: dict[str, str]
+    warehouse: str = "duckdb"
+    fakesnow: FakesnowServer | None = None
     instance: DagsterInstance = field(default_factory=DagsterInstance.ephemeral)
+
+    @property
+    def dialect(self) -> Dialect:
+        return Dialect(self.warehouse)
 
     @property
     def catalog_dir(self) -> Path:
@@ -93,8 +126,11 @@ class Workspace:
         )
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-        with duckdb.connect(str(self.duckdb_path), read_only=True) as conn:
-            return conn.execute(sql, params or []).fetchall()
+        """Run test SQL, written in Snowflake's dialect with ``?`` placeholders, on this
+        workspace's warehouse through the project's own warehouse layer (translated for DuckDB;
+        the real connector for Snowflake)."""
+        with open_state(Settings.from_env()) as state, state.warehouse().session() as session:
+            return session.rows(Statement("test_query", sql), params or [])
 
     def executions(self, policy_name: str) -> list[dict[str, Any]]:
         cols = [
@@ -108,9 +144,10 @@ class Workspace:
             "error_message",
             "resumable",
         ]
+        quoted = ", ".join(f'"{c}"' for c in cols)
         rows = self.query(
-            f"SELECT {', '.join(cols)} FROM policy_execution_state "
-            "WHERE policy_name = ? ORDER BY start_time",
+            f"SELECT {quoted} FROM policy_execution_state "
+            'WHERE "policy_name" = ? ORDER BY "start_time"',
             [policy_name],
         )
         return [dict(zip(cols, row, strict=True)) for row in rows]
@@ -118,21 +155,66 @@ class Workspace:
 
 @pytest.fixture
 def workspace(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, simulator: PolicyApiSimulator
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    simulator: PolicyApiSimulator,
+    warehouse: str,
+    request: pytest.FixtureRequest,
 ) -> Workspace:
     catalog = tmp_path / "policies"
     shutil.copytree(CATALOG, catalog)
     env = {
         "POLICY_API_ENDPOINT": simulator.base_url,
         "POLICY_API_KEY": simulator.config.api_key or "",
-        "POLICY_WAREHOUSE": "duckdb",
+        "POLICY_WAREHOUSE": warehouse,
         "POLICY_DUCKDB_PATH": str(tmp_path / "state.duckdb"),
         "POLICY_CATALOG_DIR": str(catalog),
         **FAST_ENV,
     }
+    server: FakesnowServer | None = None
+    if warehouse == "snowflake":
+        server = request.getfixturevalue("fakesnow")
+        env.update(server.env())
+    elif warehouse == "snowflake-live":
+        if not LIVE_SNOWFLAKE_ENV.get("SNOWFLAKE_ACCOUNT"):
+            pytest.skip("live Snowflake smoke test: set SNOWFLAKE_ACCOUNT (and the rest) to run")
+        env.update(LIVE_SNOWFLAKE_ENV)
+        env["POLICY_WAREHOUSE"] = "snowflake"
+    if warehouse != "duckdb":
+        # A schema of its own per test: fakesnow creates it at login; on a real account the
+        # test creates it and drops it afterwards.
+        env["SNOWFLAKE_SCHEMA"] = f"POLICY_TEST_{secrets.token_hex(6).upper()}"
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return Workspace(root=tmp_path, simulator=simulator, env=env)
+    workspace = Workspace(
+        root=tmp_path,
+        simulator=simulator,
+        env=env,
+        warehouse=warehouse.removesuffix("-live"),
+        fakesnow=server,
+    )
+    if warehouse == "snowflake-live":
+        request.addfinalizer(_live_schema(env["SNOWFLAKE_SCHEMA"]))
+    return workspace
+
+
+def _live_schema(schema: str) -> Callable[[], None]:
+    """Create the test's schema on the real account; returns the finalizer that drops it."""
+
+    def connect() -> Any:
+        from policy_pipeline.snowflake_config import snowflake_resource
+
+        resource = snowflake_resource().process_config_and_initialize()
+        return resource.get_connection()
+
+    with connect() as conn:
+        conn.cursor().execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+
+    def drop() -> None:
+        with connect() as conn:
+            conn.cursor().execute(f'DROP SCHEMA IF EXISTS "{schema}"')
+
+    return drop
 
 
 def subprocess_env(workspace: Workspace, **extra: str) -> dict[str, str]:

@@ -72,6 +72,7 @@ def test_duplicate_policy_name_names_both_files(tmp_path: Path) -> None:
         load_catalog(directory)
 
 
+@pytest.mark.both_warehouses
 def test_hostile_strings_are_stored_through_bound_parameters(workspace: Workspace) -> None:
     name = "quote-test"
     hostile = "x'); DROP TABLE policy_execution_state; -- ünïcødé ✓"
@@ -80,7 +81,8 @@ def test_hostile_strings_are_stored_through_bound_parameters(workspace: Workspac
     )
     assert workspace.run([name]).success
     [[description]] = workspace.query(
-        "SELECT policy_data->>'description' FROM policy_execution_state WHERE policy_name = ?",
+        "SELECT JSON_EXTRACT_PATH_TEXT(\"policy_data\", 'description') "
+        'FROM policy_execution_state WHERE "policy_name" = ?',
         [name],
     )
     assert description == hostile

@@ -30,6 +30,7 @@ from dagster import (
 
 from policy_pipeline import dbt_assets, sql
 from policy_pipeline.settings import PROJECT_ROOT, Settings, SettingsError
+from policy_pipeline_tests.fakesnow_server import FakesnowServer
 
 DBT = str(Path(sys.executable).parent / "dbt")
 PROJECT_DIR = dbt_assets.DBT_PROJECT_DIR
@@ -399,30 +400,13 @@ def test_duplicate_execution_id_fails_dbt_build(tmp_path: Path) -> None:
 # --- Snowflake: the same models against a local fakesnow server ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def fakesnow_endpoint() -> Iterator[dict[str, Any]]:
-    """A fakesnow HTTP server on an ephemeral loopback port (in a thread of this process)."""
-    fakesnow = pytest.importorskip("fakesnow")
-    pytest.importorskip("uvicorn")
-    with fakesnow.server(host="127.0.0.1") as connection_kwargs:
-        yield connection_kwargs
-
-
-@pytest.mark.slow
 def test_dbt_build_on_snowflake_target_against_fakesnow(
-    tmp_path: Path, fakesnow_endpoint: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fakesnow: FakesnowServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import snowflake.connector
-
     # The connector otherwise probes cloud metadata endpoints while logging in: loopback only.
     monkeypatch.setenv("SNOWFLAKE_DISABLE_PLATFORM_DETECTION", "true")
-    database, schema = "POLICY_DBT_TEST", "REPORTING"
-    with snowflake.connector.connect(
-        **fakesnow_endpoint,
-        database=database,
-        schema=schema,
-        platform_detection_timeout_seconds=0,
-    ) as con:
+    schema = "REPORTING_DBT_TEST"
+    with fakesnow.connect(schema=schema) as con:
         cursor = con.cursor()
         for table in sql.TABLES:
             cursor.execute(sql.create_table(table).render(sql.Dialect.SNOWFLAKE))
@@ -431,19 +415,7 @@ def test_dbt_build_on_snowflake_target_against_fakesnow(
 
         completed = run_dbt(
             ["build", "--target", "snowflake"],
-            {
-                "SNOWFLAKE_ACCOUNT": fakesnow_endpoint["account"],
-                "SNOWFLAKE_USER": fakesnow_endpoint["user"],
-                "SNOWFLAKE_PASSWORD": fakesnow_endpoint["password"],
-                "SNOWFLAKE_ROLE": "PUBLIC",
-                "SNOWFLAKE_WAREHOUSE": "COMPUTE_WH",
-                "SNOWFLAKE_DATABASE": database,
-                "SNOWFLAKE_SCHEMA": schema,
-                "SNOWFLAKE_HOST": fakesnow_endpoint["host"],
-                "SNOWFLAKE_PORT": str(fakesnow_endpoint["port"]),
-                "SNOWFLAKE_PROTOCOL": fakesnow_endpoint["protocol"],
-                "SNOWFLAKE_DISABLE_PLATFORM_DETECTION": "true",
-            },
+            {**fakesnow.env(), "SNOWFLAKE_SCHEMA": schema},
             tmp_path,
         )
         assert completed.returncode == 0, completed.stdout[-4000:]

@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import httpx
 import pytest
 from dagster import (
@@ -39,8 +38,7 @@ parameters: {{}}
 
 
 def _sql(workspace: Workspace, statement: str, params: list[Any] | None = None) -> None:
-    with duckdb.connect(str(workspace.duckdb_path)) as conn:
-        conn.execute(statement, params or [])
+    workspace.query(statement, params)
 
 
 def _check_results(
@@ -55,6 +53,7 @@ def _check_results(
     return {e.check_name: e for e in evaluations}
 
 
+@pytest.mark.both_warehouses
 def test_checks_pass_on_healthy_state(workspace: Workspace) -> None:
     assert workspace.run().success
     checks = _check_results(workspace)
@@ -72,11 +71,15 @@ def test_checks_on_an_empty_warehouse_pass_and_say_so(workspace: Workspace) -> N
     assert "No executions" in (checks["success_rate_24h"].description or "")
 
 
+@pytest.mark.both_warehouses
 def test_stuck_and_failing_executions_fail_the_checks(workspace: Workspace) -> None:
     failing, *others = CATALOG_POLICIES
     workspace.simulator.configure(fail_policies=[failing])
     workspace.run()  # one error; the others stop at policy_ready
-    _sql(workspace, "UPDATE policy_execution_state SET start_time = start_time - INTERVAL 2 HOUR")
+    _sql(
+        workspace,
+        'UPDATE policy_execution_state SET "start_time" = DATEADD(hour, -2, "start_time")',
+    )
     checks = _check_results(workspace)
     stuck = checks["no_stuck_executions"]
     assert not stuck.passed
@@ -93,9 +96,10 @@ def test_stuck_and_failing_executions_fail_the_checks(workspace: Workspace) -> N
         status = "error" if i < 2 else "completed"
         _sql(
             workspace,
-            "INSERT INTO policy_execution_state (execution_id, policy_name, status, completed, "
-            "circuit_breaker_initiated, circuit_breaker_completed, requires_circuit_breaker, "
-            "policy_id, start_time) VALUES (?, 'p', ?, ?, ?, ?, ?, 'pol', CURRENT_TIMESTAMP)",
+            'INSERT INTO policy_execution_state ("execution_id", "policy_name", "status", '
+            '"completed", "circuit_breaker_initiated", "circuit_breaker_completed", '
+            '"requires_circuit_breaker", "policy_id", "start_time") '
+            "SELECT ?, 'p', ?, ?, ?, ?, ?, 'pol', CURRENT_TIMESTAMP()",
             [f"e{i}", status, status == "completed", *(3 * [status == "completed"])],
         )
     rate = _check_results(workspace)["success_rate_24h"]
@@ -103,20 +107,26 @@ def test_stuck_and_failing_executions_fail_the_checks(workspace: Workspace) -> N
     assert rate.metadata["success_rate_percent"].value == 90.0
 
 
+@pytest.mark.both_warehouses
 def test_state_consistency_reports_each_violation(workspace: Workspace) -> None:
     assert workspace.run().success
     a, b, c = CATALOG_POLICIES[:3]
     _sql(
         workspace,
-        "UPDATE policy_execution_state SET circuit_breaker_completed = FALSE WHERE policy_name = ?",
+        'UPDATE policy_execution_state SET "circuit_breaker_completed" = FALSE '
+        'WHERE "policy_name" = ?',
         [a],
     )
-    _sql(workspace, "UPDATE policy_execution_state SET poll_count = 500 WHERE policy_name = ?", [b])
     _sql(
         workspace,
-        "INSERT INTO policy_execution_state (execution_id, policy_name, status, "
-        "completed, resumable) VALUES ('x1', ?, 'policy_ready', FALSE, FALSE), "
-        "('x2', ?, 'pending', FALSE, FALSE)",
+        'UPDATE policy_execution_state SET "poll_count" = 500 WHERE "policy_name" = ?',
+        [b],
+    )
+    _sql(
+        workspace,
+        'INSERT INTO policy_execution_state ("execution_id", "policy_name", "status", '
+        "\"completed\", \"resumable\") SELECT 'x1', ?, 'policy_ready', FALSE, FALSE "
+        "UNION ALL SELECT 'x2', ?, 'pending', FALSE, FALSE",
         [c, c],
     )
     check = _check_results(workspace)["state_consistency"]
@@ -157,6 +167,7 @@ def _sensor_tick(
     return result
 
 
+@pytest.mark.both_warehouses
 def test_catalog_sensor_launches_new_and_changed_content_once(workspace: Workspace) -> None:
     first = _sensor_tick(workspace, None)
     assert isinstance(first, SensorResult)
@@ -269,7 +280,7 @@ def test_run_failure_sensor_records_and_posts_an_alert(
     assert "reported status 'failed'" in alert["error"]
     assert workspace.api_key not in json.dumps(alert)
     [[recorded]] = workspace.query(
-        "SELECT count(*) FROM policy_execution_events WHERE event_type = 'run_failure'"
+        "SELECT COUNT(*) FROM policy_execution_events WHERE \"event_type\" = 'run_failure'"
     )
     assert recorded == 1
 
@@ -277,6 +288,7 @@ def test_run_failure_sensor_records_and_posts_an_alert(
 # --- archiving ------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_warehouses
 def test_archive_moves_old_terminal_executions_and_keeps_in_progress(workspace: Workspace) -> None:
     done, stopped, *_ = CATALOG_POLICIES
     assert workspace.run([done]).success
@@ -284,12 +296,12 @@ def test_archive_moves_old_terminal_executions_and_keeps_in_progress(workspace: 
     workspace.run([stopped], run_config={"ops": {"policy_ready": {"config": {"max_polls": 1}}}})
     _sql(
         workspace,
-        "UPDATE policy_execution_state SET start_time = start_time - INTERVAL 10 DAY, "
-        "completed_time = completed_time - INTERVAL 10 DAY, "
-        "updated_time = updated_time - INTERVAL 10 DAY",
+        'UPDATE policy_execution_state SET "start_time" = DATEADD(day, -10, "start_time"), '
+        '"completed_time" = DATEADD(day, -10, "completed_time"), '
+        '"updated_time" = DATEADD(day, -10, "updated_time")',
     )
     events_before = workspace.query(
-        "SELECT count(*) FROM policy_execution_events WHERE policy_name = ?", [done]
+        'SELECT COUNT(*) FROM policy_execution_events WHERE "policy_name" = ?', [done]
     )[0][0]
     defs = workspace.definitions()
     result = defs.resolve_job_def("policy_archive_job").execute_in_process(
@@ -299,14 +311,14 @@ def test_archive_moves_old_terminal_executions_and_keeps_in_progress(workspace: 
     assert result.success
     assert [e["status"] for e in workspace.executions(done)] == []
     assert [e["status"] for e in workspace.executions(stopped)] == ["error"]  # resumable: kept
-    assert workspace.query("SELECT policy_name, status FROM policy_execution_history") == [
+    assert workspace.query('SELECT "policy_name", "status" FROM policy_execution_history') == [
         (done, "completed")
     ]
-    assert workspace.query("SELECT count(*) FROM policy_execution_events_history") == [
+    assert workspace.query("SELECT COUNT(*) FROM policy_execution_events_history") == [
         (events_before,)
     ]
     runs = workspace.query(
-        "SELECT status, executions_archived, events_archived FROM policy_archive_runs"
+        'SELECT "status", "executions_archived", "events_archived" FROM policy_archive_runs'
     )
     assert runs == [("succeeded", 1, events_before)]
 
@@ -325,6 +337,7 @@ def _cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.both_warehouses
 def test_cli_status_and_diagnose(workspace: Workspace) -> None:
     assert workspace.run().success
     table = _cli(workspace, "status")
@@ -380,7 +393,7 @@ def test_cli_override_trigger_is_refused_before_ready_and_never_fires_twice(
     assert twice.returncode == 1 and "never fires it twice" in twice.stderr
     assert workspace.simulator.counts()["per_policy"][name]["circuits_triggered"] == 1
     reasons = workspace.query(
-        "SELECT message FROM policy_execution_events WHERE event_type = 'override'"
+        'SELECT "message" FROM policy_execution_events WHERE "event_type" = \'override\''
     )
     assert any("ops ticket 42" in r[0] for r in reasons)
 
@@ -440,3 +453,96 @@ def test_cli_retry_runs_the_workflow(workspace: Workspace, tmp_path: Path) -> No
     [execution] = workspace.executions(name)
     assert execution["status"] == "completed"
     assert workspace.simulator.counts()["per_policy"][name]["policies_created"] == 1
+
+
+# --- the seeds' monitoring queries, and the reporting models, on the resulting state ------------
+
+SEED_RECENT = """SELECT
+    "execution_id",
+    "policy_id",
+    "status",
+    "poll_count",
+    "circuit_breaker_completed",
+    "message",
+    "start_time"
+FROM policy_execution_state
+ORDER BY "start_time" DESC
+LIMIT 10"""
+SEED_ACTIVE = """SELECT COUNT(*) as active_executions
+FROM policy_execution_state
+WHERE "completed" = FALSE"""
+SEED_STUCK = """SELECT "execution_id", "status", "start_time", "message"
+FROM policy_execution_state
+WHERE "completed" = FALSE
+AND "start_time" < DATEADD(hour, -1, CURRENT_TIMESTAMP())"""
+SEED_SUCCESS_RATE = """SELECT
+    COUNT(*) as total_executions,
+    SUM(CASE WHEN "status" = 'completed' THEN 1 ELSE 0 END) as successful,
+    SUM(CASE WHEN "status" = 'error' THEN 1 ELSE 0 END) as failed,
+    ROUND(100.0 * SUM(CASE WHEN "status" = 'completed' THEN 1 ELSE 0 END) / COUNT(*), 2) as success_rate_percent
+FROM policy_execution_state
+WHERE "start_time" >= DATEADD(hour, -24, CURRENT_TIMESTAMP())"""  # noqa: E501 (verbatim)
+
+
+@pytest.mark.both_warehouses
+@pytest.mark.live_snowflake
+def test_seed_monitoring_queries_run_verbatim(workspace: Workspace) -> None:
+    failing, *others = CATALOG_POLICIES
+    workspace.simulator.configure(fail_policies=[failing])
+    workspace.run()
+    workspace.simulator.configure(fail_policies=[])
+    assert workspace.run(others).success
+    _sql(
+        workspace,
+        'UPDATE policy_execution_state SET "start_time" = DATEADD(hour, -2, "start_time") '
+        'WHERE "policy_name" = ?',
+        [failing],
+    )
+    # On Snowflake the seeds' text itself, through the real connector; DuckDB has no DATEADD,
+    # so there the project's dialect layer translates the same text.
+    run = _verbatim if workspace.warehouse == "snowflake" else workspace.query
+    recent = run(SEED_RECENT)
+    assert sorted(r[2] for r in recent) == sorted(["error", *["completed"] * len(others)])
+    assert [int(r[0]) for r in run(SEED_ACTIVE)] == [1]  # the failed execution
+    assert [r[1] for r in run(SEED_STUCK)] == ["error"]  # started 2 hours ago, not completed
+    [(total, successful, failed, rate)] = run(SEED_SUCCESS_RATE)
+    assert (int(total), int(successful), int(failed)) == (len(CATALOG_POLICIES), len(others), 1)
+    assert float(rate) == round(100 * len(others) / len(CATALOG_POLICIES), 2)
+
+
+def _verbatim(text: str) -> list[tuple[Any, ...]]:
+    from policy_pipeline.resources import open_state
+    from policy_pipeline.settings import Settings
+
+    with (
+        open_state(Settings.from_env()) as state,
+        state.snowflake.get_connection() as conn,  # type: ignore[attr-defined]
+    ):
+        cursor = conn.cursor()
+        cursor.execute(text)
+        return [tuple(row) for row in cursor.fetchall()]
+
+
+@pytest.mark.both_warehouses
+def test_reporting_job_builds_the_results_view(workspace: Workspace) -> None:
+    assert workspace.run().success
+    defs = workspace.definitions()
+    result = defs.resolve_job_def("policy_reporting_job").execute_in_process(
+        instance=workspace.instance
+    )
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks and all(checks.values())
+    assert {"no_stuck_executions", "success_rate_24h", "state_consistency"} <= set(checks)
+    rows = workspace.query(
+        'SELECT "policy_name", "status", "polls_used", "seconds_to_completed" '
+        'FROM policy_execution_results ORDER BY "policy_name"'
+    )
+    assert [(r[0], r[1], int(r[2])) for r in rows] == [
+        (name, "completed", 2) for name in CATALOG_POLICIES
+    ]
+    assert all(float(r[3]) > 0 for r in rows)
+    [(total, completed)] = workspace.query(
+        'SELECT "total_executions", "completed_executions" FROM policy_execution_daily_stats'
+    )
+    assert (int(total), int(completed)) == (len(CATALOG_POLICIES), len(CATALOG_POLICIES))

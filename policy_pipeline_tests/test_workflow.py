@@ -21,6 +21,7 @@ def _metadata(workspace: Workspace, asset: str, partition: str) -> dict[str, obj
     raise AssertionError(f"no materialization of {asset}[{partition}] (latest: {event})")
 
 
+@pytest.mark.both_warehouses
 def test_every_catalog_policy_completes(workspace: Workspace) -> None:
     result = workspace.run()
     assert result.success
@@ -46,8 +47,8 @@ def test_every_catalog_policy_completes(workspace: Workspace) -> None:
 
     # The audit trail: every transition in order, and every API attempt.
     transitions = workspace.query(
-        "SELECT to_status FROM policy_execution_events WHERE event_type = 'transition' "
-        "AND policy_name = ? ORDER BY event_time, to_status",
+        'SELECT "to_status" FROM policy_execution_events WHERE "event_type" = \'transition\' '
+        'AND "policy_name" = ? ORDER BY "event_time", "to_status"',
         [CATALOG_POLICIES[0]],
     )
     statuses = [t[0] for t in transitions]
@@ -55,8 +56,8 @@ def test_every_catalog_policy_completes(workspace: Workspace) -> None:
     assert statuses.index("policy_created") < statuses.index("policy_ready")
     assert statuses[-1] == "completed"
     api_calls = workspace.query(
-        "SELECT endpoint, count(*) FROM policy_execution_events "
-        "WHERE event_type = 'api_call' GROUP BY endpoint ORDER BY endpoint"
+        'SELECT "endpoint", COUNT(*) FROM policy_execution_events '
+        'WHERE "event_type" = \'api_call\' GROUP BY "endpoint" ORDER BY "endpoint"'
     )
     assert dict(api_calls) == {
         "circuit": len(CATALOG_POLICIES),
@@ -75,6 +76,7 @@ def test_second_run_starts_a_new_execution_after_completion(workspace: Workspace
     assert workspace.simulator.counts()["per_policy"][name]["circuits_triggered"] == 2
 
 
+@pytest.mark.both_warehouses
 def test_failed_policy_stops_before_the_circuit_breaker(workspace: Workspace) -> None:
     failing, *others = CATALOG_POLICIES
     workspace.simulator.configure(fail_policies=[failing])
@@ -99,6 +101,7 @@ def test_failed_policy_stops_before_the_circuit_breaker(workspace: Workspace) ->
         assert counts["per_policy"][name]["circuits_triggered"] == 1
 
 
+@pytest.mark.both_warehouses
 def test_transient_5xx_and_429_are_retried(workspace: Workspace) -> None:
     name = CATALOG_POLICIES[1]
     workspace.simulator.configure(
@@ -118,13 +121,14 @@ def test_transient_5xx_and_429_are_retried(workspace: Workspace) -> None:
     assert counts["per_policy"][name]["circuits_triggered"] == 1
     assert counts["replays"]["circuit"] == 1
     attempts = workspace.query(
-        "SELECT endpoint, attempt, http_status, outcome FROM policy_execution_events "
-        "WHERE event_type = 'api_call' AND endpoint = 'createpolicy' ORDER BY attempt"
+        'SELECT "endpoint", "attempt", "http_status", "outcome" FROM policy_execution_events '
+        'WHERE "event_type" = \'api_call\' AND "endpoint" = \'createpolicy\' ORDER BY "attempt"'
     )
     assert [(a[1], a[3]) for a in attempts] == [(1, "retry"), (2, "retry"), (3, "ok")]
     assert attempts[0][2] >= 500
 
 
+@pytest.mark.both_warehouses
 def test_non_json_create_response_is_recorded_and_resumed(workspace: Workspace) -> None:
     name = CATALOG_POLICIES[0]
     workspace.simulator.configure(
@@ -139,7 +143,8 @@ def test_non_json_create_response_is_recorded_and_resumed(workspace: Workspace) 
     assert "not JSON" in execution["error_message"]
     assert execution["resumable"] is True
     [[raw]] = workspace.query(
-        "SELECT api_response->>'raw_text' FROM policy_execution_state WHERE policy_name = ?",
+        "SELECT JSON_EXTRACT_PATH_TEXT(\"api_response\", 'raw_text') "
+        'FROM policy_execution_state WHERE "policy_name" = ?',
         [name],
     )
     assert "<html" in raw.lower()
@@ -163,12 +168,13 @@ def test_empty_and_non_json_status_bodies_keep_polling(workspace: Workspace) -> 
     assert execution["status"] == "completed"
     assert execution["poll_count"] == 4
     warnings = workspace.query(
-        "SELECT message FROM policy_execution_events WHERE event_type = 'warning'"
+        'SELECT "message" FROM policy_execution_events WHERE "event_type" = \'warning\''
     )
     assert len(warnings) == 2
     assert all("no 'status' field" in w[0] for w in warnings)
 
 
+@pytest.mark.both_warehouses
 def test_polls_exhausted_then_resumed_with_the_same_policy(workspace: Workspace) -> None:
     name = CATALOG_POLICIES[0]
     workspace.simulator.configure(never_ready_policies=[name])
@@ -191,6 +197,7 @@ def test_polls_exhausted_then_resumed_with_the_same_policy(workspace: Workspace)
     assert workspace.simulator.counts()["per_policy"][name]["create_requests"] == 1
 
 
+@pytest.mark.both_warehouses
 def test_active_execution_is_resumed_without_a_second_create(workspace: Workspace) -> None:
     name = CATALOG_POLICIES[1]
     assert workspace.run([name], selection=["policy_created"]).success
@@ -233,7 +240,7 @@ def test_circuit_breaker_failure_keeps_steps_one_and_two(
     assert execution["circuit_breaker_initiated"] is True
     assert execution["circuit_breaker_completed"] is False
     ready_time = workspace.query(
-        "SELECT policy_ready_time IS NOT NULL, error_step FROM policy_execution_state"
+        'SELECT "policy_ready_time" IS NOT NULL, "error_step" FROM policy_execution_state'
     )
     assert ready_time == [(True, "circuit_breaker_activation")]
     # Re-run: the circuit call is retried with its key; the policy is not created again.
