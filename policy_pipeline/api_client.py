@@ -69,6 +69,12 @@ class PolicyApiResource(ConfigurableResource):
     max_concurrent_requests: int = Field(
         default=16, ge=1, description="Policies a step works on at once (API calls in flight)."
     )
+    guard_failure_threshold: int = Field(
+        default=10, ge=1, description="Consecutive transient failures that open the guard."
+    )
+    guard_cooldown_seconds: int = Field(
+        default=60, ge=0, description="How long the guard stays open before one probe call."
+    )
 
     _client: httpx.Client | None = PrivateAttr(default=None)
     _client_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)

@@ -33,6 +33,7 @@ from pydantic import Field
 
 from policy_pipeline.api_client import PolicyApiResource
 from policy_pipeline.catalog import CatalogEntry
+from policy_pipeline.guard import ApiGuard, GuardPolicy
 from policy_pipeline.resources import PolicyStateResource
 from policy_pipeline.settings import env_float, env_int
 from policy_pipeline.workflow import (
@@ -88,16 +89,27 @@ class PollingConfig(Config):
 def _workflow(
     context: AssetExecutionContext, api: PolicyApiResource, state: PolicyStateResource
 ) -> PolicyWorkflow:
+    store = state.store(run_id=context.run.run_id)
+    owner = f"{RUN_OWNER_PREFIX}{context.run.run_id}"
+    guard = ApiGuard(
+        store,
+        owner,
+        GuardPolicy(
+            failure_threshold=api.guard_failure_threshold,
+            cooldown_seconds=api.guard_cooldown_seconds,
+        ),
+    )
     return PolicyWorkflow(
-        store=state.store(run_id=context.run.run_id),
+        store=store,
         api=api,
-        owner=f"{RUN_OWNER_PREFIX}{context.run.run_id}",
+        owner=owner,
         log=context.log,
         lease=LeasePolicy(
             ttl_seconds=state.lease_ttl_seconds, wait_seconds=state.lease_wait_seconds
         ),
         concurrency=api.max_concurrent_requests,
-        owner_finished=lambda owner: _run_finished(context, owner),
+        owner_finished=lambda previous: _run_finished(context, previous),
+        guard=guard,
     )
 
 

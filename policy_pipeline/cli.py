@@ -99,6 +99,7 @@ def _api_reachability() -> dict[str, Any]:
 
 def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     """The seed's diagnose_policy_execution: what needs attention, and why."""
+    from policy_pipeline.guard import read_guard
     from policy_pipeline.monitoring import Monitor
     from policy_pipeline.resources import open_state
 
@@ -115,6 +116,14 @@ def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
             rate = monitor.success_rate(24)
             report["success_rate_24h"] = rate.__dict__
             report["last_api_calls"] = monitor.last_api_calls(10)
+            guard = read_guard(state.store())
+            report["api_guard"] = {
+                "state": guard.state.value,
+                "consecutive_failures": guard.consecutive_failures,
+                "opened_at": guard.opened_at,
+                "last_error": guard.last_error,
+                "recent_changes": monitor.guard_events(5),
+            }
     except Exception as exc:
         report["warehouse"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
         rate = None
@@ -124,6 +133,11 @@ def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
         report["attention"].append("the warehouse is not reachable")
     if not report["policy_api"]["ok"]:
         report["attention"].append(f"Policy API: {report['policy_api']['detail']}")
+    guard_report = report.get("api_guard")
+    if guard_report and guard_report["state"] != "closed":
+        report["attention"].append(
+            f"the Policy API guard is {guard_report['state']} ({guard_report['last_error']})"
+        )
     if report.get("stuck_executions"):
         report["attention"].append(f"{len(report['stuck_executions'])} stuck executions")
     if report.get("failed_executions_24h"):
@@ -141,6 +155,10 @@ def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
 def _print_diagnosis(report: dict[str, Any], stuck_after: int) -> None:
     print(f"Warehouse:  {report['warehouse']['detail']}")
     print(f"Policy API: {report['policy_api']['detail']}")
+    guard = report.get("api_guard")
+    if guard:
+        since = f" since {_text(guard['opened_at'])}" if guard["opened_at"] else ""
+        print(f"API guard:  {guard['state']}{since}")
     rate = report.get("success_rate_24h")
     if rate:
         shown = "n/a" if rate["rate_percent"] is None else f"{rate['rate_percent']}%"
@@ -153,6 +171,9 @@ def _print_diagnosis(report: dict[str, Any], stuck_after: int) -> None:
         ("Failed executions (24h)", "failed_executions_24h"),
         ("Last API interactions", "last_api_calls"),
     ):
+        if key == "last_api_calls" and report.get("api_guard", {}).get("recent_changes"):
+            print("\nAPI guard changes:")
+            print_table(report["api_guard"]["recent_changes"])
         if key in report:
             print(f"\n{title}:")
             print_table(report[key])

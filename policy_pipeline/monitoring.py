@@ -101,6 +101,11 @@ class Monitor:
         columns = ("event_time", "policy_name", "method", "endpoint", "http_status", "attempt")
         return _dicts((*columns, "outcome", "latency_ms"), rows)
 
+    def guard_events(self, limit: int = 5) -> list[dict[str, Any]]:
+        with self.warehouse.session() as session:
+            rows = session.rows(sql.GUARD_EVENTS, [limit])
+        return _dicts(("event_time", "message"), rows)
+
     def ping(self) -> None:
         with self.warehouse.session() as session:
             session.rows(sql.PING)

@@ -67,6 +67,8 @@ def policy_api_resource() -> PolicyApiResource:
         backoff_initial_seconds=env_float("POLICY_API_BACKOFF_INITIAL_SECONDS", 0.5),
         backoff_max_seconds=env_float("POLICY_API_BACKOFF_MAX_SECONDS", 30.0),
         max_concurrent_requests=env_int("POLICY_API_MAX_CONCURRENCY", 16, minimum=1),
+        guard_failure_threshold=env_int("POLICY_GUARD_FAILURE_THRESHOLD", 10, minimum=1),
+        guard_cooldown_seconds=env_int("POLICY_GUARD_COOLDOWN_SECONDS", 60, minimum=0),
     )
 
 

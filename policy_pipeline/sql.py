@@ -106,6 +106,18 @@ ARCHIVE_RUN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("dagster_run_id", "VARCHAR"),
 )
 
+GUARD_TABLE = "policy_api_guard"
+
+GUARD_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("guard_name", "VARCHAR"),
+    ("state", "VARCHAR DEFAULT 'closed'"),
+    ("consecutive_failures", "NUMBER DEFAULT 0"),
+    ("opened_at", "TIMESTAMP_NTZ"),
+    ("probe_owner", "VARCHAR"),
+    ("last_error", "VARCHAR"),
+    ("updated_time", "TIMESTAMP_NTZ DEFAULT CURRENT_TIMESTAMP()"),
+)
+
 TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     STATE_TABLE: STATE_COLUMNS,
     EVENTS_TABLE: EVENT_COLUMNS,
@@ -113,6 +125,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     STATE_HISTORY_TABLE: STATE_COLUMNS + _ARCHIVED,
     EVENTS_HISTORY_TABLE: EVENT_COLUMNS + _ARCHIVED,
     ARCHIVE_RUNS_TABLE: ARCHIVE_RUN_COLUMNS,
+    GUARD_TABLE: GUARD_COLUMNS,
 }
 
 # Columns read back into `ExecutionRow` (the JSON columns stay in the warehouse).
@@ -467,6 +480,62 @@ RECENT_EXECUTIONS = Statement(
     f'SELECT "policy_name", "execution_id", "policy_id", "status", "poll_count", '
     f'"circuit_breaker_completed", "message", "start_time" '
     f'FROM {STATE_TABLE} ORDER BY "start_time" DESC, "policy_name" LIMIT ?',
+)
+
+# --- The Policy API guard (closed -> open -> half_open -> closed), one row, shared by all runs --
+
+ENSURE_GUARD = Statement(
+    "ensure_guard",
+    f"MERGE INTO {GUARD_TABLE} USING (SELECT ? AS v_name) AS s "
+    f'ON {GUARD_TABLE}."guard_name" = s.v_name WHEN NOT MATCHED THEN '
+    f'INSERT ("guard_name", "state", "consecutive_failures", "updated_time") '
+    f"VALUES (s.v_name, 'closed', 0, CURRENT_TIMESTAMP())",
+)
+
+READ_GUARD = Statement(
+    "read_guard",
+    f'SELECT "state", "consecutive_failures", "opened_at", "probe_owner", "last_error" '
+    f'FROM {GUARD_TABLE} WHERE "guard_name" = ?',
+)
+
+# Params: failures, last error, name. From closed only: the first process to trip it wins.
+OPEN_GUARD = Statement(
+    "open_guard",
+    f'UPDATE {GUARD_TABLE} SET "state" = \'open\', "consecutive_failures" = ?, '
+    f'"last_error" = ?, "opened_at" = CURRENT_TIMESTAMP(), "probe_owner" = NULL, '
+    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "guard_name" = ? AND "state" = \'closed\'',
+)
+
+# Params: owner, name, cool-down seconds (negative), probe timeout seconds (negative).
+CLAIM_GUARD_PROBE = Statement(
+    "claim_guard_probe",
+    f'UPDATE {GUARD_TABLE} SET "state" = \'half_open\', "probe_owner" = ?, '
+    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "guard_name" = ? AND ('
+    f'("state" = \'open\' AND "opened_at" <= DATEADD(second, ?, CURRENT_TIMESTAMP())) '
+    f'OR ("state" = \'half_open\' AND "updated_time" <= DATEADD(second, ?, CURRENT_TIMESTAMP())))',
+)
+
+# Params: name, owner. Only the probing process settles the probe.
+CLOSE_GUARD = Statement(
+    "close_guard",
+    f'UPDATE {GUARD_TABLE} SET "state" = \'closed\', "consecutive_failures" = 0, '
+    f'"opened_at" = NULL, "probe_owner" = NULL, "last_error" = NULL, '
+    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f'WHERE "guard_name" = ? AND "state" = \'half_open\' AND "probe_owner" = ?',
+)
+
+# Params: last error, name, owner.
+REOPEN_GUARD = Statement(
+    "reopen_guard",
+    f'UPDATE {GUARD_TABLE} SET "state" = \'open\', "opened_at" = CURRENT_TIMESTAMP(), '
+    f'"last_error" = ?, "probe_owner" = NULL, "updated_time" = CURRENT_TIMESTAMP() '
+    f'WHERE "guard_name" = ? AND "state" = \'half_open\' AND "probe_owner" = ?',
+)
+
+GUARD_EVENTS = Statement(
+    "guard_events",
+    f'SELECT "event_time", "message" FROM {EVENTS_TABLE} '
+    f'WHERE "event_type" = \'guard\' ORDER BY "event_time" DESC LIMIT ?',
 )
 
 # --- Monitoring: the seeds' queries, as checks and the operator CLI run them -------------------

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from policy_pipeline import sql
 from policy_pipeline.api_types import ApiAttempt, ApiResponse, AttemptCallback, PolicyApiError
@@ -30,6 +30,8 @@ from policy_pipeline.domain import (
     circuit_idempotency_key,
     classify_api_status,
 )
+from policy_pipeline.failpoints import failpoint
+from policy_pipeline.guard import ApiGuard, GuardOpen
 from policy_pipeline.state import AuditEvent, ExecutionRow, StateStore
 
 STEP_CREATE = "policy_created"
@@ -137,11 +139,13 @@ class StepReport:
 
 
 class _AttemptRecorder:
-    """Audits every API attempt of one execution and keeps the figures for metadata."""
+    """Audits every API attempt of one execution, keeps the figures for metadata, and tells
+    the guard."""
 
-    def __init__(self, store: StateStore, row: ExecutionRow) -> None:
+    def __init__(self, store: StateStore, row: ExecutionRow, guard: ApiGuard | None) -> None:
         self.store = store
         self.row = row
+        self.guard = guard
         self.calls = 0
         self.latency_ms = 0.0
 
@@ -164,9 +168,9 @@ class _AttemptRecorder:
                 detail={"body": attempt.body, "error": attempt.error},
             )
         )
-
-
-T = TypeVar("T")
+        if self.guard is not None:
+            self.guard.observe(attempt)
+            self.guard.stop_retrying(attempt)
 
 
 class PolicyWorkflow:
@@ -183,6 +187,7 @@ class PolicyWorkflow:
         flush_seconds: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         owner_finished: Callable[[str], bool] = lambda owner: False,
+        guard: ApiGuard | None = None,
     ) -> None:
         self.store = store
         self.api = api
@@ -193,6 +198,7 @@ class PolicyWorkflow:
         self.flush_seconds = flush_seconds
         self.sleep = sleep
         self.owner_finished = owner_finished
+        self.guard = guard
         self._recorders: dict[str, _AttemptRecorder] = {}
         self._verbose = True
 
@@ -203,6 +209,8 @@ class PolicyWorkflow:
         by_name = {policy.policy_name: policy for policy in policies}
         report = StepReport()
         with self._leased(list(by_name), STEP_CREATE, report) as held:
+            if self._guard_blocks(held, report):
+                return report
             current = self._resume_errors(self.store.current_executions(held), None)
             to_post: list[ExecutionRow] = []
             for name in held:
@@ -221,6 +229,7 @@ class PolicyWorkflow:
                 if name not in report.outcomes and name not in {r.policy_name for r in to_post}
             ]
             to_post.extend(self.store.start_executions(fresh))
+            failpoint("after_intents")
             self._post_creates(to_post, resumed_ids, report)
         return report
 
@@ -237,9 +246,11 @@ class PolicyWorkflow:
             if not isinstance(body, dict):
                 raise PolicyApiError("stored policy_data is not a JSON object", transient=False)
             key = row.create_idempotency_key or ""
-            return self.api.create_policy(
+            response = self.api.create_policy(
                 {**body, "execution_id": row.execution_id}, key, self._recorder(row)
             )
+            failpoint("after_create_call")
+            return response
 
         def on_result(row: ExecutionRow, response: ApiResponse | PolicyApiError) -> None:
             if isinstance(response, PolicyApiError):
@@ -263,6 +274,7 @@ class PolicyWorkflow:
             batch, created[:] = list(created), []
             if batch:
                 after = self.store.mark_created(batch)
+                failpoint("after_created")
                 for row, policy_id, _body in batch:
                     # The seed's "verify database storage" before going on.
                     stored = after.get(row.execution_id)
@@ -289,6 +301,8 @@ class PolicyWorkflow:
         """Poll every created policy on one shared schedule until each is ready or done."""
         report = StepReport()
         with self._leased(names, STEP_READY, report) as held:
+            if self._guard_blocks(held, report):
+                return report
             current = self._resume_errors(self.store.current_executions(held), STEP_READY)
             to_poll: list[ExecutionRow] = []
             for name in held:
@@ -311,6 +325,8 @@ class PolicyWorkflow:
         """Trigger the circuit breaker, exactly once, for every ready policy."""
         report = StepReport()
         with self._leased(names, STEP_CIRCUIT, report) as held:
+            if self._guard_blocks(held, report):
+                return report
             current = self._resume_errors(self.store.current_executions(held), STEP_CIRCUIT)
             ready: list[ExecutionRow] = []
             for name in held:
@@ -327,6 +343,7 @@ class PolicyWorkflow:
                 [(row, circuit_idempotency_key(row.execution_id)) for row in ready],
                 TRIGGER_REASON,
             )
+            failpoint("after_claim")
             to_call: list[ExecutionRow] = []
             for row in ready:
                 now = after[row.execution_id]
@@ -356,9 +373,11 @@ class PolicyWorkflow:
         def post(row: ExecutionRow) -> ApiResponse:
             assert row.policy_id is not None
             key = row.circuit_idempotency_key or circuit_idempotency_key(row.execution_id)
-            return self.api.trigger_circuit_breaker(
+            response = self.api.trigger_circuit_breaker(
                 row.policy_id, row.execution_id, TRIGGER_REASON, key, self._recorder(row)
             )
+            failpoint("after_circuit_call")
+            return response
 
         def on_result(row: ExecutionRow, response: ApiResponse | PolicyApiError) -> None:
             # Steps 1 and 2 stay recorded; the next run retries the same call with its key.
@@ -376,6 +395,7 @@ class PolicyWorkflow:
             batch, completed[:] = list(completed), []
             if batch:
                 after = self.store.mark_completed(batch)
+                failpoint("after_completed")
                 for row, _body in batch:
                     done = after.get(row.execution_id)
                     if done is None or done.status is not ExecutionStatus.COMPLETED:
@@ -402,7 +422,7 @@ class PolicyWorkflow:
         if not items:
             return
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
-            pending = {pool.submit(call, item): item for item in items}
+            pending = {pool.submit(self._guarded, call, item): item for item in items}
             next_flush = time.monotonic() + self.flush_seconds
             while pending:
                 timeout = max(0.0, next_flush - time.monotonic())
@@ -412,9 +432,31 @@ class PolicyWorkflow:
                 if time.monotonic() >= next_flush:
                     self.store.flush()
                     flush()
+                    self._refresh_guard()
                     next_flush = time.monotonic() + self.flush_seconds
         self.store.flush()
         flush()
+
+    def _guarded(
+        self, call: Callable[[ExecutionRow], ApiResponse], row: ExecutionRow
+    ) -> ApiResponse:
+        if self.guard is not None:
+            self.guard.before_call()  # raises GuardOpen (a PolicyApiError): no call made
+        return call(row)
+
+    def _refresh_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.refresh()
+
+    def _guard_blocks(self, names: Sequence[str], report: StepReport) -> bool:
+        """Fail the whole batch at once, before any write or call, while the guard is open."""
+        reason = self.guard.blocks_calls() if self.guard is not None else None
+        if reason is None:
+            return False
+        for name in names:
+            report.fail(name, reason)
+        self.log.warning(reason)
+        return True
 
     def _flush_failures(
         self,
@@ -488,10 +530,17 @@ class PolicyWorkflow:
             self.store.flush()
             self.store.release_leases(ordered, self.owner)
 
+    def _status_call(self, row: ExecutionRow) -> ApiResponse:
+        assert row.policy_id is not None
+        response = self.api.get_policy_status(row.policy_id, self._recorder(row))
+        failpoint("after_poll_call")
+        return response
+
     def _recorder(self, row: ExecutionRow) -> _AttemptRecorder:
         recorder = self._recorders.get(row.execution_id)
         if recorder is None:
-            recorder = self._recorders[row.execution_id] = _AttemptRecorder(self.store, row)
+            recorder = _AttemptRecorder(self.store, row, self.guard)
+            self._recorders[row.execution_id] = recorder
         return recorder
 
     def _detail(self, message: str) -> None:
@@ -573,6 +622,7 @@ class _Poller:
                     self._handle(in_flight.pop(future), _result(future))
                 if time.monotonic() >= next_flush:
                     self._flush()
+                    wf._refresh_guard()
                     next_flush = time.monotonic() + wf.flush_seconds
                 if time.monotonic() >= next_renewal:
                     wf.store.renew_leases(self.held, wf.owner, wf.lease.ttl_seconds)
@@ -581,6 +631,9 @@ class _Poller:
 
     def _handle(self, execution_id: str, response: ApiResponse | PolicyApiError) -> None:
         row = self.rows[execution_id]
+        if isinstance(response, GuardOpen):  # no call was made: not a poll
+            self.failed.append((row, str(response), STEP_READY, True))
+            return
         self.polls[execution_id] += 1
         count = self.polls[execution_id]
         record = self.unwritten.setdefault(execution_id, [0, None, ""])
@@ -668,6 +721,7 @@ class _Poller:
                 else:
                     self.report.fail(row.policy_name, "state row changed while polling")
             after = store.mark_ready(agreed)
+            failpoint("after_ready")
             for row, _message in agreed:
                 done = after[row.execution_id]
                 if done.status is ExecutionStatus.POLICY_READY:

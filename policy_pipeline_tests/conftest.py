@@ -175,6 +175,8 @@ def workspace(
     if warehouse == "snowflake":
         server = request.getfixturevalue("fakesnow")
         env.update(server.env())
+        # fakesnow accepts any password: a distinctive one lets tests scan for leaks.
+        env["SNOWFLAKE_PASSWORD"] = f"fakesnow-pw-{secrets.token_hex(8)}"
     elif warehouse == "snowflake-live":
         if not LIVE_SNOWFLAKE_ENV.get("SNOWFLAKE_ACCOUNT"):
             pytest.skip("live Snowflake smoke test: set SNOWFLAKE_ACCOUNT (and the rest) to run")
