@@ -111,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     ranges = _register(env["DAGSTER_HOME"], names)
     with policy_api(env) as api_description:
         print(f"Running {JOB} for {len(names)} policies against the {api_description}")
-        print(f"  warehouse: {settings.warehouse} ({settings.duckdb_path})")
+        where = (
+            str(settings.duckdb_path)
+            if settings.warehouse == "duckdb"
+            else f"{env.get('SNOWFLAKE_DATABASE')}.{env.get('SNOWFLAKE_SCHEMA')}"
+        )
+        print(f"  warehouse: {settings.warehouse} ({where})")
         print(f"  DAGSTER_HOME: {env['DAGSTER_HOME']}; run log: {log_path}", flush=True)
         returncode = 0
         with log_path.open("w") as log:

@@ -602,7 +602,7 @@ class _Poller:
                     _due, _seq, execution_id = heapq.heappop(self.due)
                     row = self.rows[execution_id]
                     assert row.policy_id is not None
-                    future = pool.submit(wf.api.get_policy_status, row.policy_id, wf._recorder(row))
+                    future = pool.submit(wf._guarded, wf._status_call, row)
                     in_flight[future] = execution_id
                 wake = next_flush
                 if self.due and len(in_flight) < wf.concurrency:

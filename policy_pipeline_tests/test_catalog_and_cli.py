@@ -95,6 +95,7 @@ def _readme_job_command() -> str:
     return match.group(1)
 
 
+@pytest.mark.both_warehouses
 def test_readme_dagster_job_execute_command(workspace: Workspace) -> None:
     command = _readme_job_command()
     partition = re.search(r'"dagster/partition": "([^"]+)"', command)
@@ -107,7 +108,7 @@ def test_readme_dagster_job_execute_command(workspace: Workspace) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [execution] = workspace.executions(partition.group(1))
@@ -130,7 +131,7 @@ def test_bad_catalog_stops_the_cli_before_anything_is_written(workspace: Workspa
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
@@ -139,6 +140,7 @@ def test_bad_catalog_stops_the_cli_before_anything_is_written(workspace: Workspa
     assert workspace.simulator.counts()["requests"]["createpolicy"] == 0
 
 
+@pytest.mark.both_warehouses
 def test_demo_runs_every_policy_and_prints_the_table(workspace: Workspace) -> None:
     env = subprocess_env(workspace)
     del env["POLICY_API_ENDPOINT"]  # the demo starts its own simulator
@@ -149,7 +151,7 @@ def test_demo_runs_every_policy_and_prints_the_table(workspace: Workspace) -> No
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in CATALOG_POLICIES:

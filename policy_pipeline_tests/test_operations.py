@@ -333,7 +333,7 @@ def _cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
         env=subprocess_env(workspace),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
 
 
