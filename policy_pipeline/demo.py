@@ -142,10 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 returncode = result.returncode
 
+    from policy_pipeline.monitoring import Monitor
     from policy_pipeline.resources import open_state
 
     with open_state(settings) as state:
-        rows = state.store().recent_executions(limit=10 * len(names))
+        rows = Monitor(state.warehouse()).executions(limit=10 * len(names))
     latest: dict[str, dict[str, object]] = {}
     for row in rows:  # newest first: keep each policy's latest execution
         if row["policy_name"] in catalog:

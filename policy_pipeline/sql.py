@@ -474,14 +474,6 @@ SKIP_CIRCUIT_BREAKER = Statement(
     f'AND "circuit_breaker_initiated" = FALSE',
 )
 
-# The seed's "View recent executions" query, with the policy name added.
-RECENT_EXECUTIONS = Statement(
-    "recent_executions",
-    f'SELECT "policy_name", "execution_id", "policy_id", "status", "poll_count", '
-    f'"circuit_breaker_completed", "message", "start_time" '
-    f'FROM {STATE_TABLE} ORDER BY "start_time" DESC, "policy_name" LIMIT ?',
-)
-
 # --- The Policy API guard (closed -> open -> half_open -> closed), one row, shared by all runs --
 
 ENSURE_GUARD = Statement(
@@ -590,6 +582,7 @@ CONSISTENCY_VIOLATIONS = Statement(
     f"ORDER BY 1, 3 LIMIT ?",
 )
 
+# The seed's "View recent executions" query, with the policy name and optional filters.
 FILTERED_EXECUTIONS = Statement(
     "filtered_executions",
     f'SELECT "policy_name", "execution_id", "policy_id", "status", "poll_count", '

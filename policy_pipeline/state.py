@@ -242,21 +242,6 @@ class StateStore:
             rows = session.rows(sql.EXECUTED_CONTENT)
         return {(str(name), str(digest)) for name, digest in rows if digest is not None}
 
-    def recent_executions(self, limit: int = 50) -> list[dict[str, Any]]:
-        with self.warehouse.session() as session:
-            rows = session.rows(sql.RECENT_EXECUTIONS, [limit])
-        keys = (
-            "policy_name",
-            "execution_id",
-            "policy_id",
-            "status",
-            "poll_count",
-            "circuit_breaker_completed",
-            "message",
-            "start_time",
-        )
-        return [dict(zip(keys, row, strict=True)) for row in rows]
-
     # --- writes ---------------------------------------------------------------------------------
 
     def start_executions(self, policies: Sequence[PolicyDefinition]) -> list[ExecutionRow]:
