@@ -52,6 +52,14 @@ POLICY_PARTITIONS = DynamicPartitionsDefinition(name=PARTITIONS_NAME)
 RUN_OWNER_PREFIX = "run:"
 
 
+class CreateConfig(Config):
+    force_new_execution: bool = Field(
+        default=False,
+        description="Create a new policy even if this content has already completed "
+        "(by default the same content is one policy).",
+    )
+
+
 class PollingConfig(Config):
     """Step 2's polling schedule. The seed's behaviour: max_polls=3, backoff_multiplier=1."""
 
@@ -228,12 +236,14 @@ def build_workflow_assets(
     @asset(
         description="Step 1: the policy exists in the Policy API (POST /createpolicy) and its "
         "policy_id is stored and verified in policy_execution_state. Resumes an active "
-        "execution instead of creating a second policy.",
+        "execution instead of creating a second policy, and creates none for content that "
+        "has already completed (run config force_new_execution to override).",
         kinds={"python", "api"},
         **common,
     )
     def policy_created(
         context: AssetExecutionContext,
+        config: CreateConfig,
         policy_api: PolicyApiResource,
         policy_state: PolicyStateResource,
     ) -> MaterializeResult:
@@ -241,7 +251,9 @@ def build_workflow_assets(
         return run_step(
             context,
             catalog,
-            lambda keys: workflow.create_policies([catalog[key].policy for key in keys]),
+            lambda keys: workflow.create_policies(
+                [catalog[key].policy for key in keys], force_new=config.force_new_execution
+            ),
         )
 
     @asset(
@@ -284,5 +296,8 @@ def build_workflow_assets(
         # The steps are sequential and I/O-bound (they fan out over threads inside), so one
         # process per step would only add interpreter start-up to every run.
         executor_def=in_process_executor,
+        # Every run calls the Policy API: deploy/dagster.yaml limits how many such runs are in
+        # progress at once by this tag (tag_concurrency_limits).
+        tags={"policy_pipeline/api": "true"},
     )
     return assets, job

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from policy_pipeline.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
 from policy_pipeline.catalog import CatalogError, load_catalog
+from policy_pipeline.cli import print_table
 from policy_pipeline.settings import PROJECT_ROOT, Settings, SettingsError
 from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
 
@@ -59,17 +60,6 @@ def policy_api(env: dict[str, str]) -> Iterator[str]:
         env["POLICY_API_ENDPOINT"] = simulator.base_url
         env["POLICY_API_KEY"] = key
         yield f"local Policy API simulator at {simulator.base_url}"
-
-
-def print_table(rows: list[dict[str, object]]) -> None:
-    columns = ["policy_name", "status", "policy_id", "poll_count", "circuit_breaker_completed"]
-    columns += ["execution_id", "start_time"]
-    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def _register(dagster_home: str, names: list[str]) -> list[tuple[str, str]]:
@@ -152,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if row["policy_name"] in catalog:
             latest.setdefault(str(row["policy_name"]), row)
     print()
-    print_table([latest[name] for name in names if name in latest])
+    columns = ["policy_name", "status", "policy_id", "poll_count", "circuit_breaker_completed"]
+    print_table([latest[name] for name in names if name in latest], [*columns, "start_time"])
     if returncode != 0:
         print(f"\nThe run failed (exit {returncode}); see {log_path}", file=sys.stderr)
         return 1

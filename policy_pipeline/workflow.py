@@ -204,8 +204,13 @@ class PolicyWorkflow:
 
     # --- step 1 ---------------------------------------------------------------------------------
 
-    def create_policies(self, policies: Sequence[PolicyDefinition]) -> StepReport:
-        """Create each policy, or resume the execution still active for it."""
+    def create_policies(
+        self, policies: Sequence[PolicyDefinition], force_new: bool = False
+    ) -> StepReport:
+        """Create each policy, or resume the execution still active for it.
+
+        A policy whose current content already completed is not created again (the same
+        content is one policy), unless ``force_new`` asks for a new execution."""
         by_name = {policy.policy_name: policy for policy in policies}
         report = StepReport()
         with self._leased(list(by_name), STEP_CREATE, report) as held:
@@ -215,9 +220,21 @@ class PolicyWorkflow:
             to_post: list[ExecutionRow] = []
             for name in held:
                 row = current.get(name)
-                if row is None or row.status not in ACTIVE_STATUSES:
+                if row is None:
                     continue
-                if row.status is ExecutionStatus.PENDING:
+                done = row.status is ExecutionStatus.COMPLETED
+                if (
+                    done
+                    and not force_new
+                    and row.policy_content_hash == by_name[name].content_hash()
+                ):
+                    self._detail(f"policy '{name}': this content completed as {row.policy_id}")
+                    report.outcomes[name] = self._outcome(
+                        row, resumed=True, message="already completed for this content"
+                    )
+                elif row.status not in ACTIVE_STATUSES:
+                    continue
+                elif row.status is ExecutionStatus.PENDING:
                     to_post.append(row)  # intent recorded, create never confirmed: re-send
                 else:
                     self._detail(f"policy '{name}': resuming {row.execution_id} ({row.status})")

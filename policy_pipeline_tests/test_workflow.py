@@ -66,14 +66,26 @@ def test_every_catalog_policy_completes(workspace: Workspace) -> None:
     }
 
 
-def test_second_run_starts_a_new_execution_after_completion(workspace: Workspace) -> None:
+def test_completed_content_is_not_created_again_unless_forced(workspace: Workspace) -> None:
     name = CATALOG_POLICIES[0]
     assert workspace.run([name]).success
-    assert workspace.run([name]).success
+    assert workspace.run([name]).success  # same content: nothing to do
+    assert [e["status"] for e in workspace.executions(name)] == ["completed"]
+    assert workspace.simulator.counts()["per_policy"][name]["create_requests"] == 1
+    assert _metadata(workspace, "policy_created", name)["resumed"] is True
+
+    force = {"ops": {"policy_created": {"config": {"force_new_execution": True}}}}
+    assert workspace.run([name], run_config=force).success
     executions = workspace.executions(name)
     assert [e["status"] for e in executions] == ["completed", "completed"]
     assert executions[0]["policy_id"] != executions[1]["policy_id"]
     assert workspace.simulator.counts()["per_policy"][name]["circuits_triggered"] == 2
+
+    # A changed policy file is new content: a new execution without forcing.
+    path = workspace.catalog_dir / f"{name}.yaml"
+    path.write_text(path.read_text().replace("90 days", "120 days"), encoding="utf-8")
+    assert workspace.run([name]).success
+    assert len(workspace.executions(name)) == 3
 
 
 @pytest.mark.both_warehouses
