@@ -335,7 +335,6 @@ def workflow_stand_in() -> AssetsDefinition:
 # --- DuckDB: the real dbt build ------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_dbt_build_through_dagster_on_duckdb(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -377,7 +376,6 @@ def test_dbt_build_through_dagster_on_duckdb(
     assert kinds["policy_execution_daily_stats"] == "BASE TABLE"
 
 
-@pytest.mark.slow
 def test_duplicate_execution_id_fails_dbt_build(tmp_path: Path) -> None:
     database = create_duckdb_warehouse(tmp_path / "warehouse.duckdb", duplicate="e1")
 
@@ -479,7 +477,6 @@ def test_prepare_dbt_manifest_parses_when_missing_or_stale(tmp_path: Path) -> No
     assert not dbt_assets.manifest_is_fresh(project)
 
 
-@pytest.mark.slow
 def test_concurrent_preparations_parse_once(tmp_path: Path) -> None:
     project = _copy_project(tmp_path / "dbt_project")
     script = textwrap.dedent(
