@@ -213,10 +213,13 @@ def run_step(
                 "succeeded_policies": MetadataValue.int(len(report.outcomes)),
             },
         )
+    # Run-wide figures under their own names: they are copied onto every partition.
     return MaterializeResult(
         metadata={
-            "policies": MetadataValue.int(len(keys)),
-            "api_calls": MetadataValue.int(sum(o.api_calls for o in report.outcomes.values())),
+            "policies_in_run": MetadataValue.int(len(keys)),
+            "api_calls_in_run": MetadataValue.int(
+                sum(o.api_calls for o in report.outcomes.values())
+            ),
         }
     )
 

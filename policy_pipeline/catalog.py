@@ -12,6 +12,9 @@ from pydantic import ValidationError
 from policy_pipeline.domain import PolicyDefinition
 
 CATALOG_SUFFIXES = (".yaml", ".yml")
+# libyaml's safe loader when present: five times faster, which matters to a sensor tick over
+# thousands of files.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class CatalogError(ValueError):
@@ -40,7 +43,7 @@ def _describe(error: ValidationError) -> str:
 
 def parse_policy_file(path: Path) -> PolicyDefinition:
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(document, dict):

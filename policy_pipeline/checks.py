@@ -78,8 +78,9 @@ class SuccessRateConfig(Config):
 
 @asset_check(
     asset=RESULTS_VIEW,
-    description="The seed's success-rate query over the last 24 hours, against WARN and ERROR "
-    "thresholds. No executions in the window is a pass.",
+    description="The seed's success-rate query over the last 24 hours, counting finished "
+    "executions (one still polling is not a failure), against WARN and ERROR thresholds. "
+    "No finished executions in the window is a pass.",
 )
 def success_rate_24h(
     context: AssetCheckExecutionContext,
@@ -87,21 +88,24 @@ def success_rate_24h(
     policy_state: PolicyStateResource,
 ) -> AssetCheckResult:
     rate = Monitor(policy_state.warehouse()).success_rate(config.window_hours)
-    metadata = {
+    metadata: dict[str, MetadataValue] = {
         "total": MetadataValue.int(rate.total),
         "successful": MetadataValue.int(rate.successful),
         "failed": MetadataValue.int(rate.failed),
-        "warn_below_percent": MetadataValue.float(config.warn_below_percent),
-        "error_below_percent": MetadataValue.float(config.error_below_percent),
     }
     if rate.rate_percent is None:
         return AssetCheckResult(
             passed=True,
-            description=f"No executions in the last {config.window_hours} hours",
+            description=f"No finished executions in the last {config.window_hours} hours "
+            f"({rate.total} started)",
             metadata=metadata,
         )
     metadata["success_rate_percent"] = MetadataValue.float(rate.rate_percent)
-    summary = f"{rate.rate_percent:.2f}% of {rate.total} executions succeeded"
+    finished = rate.successful + rate.failed
+    summary = (
+        f"{rate.rate_percent:.2f}% of {finished} finished executions succeeded "
+        f"(warn below {config.warn_below_percent}%, error below {config.error_below_percent}%)"
+    )
     if rate.rate_percent < config.error_below_percent:
         severity, passed = AssetCheckSeverity.ERROR, False
     elif rate.rate_percent < config.warn_below_percent:

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 DBT_PROJECT_DIR: Final = PROJECT_ROOT / "dbt_project"
 
 DBT_GROUP: Final = "policy_reporting"
-DBT_OWNERS: Final = ("team:policy-pipeline",)
+DBT_OWNERS: Final = ("team:data-platform",)  # the same owners as the workflow assets
 # The workflow asset that finishes writing the state and event tables the dbt sources read.
 WORKFLOW_ASSET_KEY: Final = AssetKey(["circuit_breaker_activation"])
 WORKFLOW_SOURCE_NAME: Final = "policy_state"

@@ -548,14 +548,16 @@ STUCK_EXECUTION_COUNT = Statement(
     f'AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP())',
 )
 
-# The seed's 24-hour success rate, with NULLIF so an empty window is no division by zero.
+# The seed's 24-hour success rate, over finished executions (an execution still polling is not
+# a failure), with NULLIF so a window with none finished is no division by zero.
 SUCCESS_RATE = Statement(
     "success_rate",
     "SELECT COUNT(*) AS total_executions, "
     "SUM(CASE WHEN \"status\" = 'completed' THEN 1 ELSE 0 END) AS successful, "
     "SUM(CASE WHEN \"status\" = 'error' THEN 1 ELSE 0 END) AS failed, "
     "ROUND(100.0 * SUM(CASE WHEN \"status\" = 'completed' THEN 1 ELSE 0 END) "
-    "/ NULLIF(COUNT(*), 0), 2) AS success_rate_percent "
+    "/ NULLIF(SUM(CASE WHEN \"status\" IN ('completed', 'error') THEN 1 ELSE 0 END), 0), 2) "
+    "AS success_rate_percent "
     f'FROM {STATE_TABLE} WHERE "start_time" >= DATEADD(hour, ?, CURRENT_TIMESTAMP())',
 )
 

@@ -405,6 +405,13 @@ class PolicyWorkflow:
                 failed.append(
                     (row, f"{response.describe()}: {_excerpt(response)}", STEP_CIRCUIT, True)
                 )
+            elif not isinstance(response.data, dict):
+                # A 2xx whose body cannot be read (an HTML page from a proxy, an empty body) is
+                # no confirmation that the breaker fired: record it and let the next run repeat
+                # the call with the same idempotency key.
+                kept.append((row, response.recorded_body))
+                problem = f"{response.describe()} without a readable confirmation"
+                failed.append((row, f"{problem}: {_excerpt(response)}", STEP_CIRCUIT, True))
             else:
                 completed.append((row, response.recorded_body))
 

@@ -50,8 +50,9 @@ class ScriptedApi:
         self,
         create: Callable[[], tuple[int, str]],
         status: Callable[[], tuple[int, str]] = lambda: (200, '{"status": "success"}'),
+        circuit: Callable[[], tuple[int, str]] = lambda: (200, '{"status": "triggered"}'),
     ) -> None:
-        self.create, self.status = create, status
+        self.create, self.status, self.circuit = create, status, circuit
         self.circuit_calls = 0
 
     def _answer(
@@ -72,7 +73,7 @@ class ScriptedApi:
         self, policy_id: str, execution_id: str, reason: str, key: str, cb: AttemptCallback
     ) -> ApiResponse:
         self.circuit_calls += 1
-        return self._answer("circuit", "POST", "/circuit", (200, '{"status": "triggered"}'), cb)
+        return self._answer("circuit", "POST", "/circuit", self.circuit(), cb)
 
 
 @pytest.fixture
@@ -233,3 +234,21 @@ def test_thousands_of_catalog_files_load_quickly(tmp_path: Path) -> None:
     started = time.monotonic()
     assert len(load_catalog(catalog)) == 3000
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("body", ["<html>proxy says hi</html>", ""])
+def test_unreadable_circuit_confirmation_is_not_completion(store: StateStore, body: str) -> None:
+    answers = iter([(200, body), (200, '{"status": "triggered", "circuit_breaker_id": "cb_1"}')])
+    api = ScriptedApi(create=lambda: (200, '{"policy_id": "pol_1"}'), circuit=lambda: next(answers))
+    workflow = _workflow(store, api)
+    workflow.create_policies([POLICY])
+    workflow.wait_until_ready(["bad-input"], PollingPolicy(initial_interval_seconds=0.001))
+    first = workflow.activate_circuit_breakers(["bad-input"])
+    assert "without a readable confirmation" in first.failures["bad-input"]
+    row = store.current_execution("bad-input")
+    assert row is not None and row.status == "error" and row.resumable
+    assert row.circuit_breaker_initiated and not row.circuit_breaker_completed
+    # The next run repeats the call (same idempotency key) and completes.
+    second = workflow.activate_circuit_breakers(["bad-input"])
+    assert second.outcomes["bad-input"].status == "completed"
+    assert api.circuit_calls == 2

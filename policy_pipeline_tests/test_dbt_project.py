@@ -519,7 +519,7 @@ def test_dbt_assets_sit_downstream_of_the_workflow() -> None:
     for key in (RESULTS, DAILY):
         spec = definition.specs_by_key[key]
         assert spec.group_name == "policy_reporting"
-        assert spec.owners == ["team:policy-pipeline"]
+        assert spec.owners == ["team:data-platform"]
         assert "dbt" in spec.kinds and spec.kinds & {"duckdb", "snowflake"}
         assert spec.description
     assert "view" in definition.specs_by_key[RESULTS].kinds

@@ -1,0 +1,123 @@
+"""The benchmark and soak scripts in bench/ still run: each with tiny sizes, in seconds.
+
+They are run through their ``main(argv)`` (the figures are not checked, only that a run
+completes, prints its tables and finds nothing wrong with itself), and one of them as the
+README's command line from the repository root.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+import pytest
+
+from policy_pipeline.settings import PROJECT_ROOT
+
+BENCH = PROJECT_ROOT / "bench"
+SCRIPTS = ("throughput", "sequential", "soak", "reads", "proposal_json_events")
+
+
+def _script(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def _run(name: str, argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> str:
+    main: Callable[[Sequence[str]], int] = _script(name).main
+    code = main(list(argv))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name: str) -> None:
+    text = _script(name).build_parser().format_help()
+    assert "--no-targets" in text or name in ("sequential", "proposal_json_events")
+
+
+def test_proposal_measurement_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(
+        "proposal_json_events",
+        ["--n=4", "--latency-ms=1", "--ready-seconds=0.05", "--sequential-n=0", "--no-targets"],
+        capsys,
+    )
+    assert "insert_events_json" in out  # the replaced statement ran and was counted
+
+
+def test_throughput_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(
+        "throughput",
+        [
+            "--compare-n=3,6",
+            "--latency-ms=1",
+            "--ready-seconds=0.1",
+            "--concurrency=4",
+            "--flush-seconds=0.1",
+            "--sequential-n=2",
+            "--no-targets",
+        ],
+        capsys,
+    )
+    for heading in ("Batch engine, N=6", "Statements per step vs N", "speed-up per policy"):
+        assert heading in out
+    assert "Targets" in out
+
+
+def test_sequential_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run("sequential", ["--n=2", "--latency-ms=1", "--ready-seconds=0.05"], capsys)
+    assert "seconds per policy" in out
+
+
+def test_soak_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(
+        "soak",
+        [
+            "--n=8",
+            "--rounds=3",
+            "--latency-ms=1",
+            "--latency-jitter-ms=0",
+            "--ready-seconds=0.05",
+            "--hang-seconds=0.3",
+            "--client-timeout=0.15",
+            "--retry-after-seconds=0.02",
+            "--backoff-initial=0.01",
+            "--backoff-max=0.02",
+            "--poll-initial=0.02",
+            "--poll-max-interval=0.05",
+            "--no-targets",
+        ],
+        capsys,
+    )
+    for heading in ("Rounds", "Executions (8 policies)", "Audit: API attempts", "Targets"):
+        assert heading in out
+    assert "duplicate creates" in out
+
+
+def test_reads_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(
+        "reads",
+        ["--rows=3000", "--events=1000", "--policies=30", "--repeat=1", "--no-targets"],
+        capsys,
+    )
+    for operation in ("status (limit 20)", "consistency_violations", "sensor tick, no cursor"):
+        assert operation in out
+
+
+def test_a_script_runs_from_the_repository_root() -> None:
+    command = [sys.executable, "bench/sequential.py", "--n=1", "--latency-ms=0"]
+    result = subprocess.run(
+        [*command, "--ready-seconds=0"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Sequential baseline" in result.stdout
