@@ -357,7 +357,8 @@ def test_cli_status_and_diagnose(workspace: Workspace) -> None:
     assert len(report["last_api_calls"]) == 10
 
     workspace.simulator.configure(fail_policies=[CATALOG_POLICIES[0]])
-    workspace.run([CATALOG_POLICIES[0]])
+    force = {"ops": {"policy_created": {"config": {"force_new_execution": True}}}}
+    workspace.run([CATALOG_POLICIES[0]], run_config=force)  # a second execution, which fails
     unhealthy = _cli(workspace, "diagnose")
     assert unhealthy.returncode == 1
     assert "1 failed executions" in unhealthy.stdout
