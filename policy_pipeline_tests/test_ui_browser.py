@@ -365,7 +365,9 @@ def _assert_checks_passed(page: Page, ui: Ui) -> None:
         expect(page.get_by_text("Evaluation result", exact=True)).to_be_visible()
         expect(page.get_by_text("Passed", exact=True), f"{name} evaluation").to_be_visible()
     # The last one opened, success_rate_24h, describes its result.
-    expect(page.get_by_text(re.compile(r"^100\.00% of \d+ executions succeeded$"))).to_be_visible()
+    expect(
+        page.get_by_text(re.compile(r"^100\.00% of \d+ finished executions succeeded"))
+    ).to_be_visible()
     _screenshot(page, "results-view-checks.png")
 
 
