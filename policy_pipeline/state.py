@@ -299,16 +299,8 @@ class StateStore:
             for index, (row, _values) in enumerate(rows):
                 now = after.get(row.execution_id)
                 if now is not None and now.status is target and row.status is not target:
-                    self.audit(
-                        AuditEvent(
-                            execution_id=row.execution_id,
-                            policy_name=row.policy_name,
-                            event_type="transition",
-                            message=messages[index] if messages else f"moved to {target}",
-                            from_status=row.status.value,
-                            to_status=target.value,
-                        )
-                    )
+                    message = messages[index] if messages else f"moved to {target}"
+                    self._audit_move(row, target, message)
         self.flush()
         return after
 
@@ -324,16 +316,7 @@ class StateStore:
         after = self.executions([row.execution_id for row in rows])
         for row in rows:
             if after[row.execution_id].status is target:
-                self.audit(
-                    AuditEvent(
-                        execution_id=row.execution_id,
-                        policy_name=row.policy_name,
-                        event_type="transition",
-                        message=f"{message} in {row.error_step}: {row.error_message}",
-                        from_status=row.status.value,
-                        to_status=target.value,
-                    )
-                )
+                self._audit_move(row, target, f"{message} in {row.error_step}: {row.error_message}")
         self.flush()
         return after
 
@@ -386,17 +369,8 @@ class StateStore:
         for row, key in rows:
             now = after.get(row.execution_id)
             if now and now.circuit_breaker_initiated and not row.circuit_breaker_initiated:
-                self.audit(
-                    AuditEvent(
-                        execution_id=row.execution_id,
-                        policy_name=row.policy_name,
-                        event_type="transition",
-                        message=message,
-                        from_status=row.status.value,
-                        to_status=row.status.value,
-                        detail={"circuit_breaker_initiated": True, "idempotency_key": key},
-                    )
-                )
+                detail = {"circuit_breaker_initiated": True, "idempotency_key": key}
+                self._audit_move(row, row.status, message, detail)
         self.flush()
         return after
 
@@ -439,6 +413,7 @@ class StateStore:
             moved = session.rowcount(sql.FORCE_READY, [message, row.execution_id]) == 1
         if moved:
             self._audit_move(row, ExecutionStatus.POLICY_READY, message)
+            self.flush()
         return moved
 
     def skip_circuit_breaker(self, row: ExecutionRow, message: str, force: bool) -> bool:
@@ -451,9 +426,13 @@ class StateStore:
             )
         if moved:
             self._audit_move(row, ExecutionStatus.COMPLETED, message)
+            self.flush()
         return moved
 
-    def _audit_move(self, row: ExecutionRow, target: ExecutionStatus, message: str) -> None:
+    def _audit_move(
+        self, row: ExecutionRow, target: ExecutionStatus, message: str, detail: Any = None
+    ) -> None:
+        """Buffer the audit event of a move that happened (flushed with the next write)."""
         self.audit(
             AuditEvent(
                 execution_id=row.execution_id,
@@ -462,9 +441,9 @@ class StateStore:
                 message=message,
                 from_status=row.status.value,
                 to_status=target.value,
+                detail=detail,
             )
         )
-        self.flush()
 
 
 T = TypeVar("T")
