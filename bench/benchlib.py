@@ -7,12 +7,14 @@ product's own classes, built the way ``open_state`` and the resources build them
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
 import re
 import resource
 import secrets
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,9 +31,17 @@ if str(REPO_ROOT) not in sys.path:
     # policy_pipeline_tests (the fakesnow server helper) is importable from the repo root.
     sys.path.insert(0, str(REPO_ROOT))
 
+import httpx  # noqa: E402
+
 from policy_pipeline.domain import PolicyDefinition  # noqa: E402
 from policy_pipeline.resources import DuckDBStateResource, open_state  # noqa: E402
 from policy_pipeline.settings import Settings  # noqa: E402
+from policy_pipeline.simulator import (  # noqa: E402
+    API_KEY_ENV_VAR,
+    LISTENING_PREFIX,
+    PolicyApiSimulator,
+    SimulatorConfig,
+)
 from policy_pipeline.sql import Dialect, Statement  # noqa: E402
 from policy_pipeline.state import StateStore  # noqa: E402
 from policy_pipeline.warehouse import Params, Session, Warehouse  # noqa: E402
@@ -55,7 +65,7 @@ class PhaseCounts:
     statements: Counter[str] = field(default_factory=Counter)
     kind_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     sessions: int = 0
-    connect_seconds: float = 0.0  # opening connections, waiting for DuckDB's turn included
+    connect_seconds: float = 0.0  # opening connections
     statement_seconds: float = 0.0  # rendering (sqlglot) included
     render_seconds: float = 0.0  # sql.Statement.render: the sqlglot translation (cached by text)
 
@@ -125,7 +135,8 @@ class CountingSession:
 
 class CountingWarehouse(Warehouse):
     """The product's `Warehouse`, with each session (one connection each) and each statement
-    counted. ``transaction()`` and ``ensure_schema()`` go through ``session()`` too."""
+    counted. ``transaction()`` and ``ensure_schema()`` go through ``session()`` too; a session
+    opened inside another on the same thread is the same connection and is not counted again."""
 
     def __init__(
         self,
@@ -133,15 +144,18 @@ class CountingWarehouse(Warehouse):
         connect: Callable[[], AbstractContextManager[Any]],
         counter: StatementCounter,
     ) -> None:
-        super().__init__(dialect, connect)
+        @contextmanager
+        def timed_connect() -> Iterator[Any]:
+            started = time.perf_counter()
+            with connect() as connection:
+                counter.session_opened(time.perf_counter() - started)
+                yield connection
+
+        super().__init__(dialect, timed_connect)
         self.counter = counter
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        started = time.perf_counter()
-        with super().session() as inner:
-            self.counter.session_opened(time.perf_counter() - started)
-            yield CountingSession(inner, self.counter)
+    def _wrap(self, session: Session) -> Session:
+        return CountingSession(session, self.counter)
 
 
 @contextmanager
@@ -237,6 +251,62 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+SIMULATOR_MODES = ("process", "thread")
+
+
+class SimulatorHandle:
+    """The Policy API simulator as the benchmarks use it: a base URL and its counters."""
+
+    def __init__(self, base_url: str, counts: Callable[[], dict[str, Any]]) -> None:
+        self.base_url = base_url
+        self._counts = counts
+
+    def counts(self) -> dict[str, Any]:
+        return self._counts()
+
+
+@contextmanager
+def policy_api(config: SimulatorConfig, mode: str = "process") -> Iterator[SimulatorHandle]:
+    """The simulator in its own process (``python -m policy_pipeline.simulator``), as the real
+    Policy API is another service: its CPU is not the engine's. ``thread`` runs it inside this
+    process instead (its request handling then competes with the engine for the GIL)."""
+    if mode == "thread":
+        with PolicyApiSimulator(config) as sim:
+            yield SimulatorHandle(sim.base_url, sim.counts)
+        return
+    settings = {k: v for k, v in config.to_dict().items() if k != "api_key"}
+    env = {**os.environ, API_KEY_ENV_VAR: config.api_key or ""}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "policy_pipeline.simulator", "--config-json", json.dumps(settings)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        if not line.startswith(LISTENING_PREFIX):
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        base_url = line.split()[-1]
+        with httpx.Client(base_url=base_url, timeout=30.0) as control:
+
+            def counts() -> dict[str, Any]:
+                response = control.get("/_sim/counts")
+                response.raise_for_status()
+                result: dict[str, Any] = response.json()
+                return result
+
+            yield SimulatorHandle(base_url, counts)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextmanager

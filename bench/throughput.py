@@ -1,7 +1,8 @@
 """Throughput of the batch engine: N policies through create -> ready -> circuit breaker.
 
-Drives `PolicyWorkflow` directly (no Dagster run) against the in-process Policy API simulator
-with a per-call latency L and a readiness time R, at most C calls in flight, with its state in
+Drives `PolicyWorkflow` directly (no Dagster run) against the Policy API simulator (in its own
+process, as the real API is another service; ``--simulator thread`` runs it in this one) with a
+per-call latency L and a readiness time R, at most C calls in flight, with its state in
 a temporary DuckDB file or on a local fakesnow server. Prints the wall time against a lower
 bound implied by L, R and C, API calls and warehouse statements per policy and per step, and
 peak memory; then runs the seeds' sequential workflow (``bench/sequential.py``) over a few
@@ -18,6 +19,7 @@ went wrong (a policy did not complete, a duplicate at the API).
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import secrets
 import sys
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from benchlib import (
+    SIMULATOR_MODES,
     WAREHOUSES,
     QuietLog,
     StatementCounter,
@@ -35,6 +38,7 @@ from benchlib import (
     make_policies,
     open_warehouse,
     peak_rss_mb,
+    policy_api,
     print_table,
     process_peak_rss_mb,
     stopwatch,
@@ -44,7 +48,7 @@ from benchlib import (
 from sequential import SequentialResult, run_baseline
 
 from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.simulator import ENDPOINTS, PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.simulator import ENDPOINTS, SimulatorConfig
 from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, PollingPolicy, StepReport
 
 STEPS = ("create", "ready", "circuit")
@@ -116,7 +120,7 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
     with (
         workdir("bench-throughput-") as tmp,
         open_warehouse(args.warehouse, tmp, counter) as handle,
-        PolicyApiSimulator(config) as sim,
+        policy_api(config, args.simulator) as sim,
         timing_renders(counter),
     ):
         api = PolicyApiResource(
@@ -135,6 +139,7 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
                 lease=LeasePolicy(),
                 concurrency=args.concurrency,
                 flush_seconds=args.flush_seconds,
+                flush_rows=args.flush_rows,
             )
             polling = polling_policy(args)
             seconds: dict[str, float] = {}
@@ -207,7 +212,7 @@ def run_sequential(args: argparse.Namespace) -> SequentialResult:
     with (
         workdir("bench-seq-") as tmp,
         open_warehouse(args.warehouse, tmp, counter) as handle,
-        PolicyApiSimulator(config) as sim,
+        policy_api(config, args.simulator) as sim,
     ):
         return run_baseline(
             handle, sim.base_url, key, args.sequential_n, interval, args.sequential_max_polls
@@ -315,7 +320,23 @@ def build_parser() -> argparse.ArgumentParser:
     polling.add_argument("--max-polls", type=int, default=60)
     polling.add_argument("--poll-deadline", type=float, default=900.0)
     parser.add_argument(
-        "--flush-seconds", type=float, default=1.0, help="PolicyWorkflow flush interval"
+        "--simulator",
+        choices=SIMULATOR_MODES,
+        default="process",
+        help="where the Policy API simulator runs: its own process, or a thread of this one",
+    )
+    defaults = inspect.signature(PolicyWorkflow).parameters
+    parser.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=defaults["flush_seconds"].default,
+        help="PolicyWorkflow: write results at least this often (default: the engine's)",
+    )
+    parser.add_argument(
+        "--flush-rows",
+        type=int,
+        default=defaults["flush_rows"].default,
+        help="PolicyWorkflow: ... or once this many answers are pending (default: the engine's)",
     )
     seq = parser.add_argument_group("sequential baseline")
     seq.add_argument("--sequential-n", type=int, default=20, help="policies (0: skip)")
@@ -348,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     polling = polling_policy(args)
     print(
         f"settings: L={args.latency_ms:g} ms, R={args.ready_seconds:g} s, C={args.concurrency}, "
-        f"warehouse {args.warehouse}, flush every {args.flush_seconds:g} s; polling: initial "
+        f"warehouse {args.warehouse}, simulator in a {args.simulator}, flush every "
+        f"{args.flush_seconds:g} s or {args.flush_rows} answers; polling: initial "
         f"{polling.initial_interval_seconds:g} s, x{polling.backoff_multiplier:g}, max interval "
         f"{polling.max_interval_seconds:g} s, max {polling.max_polls} polls, deadline "
         f"{polling.deadline_seconds:g} s (waits have equal jitter: interval/2 .. interval)"

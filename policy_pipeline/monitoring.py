@@ -127,14 +127,14 @@ class Monitor:
                 ids = [str(row[0]) for row in rows]
                 if not ids:
                     break
-                copy_events, copy_executions, delete_events, delete_executions = sql.archive_batch(
-                    len(ids)
-                )
                 with self.warehouse.transaction() as session:
-                    result.events += session.rowcount(copy_events, [result.archive_run_id, *ids])
-                    session.rowcount(copy_executions, [result.archive_run_id, *ids])
-                    session.rowcount(delete_events, ids)
-                    result.executions += session.rowcount(delete_executions, ids)
+                    for batch in sql.bind_values("execution_id", ids):
+                        run = result.archive_run_id
+                        result.events += session.rowcount(sql.ARCHIVE_EVENTS, [run, batch])
+                        session.rowcount(sql.ARCHIVE_EXECUTIONS, [run, batch])
+                        session.rowcount(sql.DELETE_ARCHIVED_EVENTS, [batch])
+                        deleted = session.rowcount(sql.DELETE_ARCHIVED_EXECUTIONS, [batch])
+                        result.executions += deleted
                 result.batches += 1
                 result.archived_ids.extend(ids)
                 if len(ids) < batch_size:

@@ -9,8 +9,11 @@ the sqlglot translation with Snowflake's types mapped to DuckDB's.
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import sqlglot
 from sqlglot import exp
@@ -186,270 +189,267 @@ def _strip_default(ddl: str) -> str:
     return ddl.split(" DEFAULT ")[0]
 
 
-TABLE_COLUMNS = Statement(
-    "table_columns",
-    "SELECT LOWER(column_name) FROM information_schema.columns "
-    "WHERE LOWER(table_name) = LOWER(?) AND LOWER(table_schema) = LOWER(CURRENT_SCHEMA())",
+SCHEMA_COLUMNS = Statement(
+    "schema_columns",
+    "SELECT LOWER(table_name), LOWER(column_name) FROM information_schema.columns "
+    "WHERE LOWER(table_schema) = LOWER(CURRENT_SCHEMA())",
 )
 
 # --- Batches ------------------------------------------------------------------------------------
-# A step works on many policies at once, so the statements below take a list: one round trip
-# per chunk of up to MAX_BATCH policies, not one per policy. Each factory is cached by size.
+# A step works on many policies at once, so the statements below take a whole batch of rows as
+# ONE bound parameter: a JSON array of objects, unpacked into a table by ``_rows`` (Snowflake's
+# FLATTEN; DuckDB's unnest, see ``_duckdb_dialect``). The text is the same for every batch size,
+# so it is rendered once, and the warehouse binds one value rather than rows x columns
+# placeholders. ``bind_rows`` packs the rows: at most MAX_BATCH rows and MAX_BATCH_BYTES of JSON
+# per statement.
 
-MAX_BATCH = 500
+MAX_BATCH = 10_000
+# Snowflake asks for statements, bound values included, under 1 MB.
+MAX_BATCH_BYTES = 900_000
 
-
-def _placeholders(count: int) -> str:
-    return ", ".join("?" for _ in range(count))
-
-
-def _values(rows: int, columns: tuple[str, ...]) -> str:
-    """``(VALUES (?, ?), (?, ?)) AS v (a, b)``: a table of bound rows to join or insert from."""
-    row = f"({_placeholders(len(columns))})"
-    return f"(VALUES {', '.join(row for _ in range(rows))}) AS v ({', '.join(columns)})"
+Column = tuple[str, str]
 
 
-def _update_from_values(
-    name: str, rows: int, columns: tuple[str, ...], assignments: str, condition: str
+def _rows(columns: Sequence[Column]) -> str:
+    """``(SELECT f.value:a::VARCHAR AS v_a, ... FROM LATERAL FLATTEN(...) AS f)``: the rows of
+    the JSON-array parameter as a table. A key a row leaves out (a None) reads as NULL."""
+    select = ", ".join(f"f.value:{key}::{type_} AS v_{key}" for key, type_ in columns)
+    return f"(SELECT {select} FROM LATERAL FLATTEN(INPUT => PARSE_JSON(?)) AS f)"
+
+
+_NAMES = _rows((("policy_name", "VARCHAR"),))
+_IDS = _rows((("execution_id", "VARCHAR"),))
+
+
+def bind_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The rows as JSON-array parameters, one per statement to run. None values are left out
+    (a JSON null would be a VARIANT null on Snowflake, not NULL)."""
+    batches: list[str] = []
+    current: list[str] = []
+    size = 2
+    for row in rows:
+        item = json.dumps(
+            {key: value for key, value in row.items() if value is not None},
+            default=str,
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        if current and (len(current) >= MAX_BATCH or size + len(item) + 1 > MAX_BATCH_BYTES):
+            batches.append(f"[{','.join(current)}]")
+            current, size = [], 2
+        current.append(item)
+        size += len(item) + 1
+    if current:
+        batches.append(f"[{','.join(current)}]")
+    return batches
+
+
+def bind_values(key: str, values: Sequence[Any]) -> list[str]:
+    """``bind_rows`` for a list of single values (names, ids) read as ``v_<key>``."""
+    return bind_rows([{key: value} for value in values])
+
+
+def _update_from_rows(
+    name: str, columns: Sequence[Column], assignments: str, condition: str
 ) -> Statement:
     """UPDATE the state rows named by ``v_execution_id`` with per-row values, if ``condition``
     still holds for them (the conditional move that decides who wins)."""
     return Statement(
-        f"{name}_{rows}",
+        name,
         f'UPDATE {STATE_TABLE} SET {assignments}, "updated_time" = CURRENT_TIMESTAMP() '
-        f"FROM (SELECT * FROM {_values(rows, ('v_execution_id', *columns))}) AS v "
+        f"FROM {_rows((('execution_id', 'VARCHAR'), *columns))} AS v "
         f'WHERE {STATE_TABLE}."execution_id" = v.v_execution_id AND {condition}',
     )
 
 
 # --- Per-policy lease: at most one run works on a policy at a time ------------------------------
 
+# MERGE, not INSERT ... WHERE NOT EXISTS: Snowflake runs concurrent INSERTs side by side, while
+# MERGEs on one table take turns, so two first-time callers cannot both insert. Params: names.
+ENSURE_LOCK_ROWS = Statement(
+    "ensure_lock_rows",
+    f'MERGE INTO {LOCKS_TABLE} USING {_NAMES} AS s ON {LOCKS_TABLE}."policy_name" = '
+    f's.v_policy_name WHEN NOT MATCHED THEN INSERT ("policy_name", "updated_time") '
+    f"VALUES (s.v_policy_name, CURRENT_TIMESTAMP())",
+)
 
-@functools.cache
-def ensure_lock_rows(rows: int) -> Statement:
-    # MERGE, not INSERT ... WHERE NOT EXISTS: Snowflake runs concurrent INSERTs side by side,
-    # while MERGEs on one table take turns, so two first-time callers cannot both insert.
-    return Statement(
-        f"ensure_lock_rows_{rows}",
-        f"MERGE INTO {LOCKS_TABLE} USING (SELECT * FROM {_values(rows, ('v_policy_name',))}) "
-        f'AS s ON {LOCKS_TABLE}."policy_name" = s.v_policy_name WHEN NOT MATCHED THEN '
-        f'INSERT ("policy_name", "updated_time") VALUES (s.v_policy_name, CURRENT_TIMESTAMP())',
-    )
+_LEASE_TO = (
+    f'UPDATE {LOCKS_TABLE} SET "lease_owner" = ?, '
+    f'"lease_expires_at" = DATEADD(second, ?, CURRENT_TIMESTAMP()), '
+    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f'WHERE "policy_name" IN (SELECT v_policy_name FROM {_NAMES}) '
+)
 
+# Params: owner, ttl seconds, names, owner. Free, expired or already ours.
+ACQUIRE_LEASES = Statement(
+    "acquire_leases",
+    _LEASE_TO + """AND ("lease_owner" IS NULL OR "lease_owner" = ? """
+    """OR "lease_expires_at" < CURRENT_TIMESTAMP())""",
+)
 
-@functools.cache
-def acquire_leases(rows: int) -> Statement:
-    """Params: owner, ttl seconds, names..., owner. Free, expired or already ours."""
-    return Statement(
-        f"acquire_leases_{rows}",
-        f'UPDATE {LOCKS_TABLE} SET "lease_owner" = ?, '
-        f'"lease_expires_at" = DATEADD(second, ?, CURRENT_TIMESTAMP()), '
-        f'"updated_time" = CURRENT_TIMESTAMP() '
-        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND ("lease_owner" IS NULL '
-        f'OR "lease_owner" = ? OR "lease_expires_at" < CURRENT_TIMESTAMP())',
-    )
+# Params: owner, ttl seconds, names, previous owner (a run known to have finished).
+TAKE_OVER_LEASES = Statement("take_over_leases", _LEASE_TO + 'AND "lease_owner" = ?')
 
+# Params: names, owner.
+RELEASE_LEASES = Statement(
+    "release_leases",
+    f'UPDATE {LOCKS_TABLE} SET "lease_owner" = NULL, "lease_expires_at" = NULL, '
+    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f'WHERE "policy_name" IN (SELECT v_policy_name FROM {_NAMES}) AND "lease_owner" = ?',
+)
 
-@functools.cache
-def take_over_leases(rows: int) -> Statement:
-    """Params: owner, ttl seconds, names..., previous owner (a run known to have finished)."""
-    return Statement(
-        f"take_over_leases_{rows}",
-        f'UPDATE {LOCKS_TABLE} SET "lease_owner" = ?, '
-        f'"lease_expires_at" = DATEADD(second, ?, CURRENT_TIMESTAMP()), '
-        f'"updated_time" = CURRENT_TIMESTAMP() '
-        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND "lease_owner" = ?',
-    )
-
-
-@functools.cache
-def release_leases(rows: int) -> Statement:
-    """Params: names..., owner."""
-    return Statement(
-        f"release_leases_{rows}",
-        f'UPDATE {LOCKS_TABLE} SET "lease_owner" = NULL, "lease_expires_at" = NULL, '
-        f'"updated_time" = CURRENT_TIMESTAMP() '
-        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND "lease_owner" = ?',
-    )
-
-
-@functools.cache
-def lease_holders(rows: int) -> Statement:
-    return Statement(
-        f"lease_holders_{rows}",
-        f'SELECT "policy_name", "lease_owner", "lease_expires_at" FROM {LOCKS_TABLE} '
-        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND "lease_owner" IS NOT NULL '
-        f'AND "lease_expires_at" >= CURRENT_TIMESTAMP()',
-    )
-
+LEASE_HOLDERS = Statement(
+    "lease_holders",
+    f'SELECT "policy_name", "lease_owner", "lease_expires_at" FROM {LOCKS_TABLE} '
+    f'WHERE "policy_name" IN (SELECT v_policy_name FROM {_NAMES}) '
+    f'AND "lease_owner" IS NOT NULL AND "lease_expires_at" >= CURRENT_TIMESTAMP()',
+)
 
 # --- Executions ---------------------------------------------------------------------------------
 
-_NEW_EXECUTION = (
-    "v_execution_id",
-    "v_policy_name",
-    "v_policy_content_hash",
-    "v_policy_data",
-    "v_create_idempotency_key",
-    "v_message",
-    "v_dagster_run_id",
+NEW_EXECUTION_COLUMNS: tuple[Column, ...] = (
+    ("execution_id", "VARCHAR"),
+    ("policy_name", "VARCHAR"),
+    ("policy_content_hash", "VARCHAR"),
+    ("policy_data", "VARCHAR"),
+    ("create_idempotency_key", "VARCHAR"),
+    ("message", "VARCHAR"),
+    ("dagster_run_id", "VARCHAR"),
+)
+
+# The intents: committed before any create call is made.
+INSERT_EXECUTIONS = Statement(
+    "insert_executions",
+    f'INSERT INTO {STATE_TABLE} ("execution_id", "policy_name", "policy_content_hash", '
+    f'"policy_data", "create_idempotency_key", "message", "dagster_run_id", "status", '
+    f'"poll_count", "completed", "requires_circuit_breaker", "circuit_breaker_initiated", '
+    f'"circuit_breaker_completed", "resumable", "resume_count", "start_time", "updated_time") '
+    f"SELECT v_execution_id, v_policy_name, v_policy_content_hash, PARSE_JSON(v_policy_data), "
+    f"v_create_idempotency_key, v_message, v_dagster_run_id, 'pending', 0, FALSE, FALSE, "
+    f"FALSE, FALSE, FALSE, 0, CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP() "
+    f"FROM {_rows(NEW_EXECUTION_COLUMNS)}",
+)
+
+# Each policy's active execution, or else its latest. A long history stays cheap: a hash
+# aggregate finds each policy's latest start, the window orders only the candidates (active,
+# latest or without a start time) on narrow columns, and only the chosen rows are read whole.
+CURRENT_EXECUTIONS = Statement(
+    "current_executions",
+    f'WITH named AS (SELECT "policy_name", "execution_id", "start_time", '
+    f"CASE WHEN {ACTIVE} THEN 0 ELSE 1 END AS inactive FROM {STATE_TABLE} "
+    f'WHERE "policy_name" IN (SELECT v_policy_name FROM {_NAMES})), '
+    f'latest AS (SELECT "policy_name", MAX("start_time") AS latest_start FROM named '
+    f'GROUP BY "policy_name"), '
+    f'chosen AS (SELECT n."execution_id" FROM named AS n JOIN latest AS l '
+    f'ON n."policy_name" = l."policy_name" WHERE n.inactive = 0 '
+    f'OR n."start_time" = l.latest_start OR n."start_time" IS NULL '
+    f'QUALIFY ROW_NUMBER() OVER (PARTITION BY n."policy_name" '
+    f'ORDER BY n.inactive, n."start_time" DESC, n."execution_id" DESC) = 1) '
+    f"SELECT {_READ} FROM {STATE_TABLE} "
+    f'WHERE "execution_id" IN (SELECT "execution_id" FROM chosen)',
+)
+
+ACTIVE_EXECUTION_COUNTS = Statement(
+    "active_execution_counts",
+    f'SELECT "policy_name", COUNT(*) FROM {STATE_TABLE} '
+    f'WHERE "policy_name" IN (SELECT v_policy_name FROM {_NAMES}) AND {ACTIVE} '
+    f'GROUP BY "policy_name"',
+)
+
+EXECUTIONS_BY_ID = Statement(
+    "executions_by_id",
+    f"SELECT {_READ} FROM {STATE_TABLE} "
+    f'WHERE "execution_id" IN (SELECT v_execution_id FROM {_IDS})',
+)
+
+POLICY_DATA_BY_ID = Statement(
+    "policy_data_by_id",
+    f'SELECT "execution_id", "policy_data" FROM {STATE_TABLE} '
+    f'WHERE "execution_id" IN (SELECT v_execution_id FROM {_IDS})',
+)
+
+# Params: target status, message, ids. A resumable error goes back to where its step starts.
+REOPEN_EXECUTIONS = Statement(
+    "reopen_executions",
+    f'UPDATE {STATE_TABLE} SET "status" = ?, "message" = ?, "resumable" = FALSE, '
+    f'"error_message" = NULL, "error_step" = NULL, '
+    f'"resume_count" = COALESCE("resume_count", 0) + 1, "updated_time" = CURRENT_TIMESTAMP() '
+    f'WHERE "execution_id" IN (SELECT v_execution_id FROM {_IDS}) AND "status" = \'error\' '
+    f'AND "resumable" = TRUE',
+)
+
+# The moves below take rows of execution_id plus the columns named.
+MARK_CREATED = _update_from_rows(
+    "mark_created",
+    (("policy_id", "VARCHAR"), ("response", "VARCHAR"), ("message", "VARCHAR")),
+    '"status" = \'policy_created\', "policy_id" = v.v_policy_id, '
+    '"api_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
+    '"policy_created_time" = CURRENT_TIMESTAMP()',
+    f"{STATE_TABLE}.\"status\" = 'pending'",
+)
+
+RECORD_POLLS = _update_from_rows(
+    "record_polls",
+    (("polls", "NUMBER"), ("response", "VARCHAR"), ("message", "VARCHAR")),
+    '"poll_count" = COALESCE("poll_count", 0) + v.v_polls, '
+    '"last_poll_time" = CURRENT_TIMESTAMP(), '
+    '"policy_status_response" = PARSE_JSON(v.v_response), "message" = v.v_message',
+    f"{STATE_TABLE}.\"status\" = 'policy_created'",
+)
+
+# The seed's dual validation: the API said ready for this policy_id AND the row still agrees.
+MARK_READY = _update_from_rows(
+    "mark_ready",
+    (("policy_id", "VARCHAR"), ("message", "VARCHAR")),
+    '"status" = \'policy_ready\', "requires_circuit_breaker" = TRUE, '
+    '"message" = v.v_message, "policy_ready_time" = CURRENT_TIMESTAMP()',
+    f'{STATE_TABLE}."status" = \'policy_created\' AND {STATE_TABLE}."policy_id" = v.v_policy_id',
+)
+
+# The exactly-once gate: only a ready execution whose breaker is not yet initiated moves.
+CLAIM_CIRCUIT_BREAKERS = _update_from_rows(
+    "claim_circuit_breakers",
+    (("key", "VARCHAR"), ("reason", "VARCHAR"), ("message", "VARCHAR")),
+    '"circuit_breaker_initiated" = TRUE, "circuit_idempotency_key" = v.v_key, '
+    '"trigger_reason" = v.v_reason, "message" = v.v_message',
+    f"{STATE_TABLE}.\"status\" = 'policy_ready' "
+    f'AND {STATE_TABLE}."circuit_breaker_initiated" = FALSE',
+)
+
+MARK_COMPLETED = _update_from_rows(
+    "mark_completed",
+    (("response", "VARCHAR"), ("message", "VARCHAR")),
+    '"status" = \'completed\', "completed" = TRUE, "circuit_breaker_completed" = TRUE, '
+    '"circuit_breaker_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
+    '"error_message" = NULL, "completed_time" = CURRENT_TIMESTAMP()',
+    f"{STATE_TABLE}.\"status\" = 'policy_ready' "
+    f'AND {STATE_TABLE}."circuit_breaker_initiated" = TRUE '
+    f'AND {STATE_TABLE}."circuit_breaker_completed" = FALSE',
+)
+
+MARK_ERRORS = _update_from_rows(
+    "mark_errors",
+    (
+        ("error", "VARCHAR"),
+        ("step", "VARCHAR"),
+        ("resumable", "BOOLEAN"),
+        ("message", "VARCHAR"),
+    ),
+    '"status" = \'error\', "error_message" = v.v_error, "error_step" = v.v_step, '
+    '"resumable" = v.v_resumable, "message" = v.v_message',
+    f"{STATE_TABLE}.\"status\" IN ('pending', 'policy_created', 'policy_ready')",
 )
 
 
 @functools.cache
-def insert_executions(rows: int) -> Statement:
-    """The intents: committed before any create call is made."""
-    return Statement(
-        f"insert_executions_{rows}",
-        f'INSERT INTO {STATE_TABLE} ("execution_id", "policy_name", "policy_content_hash", '
-        f'"policy_data", "create_idempotency_key", "message", "dagster_run_id", "status", '
-        f'"poll_count", "completed", "requires_circuit_breaker", "circuit_breaker_initiated", '
-        f'"circuit_breaker_completed", "resumable", "resume_count", "start_time", '
-        f'"updated_time") '
-        f"SELECT v_execution_id, v_policy_name, v_policy_content_hash, PARSE_JSON(v_policy_data), "
-        f"v_create_idempotency_key, v_message, v_dagster_run_id, 'pending', 0, FALSE, FALSE, "
-        f"FALSE, FALSE, FALSE, 0, CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP() "
-        f"FROM {_values(rows, _NEW_EXECUTION)}",
-    )
-
-
-@functools.cache
-def current_executions(rows: int) -> Statement:
-    """Each policy's active execution, or else its latest."""
-    return Statement(
-        f"current_executions_{rows}",
-        f'SELECT {_READ} FROM {STATE_TABLE} WHERE "policy_name" IN ({_placeholders(rows)}) '
-        f'QUALIFY ROW_NUMBER() OVER (PARTITION BY "policy_name" '
-        f'ORDER BY CASE WHEN {ACTIVE} THEN 0 ELSE 1 END, "start_time" DESC, '
-        f'"execution_id" DESC) = 1',
-    )
-
-
-@functools.cache
-def active_execution_counts(rows: int) -> Statement:
-    return Statement(
-        f"active_execution_counts_{rows}",
-        f'SELECT "policy_name", COUNT(*) FROM {STATE_TABLE} '
-        f'WHERE "policy_name" IN ({_placeholders(rows)}) AND {ACTIVE} GROUP BY "policy_name"',
-    )
-
-
-@functools.cache
-def executions_by_id(rows: int) -> Statement:
-    return Statement(
-        f"executions_by_id_{rows}",
-        f'SELECT {_READ} FROM {STATE_TABLE} WHERE "execution_id" IN ({_placeholders(rows)})',
-    )
-
-
-@functools.cache
-def policy_data_by_id(rows: int) -> Statement:
-    return Statement(
-        f"policy_data_by_id_{rows}",
-        f'SELECT "execution_id", "policy_data" FROM {STATE_TABLE} '
-        f'WHERE "execution_id" IN ({_placeholders(rows)})',
-    )
-
-
-@functools.cache
-def reopen_executions(rows: int) -> Statement:
-    """Params: target status, message, ids... A resumable error goes back to where its step
-    starts."""
-    return Statement(
-        f"reopen_executions_{rows}",
-        f'UPDATE {STATE_TABLE} SET "status" = ?, "message" = ?, "resumable" = FALSE, '
-        f'"error_message" = NULL, "error_step" = NULL, '
-        f'"resume_count" = COALESCE("resume_count", 0) + 1, "updated_time" = CURRENT_TIMESTAMP() '
-        f'WHERE "execution_id" IN ({_placeholders(rows)}) AND "status" = \'error\' '
-        f'AND "resumable" = TRUE',
-    )
-
-
-@functools.cache
-def mark_created(rows: int) -> Statement:
-    return _update_from_values(
-        "mark_created",
-        rows,
-        ("v_policy_id", "v_response", "v_message"),
-        '"status" = \'policy_created\', "policy_id" = v.v_policy_id, '
-        '"api_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
-        '"policy_created_time" = CURRENT_TIMESTAMP()',
-        f"{STATE_TABLE}.\"status\" = 'pending'",
-    )
-
-
-@functools.cache
-def record_polls(rows: int) -> Statement:
-    return _update_from_values(
-        "record_polls",
-        rows,
-        ("v_polls", "v_response", "v_message"),
-        '"poll_count" = COALESCE("poll_count", 0) + v.v_polls, '
-        '"last_poll_time" = CURRENT_TIMESTAMP(), '
-        '"policy_status_response" = PARSE_JSON(v.v_response), "message" = v.v_message',
-        f"{STATE_TABLE}.\"status\" = 'policy_created'",
-    )
-
-
-@functools.cache
-def mark_ready(rows: int) -> Statement:
-    return _update_from_values(
-        "mark_ready",
-        rows,
-        ("v_message",),
-        '"status" = \'policy_ready\', "requires_circuit_breaker" = TRUE, '
-        '"message" = v.v_message, "policy_ready_time" = CURRENT_TIMESTAMP()',
-        f'{STATE_TABLE}."status" = \'policy_created\' AND {STATE_TABLE}."policy_id" IS NOT NULL',
-    )
-
-
-@functools.cache
-def claim_circuit_breakers(rows: int) -> Statement:
-    """The exactly-once gate: only a ready execution whose breaker is not yet initiated moves."""
-    return _update_from_values(
-        "claim_circuit_breakers",
-        rows,
-        ("v_key", "v_reason", "v_message"),
-        '"circuit_breaker_initiated" = TRUE, "circuit_idempotency_key" = v.v_key, '
-        '"trigger_reason" = v.v_reason, "message" = v.v_message',
-        f"{STATE_TABLE}.\"status\" = 'policy_ready' "
-        f'AND {STATE_TABLE}."circuit_breaker_initiated" = FALSE',
-    )
-
-
-@functools.cache
-def mark_completed(rows: int) -> Statement:
-    return _update_from_values(
-        "mark_completed",
-        rows,
-        ("v_response", "v_message"),
-        '"status" = \'completed\', "completed" = TRUE, "circuit_breaker_completed" = TRUE, '
-        '"circuit_breaker_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
-        '"error_message" = NULL, "completed_time" = CURRENT_TIMESTAMP()',
-        f"{STATE_TABLE}.\"status\" = 'policy_ready' "
-        f'AND {STATE_TABLE}."circuit_breaker_initiated" = TRUE '
-        f'AND {STATE_TABLE}."circuit_breaker_completed" = FALSE',
-    )
-
-
-@functools.cache
-def mark_errors(rows: int) -> Statement:
-    return _update_from_values(
-        "mark_errors",
-        rows,
-        ("v_error", "v_step", "v_resumable", "v_message"),
-        '"status" = \'error\', "error_message" = v.v_error, "error_step" = v.v_step, '
-        '"resumable" = v.v_resumable, "message" = v.v_message',
-        f"{STATE_TABLE}.\"status\" IN ('pending', 'policy_created', 'policy_ready')",
-    )
-
-
-@functools.cache
-def set_responses(column: str, rows: int) -> Statement:
+def set_responses(column: str) -> Statement:
     """Keep a raw API response (``api_response`` or ``circuit_breaker_response``)."""
     assert column in ("api_response", "circuit_breaker_response")
-    return _update_from_values(
-        f"set_{column}", rows, ("v_response",), f'"{column}" = PARSE_JSON(v.v_response)', "TRUE"
+    return _update_from_rows(
+        f"set_{column}",
+        (("response", "VARCHAR"),),
+        f'"{column}" = PARSE_JSON(v.v_response)',
+        "TRUE",
     )
 
 
@@ -641,37 +641,43 @@ def _names(columns: tuple[tuple[str, str], ...]) -> str:
     return ", ".join(f'"{name}"' for name, _ in columns)
 
 
-@functools.cache
-def archive_batch(rows: int) -> tuple[Statement, Statement, Statement, Statement]:
-    """Copy a batch of executions and their events to history, then delete them. Every
-    statement re-checks that the execution is terminal, so an in-progress row is never moved."""
-    ids = ", ".join("?" for _ in range(rows))
-    terminal_ids = f'SELECT "execution_id" FROM {STATE_TABLE} WHERE "execution_id" IN ({ids}) '
-    terminal_ids += f"AND {TERMINAL}"
+def _archive_batch() -> tuple[Statement, Statement, Statement, Statement]:
+    """Copy a batch of executions (ids bound as one JSON array) and their events to history,
+    then delete them. Every statement re-checks that the execution is terminal, so an
+    in-progress row is never moved."""
+    terminal_ids = (
+        f'SELECT "execution_id" FROM {STATE_TABLE} '
+        f'WHERE "execution_id" IN (SELECT v_execution_id FROM {_IDS}) AND {TERMINAL}'
+    )
     state, events = _names(STATE_COLUMNS), _names(EVENT_COLUMNS)
     return (
         Statement(
-            f"archive_events_{rows}",
+            "archive_events",
             f'INSERT INTO {EVENTS_HISTORY_TABLE} ({events}, "archived_time", "archive_run_id") '
             f"SELECT {events}, CURRENT_TIMESTAMP(), ? FROM {EVENTS_TABLE} "
             f'WHERE "execution_id" IN ({terminal_ids})',
         ),
         Statement(
-            f"archive_executions_{rows}",
+            "archive_executions",
             f'INSERT INTO {STATE_HISTORY_TABLE} ({state}, "archived_time", "archive_run_id") '
             f"SELECT {state}, CURRENT_TIMESTAMP(), ? FROM {STATE_TABLE} "
             f'WHERE "execution_id" IN ({terminal_ids})',
         ),
         Statement(
-            f"delete_archived_events_{rows}",
+            "delete_archived_events",
             f'DELETE FROM {EVENTS_TABLE} WHERE "execution_id" IN ({terminal_ids})',
         ),
         Statement(
-            f"delete_archived_executions_{rows}",
-            f'DELETE FROM {STATE_TABLE} WHERE "execution_id" IN ({ids}) AND {TERMINAL}',
+            "delete_archived_executions",
+            f'DELETE FROM {STATE_TABLE} WHERE "execution_id" IN '
+            f"(SELECT v_execution_id FROM {_IDS}) AND {TERMINAL}",
         ),
     )
 
+
+ARCHIVE_EVENTS, ARCHIVE_EXECUTIONS, DELETE_ARCHIVED_EVENTS, DELETE_ARCHIVED_EXECUTIONS = (
+    _archive_batch()
+)
 
 START_ARCHIVE_RUN = Statement(
     "start_archive_run",
@@ -689,36 +695,34 @@ FINISH_ARCHIVE_RUN = Statement(
 
 # --- Audit events -------------------------------------------------------------------------------
 
-EVENT_INSERT_COLUMNS = (
-    "event_id",
-    "execution_id",
-    "policy_name",
-    "event_type",
-    "endpoint",
-    "http_method",
-    "http_status",
-    "latency_ms",
-    "attempt",
-    "outcome",
-    "from_status",
-    "to_status",
-    "message",
-    "detail",
-    "dagster_run_id",
+EVENT_INSERT_COLUMNS: tuple[Column, ...] = (
+    ("event_id", "VARCHAR"),
+    ("execution_id", "VARCHAR"),
+    ("policy_name", "VARCHAR"),
+    ("event_type", "VARCHAR"),
+    ("endpoint", "VARCHAR"),
+    ("http_method", "VARCHAR"),
+    ("http_status", "NUMBER"),
+    ("latency_ms", "FLOAT"),
+    ("attempt", "NUMBER"),
+    ("outcome", "VARCHAR"),
+    ("from_status", "VARCHAR"),
+    ("to_status", "VARCHAR"),
+    ("message", "VARCHAR"),
+    ("detail", "VARCHAR"),
+    ("dagster_run_id", "VARCHAR"),
 )
 
+_EVENT_VALUES = ", ".join(
+    f"PARSE_JSON(v_{c})" if c == "detail" else f"v_{c}" for c, _ in EVENT_INSERT_COLUMNS
+)
 
-@functools.cache
-def insert_events(rows: int) -> Statement:
-    """One INSERT for a batch of audit events (a round trip per flush, not per event)."""
-    aliases = tuple(f"v_{c}" for c in EVENT_INSERT_COLUMNS)
-    select = ", ".join(f"PARSE_JSON({a})" if a == "v_detail" else a for a in aliases)
-    columns = ", ".join(f'"{c}"' for c in EVENT_INSERT_COLUMNS)
-    return Statement(
-        f"insert_events_{rows}",
-        f'INSERT INTO {EVENTS_TABLE} ({columns}, "event_time") '
-        f"SELECT {select}, CURRENT_TIMESTAMP() FROM {_values(rows, aliases)}",
-    )
+# A batch of audit events: one round trip per flush, not per event.
+INSERT_EVENTS = Statement(
+    "insert_events",
+    f'INSERT INTO {EVENTS_TABLE} ({_names(EVENT_INSERT_COLUMNS)}, "event_time") '
+    f"SELECT {_EVENT_VALUES}, CURRENT_TIMESTAMP() FROM {_rows(EVENT_INSERT_COLUMNS)}",
+)
 
 
 # --- Rendering ----------------------------------------------------------------------------------
@@ -729,7 +733,7 @@ def _render(source: str, dialect: Dialect) -> str:
     if dialect is Dialect.SNOWFLAKE:
         return _snowflake_pyformat(source)
     tree = sqlglot.parse_one(source, read="snowflake")
-    return tree.transform(_duckdb_types).sql(dialect="duckdb")
+    return tree.transform(_duckdb_dialect).sql(dialect="duckdb")
 
 
 def _snowflake_pyformat(source: str) -> str:
@@ -751,7 +755,19 @@ def _snowflake_pyformat(source: str) -> str:
     return "".join(out)
 
 
-def _duckdb_types(node: exp.Expression) -> exp.Expression:
+# DuckDB's form of ``_rows``' table source: the JSON array parameter, one row per element.
+_DUCKDB_ROWS = sqlglot.parse_one("SELECT UNNEST(CAST(? AS JSON[])) AS value", read="duckdb")
+
+
+def _duckdb_dialect(node: exp.Expression) -> exp.Expression:
+    """What sqlglot does not translate: FLATTEN over a parameter, ``value:key::TYPE`` extraction
+    (text, not JSON, before the cast) and Snowflake's types."""
+    if isinstance(node, (exp.Lateral, exp.TableFromRows)) and isinstance(node.this, exp.Explode):
+        alias = node.args.get("alias")  # FLATTEN's alias also names its columns: keep the name
+        name = exp.TableAlias(this=alias.this.copy()) if alias is not None else None
+        return exp.Subquery(this=_DUCKDB_ROWS.copy(), alias=name)
+    if isinstance(node, exp.JSONExtract) and node.args.get("variant_extract"):
+        return exp.JSONExtractScalar(this=node.this, expression=node.expression)
     if isinstance(node, exp.DataType):
         if node.this == exp.DataType.Type.VARIANT:
             return exp.DataType.build("JSON")

@@ -8,14 +8,14 @@ UPDATE, re-read afterwards, so two processes racing on one execution cannot both
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from policy_pipeline import sql
 from policy_pipeline.domain import (
@@ -28,7 +28,6 @@ from policy_pipeline.warehouse import Session, Warehouse
 
 # Audit details are truncated so a huge or hostile response cannot bloat the table.
 MAX_DETAIL_CHARS = 4_000
-EVENT_BATCH_ROWS = 1_000
 
 
 @dataclass(frozen=True)
@@ -93,29 +92,31 @@ class AuditEvent:
     detail: Any = None
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def params(self, run_id: str | None) -> list[Any]:
-        return [
-            self.event_id,
-            self.execution_id,
-            self.policy_name,
-            self.event_type,
-            self.endpoint,
-            self.http_method,
-            self.http_status,
-            self.latency_ms,
-            self.attempt,
-            self.outcome,
-            self.from_status,
-            self.to_status,
-            self.message[:MAX_DETAIL_CHARS],
-            None if self.detail is None else to_json(self.detail, MAX_DETAIL_CHARS),
-            run_id,
-        ]
+    def row(self, run_id: str | None) -> dict[str, Any]:
+        """The event as a row of ``sql.INSERT_EVENTS``."""
+        return {
+            "event_id": self.event_id,
+            "execution_id": self.execution_id,
+            "policy_name": self.policy_name,
+            "event_type": self.event_type,
+            "endpoint": self.endpoint,
+            "http_method": self.http_method,
+            "http_status": self.http_status,
+            "latency_ms": self.latency_ms,
+            "attempt": self.attempt,
+            "outcome": self.outcome,
+            "from_status": self.from_status,
+            "to_status": self.to_status,
+            "message": self.message[:MAX_DETAIL_CHARS],
+            "detail": None if self.detail is None else to_json(self.detail, MAX_DETAIL_CHARS),
+            "dagster_run_id": run_id,
+        }
 
 
 class StateStore:
     """The workflow's reads and writes. Audit events are buffered and written in batches, in the
-    same connection as the state change they accompany."""
+    same connection as the state change they accompany. Every method runs in one session (one
+    connection); inside ``batch()`` several methods share one."""
 
     def __init__(self, warehouse: Warehouse, run_id: str | None = None) -> None:
         self.warehouse = warehouse
@@ -123,6 +124,10 @@ class StateStore:
         self._pending_events: list[AuditEvent] = []
         self._events_lock = threading.Lock()
         warehouse.ensure_schema()
+
+    def batch(self) -> AbstractContextManager[Session]:
+        """One connection for every call made inside (on this thread)."""
+        return self.warehouse.session()
 
     # --- audit ----------------------------------------------------------------------------------
 
@@ -135,29 +140,18 @@ class StateStore:
             events, self._pending_events = self._pending_events, []
         if not events:
             return
-        if session is None:
-            with self.warehouse.session() as own:
-                self._write_events(own, events)
-        else:
-            self._write_events(session, events)
-
-    def _write_events(self, session: Session, events: list[AuditEvent]) -> None:
-        for batch in _chunks(events, EVENT_BATCH_ROWS):
-            params: list[Any] = []
-            for event in batch:
-                params.extend(event.params(self.run_id))
-            session.rowcount(sql.insert_events(len(batch)), params)
+        with self.warehouse.session() if session is None else nullcontext(session) as target:
+            for rows in sql.bind_rows([event.row(self.run_id) for event in events]):
+                target.rowcount(sql.INSERT_EVENTS, [rows])
 
     # --- leases ---------------------------------------------------------------------------------
 
     def acquire_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> set[str]:
         """Claim the free (or expired, or already ours) leases; returns the names now ours."""
         with self.warehouse.session() as session:
-            for chunk in _chunks(names):
-                session.rowcount(sql.ensure_lock_rows(len(chunk)), chunk)
-                session.rowcount(
-                    sql.acquire_leases(len(chunk)), [owner, ttl_seconds, *chunk, owner]
-                )
+            for batch in sql.bind_values("policy_name", names):
+                session.rowcount(sql.ENSURE_LOCK_ROWS, [batch])
+                session.rowcount(sql.ACQUIRE_LEASES, [owner, ttl_seconds, batch, owner])
             holders = self._holders(session, names)
         return {name for name, (holder, _until) in holders.items() if holder == owner}
 
@@ -167,8 +161,8 @@ class StateStore:
 
     def _holders(self, session: Session, names: Sequence[str]) -> dict[str, tuple[str, datetime]]:
         holders: dict[str, tuple[str, datetime]] = {}
-        for chunk in _chunks(names):
-            for name, holder, until in session.rows(sql.lease_holders(len(chunk)), chunk):
+        for batch in sql.bind_values("policy_name", names):
+            for name, holder, until in session.rows(sql.LEASE_HOLDERS, [batch]):
                 holders[str(name)] = (str(holder), until)
         return holders
 
@@ -176,18 +170,16 @@ class StateStore:
         self, names: Sequence[str], owner: str, previous_owner: str, ttl_seconds: int
     ) -> None:
         with self.warehouse.session() as session:
-            for chunk in _chunks(names):
-                session.rowcount(
-                    sql.take_over_leases(len(chunk)), [owner, ttl_seconds, *chunk, previous_owner]
-                )
+            for batch in sql.bind_values("policy_name", names):
+                session.rowcount(sql.TAKE_OVER_LEASES, [owner, ttl_seconds, batch, previous_owner])
 
     def renew_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> None:
         self.acquire_leases(names, owner, ttl_seconds)
 
     def release_leases(self, names: Sequence[str], owner: str) -> None:
         with self.warehouse.session() as session:
-            for chunk in _chunks(names):
-                session.rowcount(sql.release_leases(len(chunk)), [*chunk, owner])
+            for batch in sql.bind_values("policy_name", names):
+                session.rowcount(sql.RELEASE_LEASES, [batch, owner])
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -195,8 +187,8 @@ class StateStore:
         """Each policy's active execution, or else its latest (absent: never executed)."""
         found: dict[str, ExecutionRow] = {}
         with self.warehouse.session() as session:
-            for chunk in _chunks(names):
-                for row in session.rows(sql.current_executions(len(chunk)), chunk):
+            for batch in sql.bind_values("policy_name", names):
+                for row in session.rows(sql.CURRENT_EXECUTIONS, [batch]):
                     execution = ExecutionRow.from_row(row)
                     found[execution.policy_name] = execution
         return found
@@ -204,16 +196,16 @@ class StateStore:
     def active_counts(self, names: Sequence[str]) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self.warehouse.session() as session:
-            for chunk in _chunks(names):
-                for name, count in session.rows(sql.active_execution_counts(len(chunk)), chunk):
+            for batch in sql.bind_values("policy_name", names):
+                for name, count in session.rows(sql.ACTIVE_EXECUTION_COUNTS, [batch]):
                     counts[str(name)] = int(count)
         return counts
 
     def executions(self, ids: Sequence[str]) -> dict[str, ExecutionRow]:
         found: dict[str, ExecutionRow] = {}
         with self.warehouse.session() as session:
-            for chunk in _chunks(ids):
-                for row in session.rows(sql.executions_by_id(len(chunk)), chunk):
+            for batch in sql.bind_values("execution_id", ids):
+                for row in session.rows(sql.EXECUTIONS_BY_ID, [batch]):
                     execution = ExecutionRow.from_row(row)
                     found[execution.execution_id] = execution
         return found
@@ -231,8 +223,8 @@ class StateStore:
         """The stored create bodies: a retried create re-sends exactly what was sent."""
         data: dict[str, Any] = {}
         with self.warehouse.session() as session:
-            for chunk in _chunks(ids):
-                for execution_id, value in session.rows(sql.policy_data_by_id(len(chunk)), chunk):
+            for batch in sql.bind_values("execution_id", ids):
+                for execution_id, value in session.rows(sql.POLICY_DATA_BY_ID, [batch]):
                     data[str(execution_id)] = json.loads(value) if isinstance(value, str) else value
         return data
 
@@ -247,19 +239,19 @@ class StateStore:
     def start_executions(self, policies: Sequence[PolicyDefinition]) -> list[ExecutionRow]:
         """Commit the intents (execution id, idempotency key, policy data) before any call."""
         message = "Execution started; creating policy"
-        params: list[list[Any]] = []
+        rows: list[dict[str, Any]] = []
         for policy in policies:
             execution_id = str(uuid.uuid4())
-            params.append(
-                [
-                    execution_id,
-                    policy.policy_name,
-                    policy.content_hash(),
-                    to_json(policy.payload()),
-                    create_idempotency_key(execution_id),
-                    message,
-                    self.run_id,
-                ]
+            rows.append(
+                {
+                    "execution_id": execution_id,
+                    "policy_name": policy.policy_name,
+                    "policy_content_hash": policy.content_hash(),
+                    "policy_data": to_json(policy.payload()),
+                    "create_idempotency_key": create_idempotency_key(execution_id),
+                    "message": message,
+                    "dagster_run_id": self.run_id,
+                }
             )
             self.audit(
                 AuditEvent(
@@ -270,38 +262,39 @@ class StateStore:
                     to_status=ExecutionStatus.PENDING.value,
                 )
             )
+        ids = [row["execution_id"] for row in rows]
         with self.warehouse.session() as session:
-            for chunk in _chunks(params):
-                session.rowcount(sql.insert_executions(len(chunk)), _flat(chunk))
+            for batch in sql.bind_rows(rows):
+                session.rowcount(sql.INSERT_EXECUTIONS, [batch])
             self.flush(session)
-        rows = self.executions([p[0] for p in params])
-        return [rows[p[0]] for p in params]
+            stored = self.executions(ids)
+        return [stored[execution_id] for execution_id in ids]
 
     def _move(
         self,
-        factory: Callable[[int], sql.Statement],
-        rows: Sequence[tuple[ExecutionRow, Sequence[Any]]],
+        statement: sql.Statement,
+        rows: Sequence[tuple[ExecutionRow, Mapping[str, Any]]],
         target: ExecutionStatus | None,
         messages: Sequence[str] | None = None,
     ) -> dict[str, ExecutionRow]:
         """Apply a conditional per-row update to a batch, then read the rows back: the ones
         now in ``target`` are the moves that happened (and are audited). Returns every row as
-        it is now."""
+        it is now. One connection: update, read-back and audit events."""
         for row, _values in rows:
             if target is not None and target is not row.status:
                 check_transition(row.status, target)
         with self.warehouse.session() as session:
-            for chunk in _chunks(list(rows)):
-                params = _flat([[row.execution_id, *values] for row, values in chunk])
-                session.rowcount(factory(len(chunk)), params)
-        after = self.executions([row.execution_id for row, _ in rows])
-        if target is not None:
-            for index, (row, _values) in enumerate(rows):
-                now = after.get(row.execution_id)
-                if now is not None and now.status is target and row.status is not target:
-                    message = messages[index] if messages else f"moved to {target}"
-                    self._audit_move(row, target, message)
-        self.flush()
+            values = [{"execution_id": row.execution_id, **columns} for row, columns in rows]
+            for batch in sql.bind_rows(values):
+                session.rowcount(statement, [batch])
+            after = self.executions([row.execution_id for row, _ in rows])
+            if target is not None:
+                for index, (row, _values) in enumerate(rows):
+                    now = after.get(row.execution_id)
+                    if now is not None and now.status is target and row.status is not target:
+                        message = messages[index] if messages else f"moved to {target}"
+                        self._audit_move(row, target, message)
+            self.flush(session)
         return after
 
     def reopen(
@@ -310,14 +303,16 @@ class StateStore:
         message = "Resumed after a recoverable error"
         for row in rows:
             check_transition(row.status, target)
+        ids = [row.execution_id for row in rows]
         with self.warehouse.session() as session:
-            for chunk in _chunks([row.execution_id for row in rows]):
-                session.rowcount(sql.reopen_executions(len(chunk)), [target.value, message, *chunk])
-        after = self.executions([row.execution_id for row in rows])
-        for row in rows:
-            if after[row.execution_id].status is target:
-                self._audit_move(row, target, f"{message} in {row.error_step}: {row.error_message}")
-        self.flush()
+            for batch in sql.bind_values("execution_id", ids):
+                session.rowcount(sql.REOPEN_EXECUTIONS, [target.value, message, batch])
+            after = self.executions(ids)
+            for row in rows:
+                if after[row.execution_id].status is target:
+                    detail = f"{message} in {row.error_step}: {row.error_message}"
+                    self._audit_move(row, target, detail)
+            self.flush(session)
         return after
 
     def mark_created(
@@ -325,9 +320,16 @@ class StateStore:
     ) -> dict[str, ExecutionRow]:
         messages = [f"Step 1 complete: policy {policy_id} created" for _r, policy_id, _ in results]
         return self._move(
-            sql.mark_created,
+            sql.MARK_CREATED,
             [
-                (row, [policy_id, to_json(response, MAX_DETAIL_CHARS), message])
+                (
+                    row,
+                    {
+                        "policy_id": policy_id,
+                        "response": to_json(response, MAX_DETAIL_CHARS),
+                        "message": message,
+                    },
+                )
                 for (row, policy_id, response), message in zip(results, messages, strict=True)
             ],
             ExecutionStatus.POLICY_CREATED,
@@ -335,22 +337,25 @@ class StateStore:
         )
 
     def record_polls(self, polls: Sequence[tuple[ExecutionRow, int, Any, str]]) -> None:
-        """Per execution: polls made since the last write, the last response, a message."""
+        """Per execution: polls made since the last write, the last response, a message. The
+        polls' audit events go with the next flush (the caller's)."""
+        rows = [
+            {
+                "execution_id": row.execution_id,
+                "polls": count,
+                "response": to_json(response, MAX_DETAIL_CHARS),
+                "message": message,
+            }
+            for row, count, response, message in polls
+        ]
         with self.warehouse.session() as session:
-            for chunk in _chunks(list(polls)):
-                params = _flat(
-                    [
-                        [row.execution_id, count, to_json(response, MAX_DETAIL_CHARS), message]
-                        for row, count, response, message in chunk
-                    ]
-                )
-                session.rowcount(sql.record_polls(len(chunk)), params)
-            self.flush(session)
+            for batch in sql.bind_rows(rows):
+                session.rowcount(sql.RECORD_POLLS, [batch])
 
     def mark_ready(self, rows: Sequence[tuple[ExecutionRow, str]]) -> dict[str, ExecutionRow]:
         return self._move(
-            sql.mark_ready,
-            [(row, [message]) for row, message in rows],
+            sql.MARK_READY,
+            [(row, {"policy_id": row.policy_id, "message": message}) for row, message in rows],
             ExecutionStatus.POLICY_READY,
             [message for _row, message in rows],
         )
@@ -361,17 +366,18 @@ class StateStore:
         """The exactly-once gate. Afterwards, an execution with ``circuit_breaker_initiated``
         and this key is ours to call for (the caller holds its lease)."""
         message = "Step 3: circuit breaker initiated"
-        after = self._move(
-            sql.claim_circuit_breakers,
-            [(row, [key, reason, message]) for row, key in rows],
-            None,
-        )
-        for row, key in rows:
-            now = after.get(row.execution_id)
-            if now and now.circuit_breaker_initiated and not row.circuit_breaker_initiated:
-                detail = {"circuit_breaker_initiated": True, "idempotency_key": key}
-                self._audit_move(row, row.status, message, detail)
-        self.flush()
+        with self.warehouse.session() as session:
+            after = self._move(
+                sql.CLAIM_CIRCUIT_BREAKERS,
+                [(row, {"key": key, "reason": reason, "message": message}) for row, key in rows],
+                None,
+            )
+            for row, key in rows:
+                now = after.get(row.execution_id)
+                if now and now.circuit_breaker_initiated and not row.circuit_breaker_initiated:
+                    detail = {"circuit_breaker_initiated": True, "idempotency_key": key}
+                    self._audit_move(row, row.status, message, detail)
+            self.flush(session)
         return after
 
     def mark_completed(
@@ -379,8 +385,11 @@ class StateStore:
     ) -> dict[str, ExecutionRow]:
         message = "Workflow completed: circuit breaker triggered"
         return self._move(
-            sql.mark_completed,
-            [(row, [to_json(response, MAX_DETAIL_CHARS), message]) for row, response in results],
+            sql.MARK_COMPLETED,
+            [
+                (row, {"response": to_json(response, MAX_DETAIL_CHARS), "message": message})
+                for row, response in results
+            ],
             ExecutionStatus.COMPLETED,
             [message] * len(results),
         )
@@ -389,19 +398,27 @@ class StateStore:
         self, failures: Sequence[tuple[ExecutionRow, str, str, bool]]
     ) -> dict[str, ExecutionRow]:
         """Per execution: the error, the step, and whether a later run resumes it."""
-        rows = []
+        rows: list[tuple[ExecutionRow, Mapping[str, Any]]] = []
         messages = []
         for row, error, step, resumable in failures:
             message = f"{step} failed" + (" (a later run resumes it)" if resumable else "")
-            rows.append((row, [error[:MAX_DETAIL_CHARS], step, resumable, message]))
+            columns = {
+                "error": error[:MAX_DETAIL_CHARS],
+                "step": step,
+                "resumable": resumable,
+                "message": message,
+            }
+            rows.append((row, columns))
             messages.append(f"{message}: {error[:500]}")
-        return self._move(sql.mark_errors, rows, ExecutionStatus.ERROR, messages)
+        return self._move(sql.MARK_ERRORS, rows, ExecutionStatus.ERROR, messages)
 
     def set_responses(self, column: str, responses: Sequence[tuple[ExecutionRow, Any]]) -> None:
-        factory = functools.partial(sql.set_responses, column)
         self._move(
-            factory,
-            [(row, [to_json(response, MAX_DETAIL_CHARS)]) for row, response in responses],
+            sql.set_responses(column),
+            [
+                (row, {"response": to_json(response, MAX_DETAIL_CHARS)})
+                for row, response in responses
+            ],
             None,
         )
 
@@ -411,9 +428,9 @@ class StateStore:
         check_transition(row.status, ExecutionStatus.POLICY_READY)
         with self.warehouse.session() as session:
             moved = session.rowcount(sql.FORCE_READY, [message, row.execution_id]) == 1
-        if moved:
-            self._audit_move(row, ExecutionStatus.POLICY_READY, message)
-            self.flush()
+            if moved:
+                self._audit_move(row, ExecutionStatus.POLICY_READY, message)
+                self.flush(session)
         return moved
 
     def skip_circuit_breaker(self, row: ExecutionRow, message: str, force: bool) -> bool:
@@ -424,9 +441,9 @@ class StateStore:
                 session.rowcount(sql.SKIP_CIRCUIT_BREAKER, [message, row.execution_id, *allowed])
                 == 1
             )
-        if moved:
-            self._audit_move(row, ExecutionStatus.COMPLETED, message)
-            self.flush()
+            if moved:
+                self._audit_move(row, ExecutionStatus.COMPLETED, message)
+                self.flush(session)
         return moved
 
     def _audit_move(
@@ -444,14 +461,3 @@ class StateStore:
                 detail=detail,
             )
         )
-
-
-T = TypeVar("T")
-
-
-def _chunks(items: Sequence[T], size: int = sql.MAX_BATCH) -> list[Sequence[T]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _flat(rows: Sequence[Sequence[Any]]) -> list[Any]:
-    return [value for row in rows for value in row]

@@ -16,7 +16,7 @@ from policy_pipeline.sql import (
     BEGIN,
     COMMIT,
     ROLLBACK,
-    TABLE_COLUMNS,
+    SCHEMA_COLUMNS,
     TABLES,
     Dialect,
     Statement,
@@ -91,20 +91,33 @@ class Warehouse:
             threading.Lock() if dialect is Dialect.DUCKDB else nullcontext()
         )
         self._schema_ready = False
+        self._local = threading.local()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One connection for a few statements; autocommit, so each statement commits.
 
+        Re-entrant per thread: a session opened inside another on the same thread is that
+        session, so a batch of reads and writes costs one connection (on Snowflake, one login).
         dagster-duckdb's ``get_connection`` already retries with backoff while another process
         holds the DuckDB file, so concurrent runs wait briefly rather than fail.
         """
+        current: Session | None = getattr(self._local, "session", None)
+        if current is not None:
+            yield current
+            return
         with self._turn, self._connect() as connection:
-            session = _DBAPISession(connection, self.dialect)
+            raw = _DBAPISession(connection, self.dialect)
+            self._local.session = self._wrap(raw)
             try:
-                yield session
+                yield self._local.session
             finally:
-                session.close()
+                self._local.session = None
+                raw.close()
+
+    def _wrap(self, session: Session) -> Session:
+        """Hook for a subclass that observes statements (the benchmarks count them)."""
+        return session
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -119,16 +132,19 @@ class Warehouse:
             session.rows(COMMIT)
 
     def ensure_schema(self) -> None:
-        """Create the tables and add any missing column; idempotent and cheap after the first
-        call in a process."""
+        """Create the missing tables and add any missing column; idempotent, one query when the
+        schema is already up to date, and nothing after the first call in a process."""
         if self._schema_ready:
             return
         with self.session() as session:
-            for table in TABLES:
-                session.rows(create_table(table))
+            existing: dict[str, set[str]] = {}
+            for table, column in session.rows(SCHEMA_COLUMNS):
+                existing.setdefault(str(table), set()).add(str(column))
             for table, columns in TABLES.items():
-                existing = {row[0] for row in session.rows(TABLE_COLUMNS, [table])}
+                if table not in existing:
+                    session.rows(create_table(table))
+                    continue
                 for name, _ddl in columns:
-                    if name not in existing:
+                    if name not in existing[table]:
                         session.rows(add_column(table, name))
         self._schema_ready = True

@@ -2,8 +2,9 @@
 store and the Policy API.
 
 A step claims its policies' leases, reads their executions in one query, makes its API calls
-concurrently (at most ``concurrency`` in flight) and writes what it learnt in batches every
-``flush_seconds``: the warehouse sees a few statements per flush, not a few per policy. Every
+concurrently (at most ``concurrency`` in flight) and writes what it learnt in batches: at the
+end of the step, and every ``flush_seconds`` or ``flush_rows`` answers before that. The
+warehouse sees a few statements per flush, not a few per policy. Every
 move of an execution is a conditional update; a recoverable failure is recorded so that the
 next run resumes the same execution (same ``policy_id``, same idempotency keys).
 """
@@ -184,7 +185,8 @@ class PolicyWorkflow:
         log: Logger,
         lease: LeasePolicy | None = None,
         concurrency: int = 16,
-        flush_seconds: float = 1.0,
+        flush_seconds: float = 10.0,
+        flush_rows: int = 2_000,
         sleep: Callable[[float], None] = time.sleep,
         owner_finished: Callable[[str], bool] = lambda owner: False,
         guard: ApiGuard | None = None,
@@ -195,7 +197,10 @@ class PolicyWorkflow:
         self.log = log
         self.lease = lease or LeasePolicy()
         self.concurrency = max(1, concurrency)
+        # What a crash can lose: answers not yet written, which a re-run gets again by
+        # re-sending the same idempotency keys (or polling again).
         self.flush_seconds = flush_seconds
+        self.flush_rows = max(1, flush_rows)
         self.sleep = sleep
         self.owner_finished = owner_finished
         self.guard = guard
@@ -214,46 +219,51 @@ class PolicyWorkflow:
         by_name = {policy.policy_name: policy for policy in policies}
         report = StepReport()
         with self._leased(list(by_name), STEP_CREATE, report) as held:
-            if self._guard_blocks(held, report):
-                return report
-            current = self._resume_errors(self.store.current_executions(held), None)
-            to_post: list[ExecutionRow] = []
-            for name in held:
-                row = current.get(name)
-                if row is None:
-                    continue
-                done = row.status is ExecutionStatus.COMPLETED
-                if (
-                    done
-                    and not force_new
-                    and row.policy_content_hash == by_name[name].content_hash()
-                ):
-                    self._detail(f"policy '{name}': this content completed as {row.policy_id}")
-                    report.outcomes[name] = self._outcome(
-                        row, resumed=True, message="already completed for this content"
-                    )
-                elif row.status not in ACTIVE_STATUSES:
-                    continue
-                elif row.status is ExecutionStatus.PENDING:
-                    to_post.append(row)  # intent recorded, create never confirmed: re-send
-                else:
-                    self._detail(f"policy '{name}': resuming {row.execution_id} ({row.status})")
-                    report.outcomes[name] = self._outcome(row, resumed=True, message="resumed")
-            resumed_ids = {row.execution_id for row in to_post}
-            fresh = [
-                by_name[name]
-                for name in held
-                if name not in report.outcomes and name not in {r.policy_name for r in to_post}
-            ]
-            to_post.extend(self.store.start_executions(fresh))
+            with self.store.batch():  # one connection for the reads and the intents
+                if self._guard_blocks(held, report):
+                    return report
+                current = self._resume_errors(self.store.current_executions(held), None)
+                to_post: list[ExecutionRow] = []
+                for name in held:
+                    row = current.get(name)
+                    if row is None:
+                        continue
+                    if (
+                        row.status is ExecutionStatus.COMPLETED
+                        and not force_new
+                        and row.policy_content_hash == by_name[name].content_hash()
+                    ):
+                        self._detail(f"policy '{name}': this content completed as {row.policy_id}")
+                        report.outcomes[name] = self._outcome(
+                            row, resumed=True, message="already completed for this content"
+                        )
+                    elif row.status not in ACTIVE_STATUSES:
+                        continue
+                    elif row.status is ExecutionStatus.PENDING:
+                        to_post.append(row)  # intent recorded, create never confirmed: re-send
+                    else:
+                        self._detail(f"policy '{name}': resuming {row.execution_id} ({row.status})")
+                        report.outcomes[name] = self._outcome(row, resumed=True, message="resumed")
+                resumed_ids = {row.execution_id for row in to_post}
+                posting = {row.policy_name for row in to_post}
+                fresh = [
+                    by_name[name]
+                    for name in held
+                    if name not in report.outcomes and name not in posting
+                ]
+                to_post.extend(self.store.start_executions(fresh))
+                bodies = self.store.policy_data([row.execution_id for row in to_post])
             failpoint("after_intents")
-            self._post_creates(to_post, resumed_ids, report)
+            self._post_creates(to_post, bodies, resumed_ids, report)
         return report
 
     def _post_creates(
-        self, rows: list[ExecutionRow], resumed_ids: set[str], report: StepReport
+        self,
+        rows: list[ExecutionRow],
+        bodies: dict[str, Any],
+        resumed_ids: set[str],
+        report: StepReport,
     ) -> None:
-        bodies = self.store.policy_data([row.execution_id for row in rows])
         created: list[tuple[ExecutionRow, str, Any]] = []
         failed: list[tuple[ExecutionRow, str, str, bool]] = []
         kept: list[tuple[ExecutionRow, Any]] = []
@@ -318,9 +328,10 @@ class PolicyWorkflow:
         """Poll every created policy on one shared schedule until each is ready or done."""
         report = StepReport()
         with self._leased(names, STEP_READY, report) as held:
-            if self._guard_blocks(held, report):
-                return report
-            current = self._resume_errors(self.store.current_executions(held), STEP_READY)
+            with self.store.batch():
+                if self._guard_blocks(held, report):
+                    return report
+                current = self._resume_errors(self.store.current_executions(held), STEP_READY)
             to_poll: list[ExecutionRow] = []
             for name in held:
                 row = current.get(name)
@@ -342,24 +353,25 @@ class PolicyWorkflow:
         """Trigger the circuit breaker, exactly once, for every ready policy."""
         report = StepReport()
         with self._leased(names, STEP_CIRCUIT, report) as held:
-            if self._guard_blocks(held, report):
-                return report
-            current = self._resume_errors(self.store.current_executions(held), STEP_CIRCUIT)
-            ready: list[ExecutionRow] = []
-            for name in held:
-                row = current.get(name)
-                if row is None:
-                    report.fail(name, "no execution exists; materialize policy_created first")
-                elif row.status is ExecutionStatus.COMPLETED:
-                    report.outcomes[name] = self._outcome(row, resumed=True, message="done")
-                elif row.status is not ExecutionStatus.POLICY_READY:
-                    report.fail(name, _refusal(row, "the policy has not reached policy_ready"))
-                else:
-                    ready.append(row)
-            after = self.store.claim_circuit_breakers(
-                [(row, circuit_idempotency_key(row.execution_id)) for row in ready],
-                TRIGGER_REASON,
-            )
+            with self.store.batch():  # one connection for the reads and the claim
+                if self._guard_blocks(held, report):
+                    return report
+                current = self._resume_errors(self.store.current_executions(held), STEP_CIRCUIT)
+                ready: list[ExecutionRow] = []
+                for name in held:
+                    row = current.get(name)
+                    if row is None:
+                        report.fail(name, "no execution exists; materialize policy_created first")
+                    elif row.status is ExecutionStatus.COMPLETED:
+                        report.outcomes[name] = self._outcome(row, resumed=True, message="done")
+                    elif row.status is not ExecutionStatus.POLICY_READY:
+                        report.fail(name, _refusal(row, "the policy has not reached policy_ready"))
+                    else:
+                        ready.append(row)
+                after = self.store.claim_circuit_breakers(
+                    [(row, circuit_idempotency_key(row.execution_id)) for row in ready],
+                    TRIGGER_REASON,
+                )
             failpoint("after_claim")
             to_call: list[ExecutionRow] = []
             for row in ready:
@@ -448,18 +460,23 @@ class PolicyWorkflow:
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
             pending = {pool.submit(self._guarded, call, item): item for item in items}
             next_flush = time.monotonic() + self.flush_seconds
+            answered = 0
             while pending:
                 timeout = max(0.0, next_flush - time.monotonic())
                 done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                 for future in done:
                     on_result(pending.pop(future), _result(future))
-                if time.monotonic() >= next_flush:
-                    self.store.flush()
-                    flush()
-                    self._refresh_guard()
+                answered += len(done)
+                if pending and (answered >= self.flush_rows or time.monotonic() >= next_flush):
+                    answered = 0
+                    with self.store.batch():  # one connection per flush
+                        flush()  # its state changes write the pending audit events too
+                        self.store.flush()
+                        self._refresh_guard()
                     next_flush = time.monotonic() + self.flush_seconds
-        self.store.flush()
-        flush()
+        with self.store.batch():
+            flush()
+            self.store.flush()
 
     def _guarded(
         self, call: Callable[[ExecutionRow], ApiResponse], row: ExecutionRow
@@ -551,8 +568,9 @@ class PolicyWorkflow:
         try:
             yield ordered
         finally:
-            self.store.flush()
-            self.store.release_leases(ordered, self.owner)
+            with self.store.batch():
+                self.store.flush()
+                self.store.release_leases(ordered, self.owner)
 
     def _status_call(self, row: ExecutionRow) -> ApiResponse:
         assert row.policy_id is not None
@@ -617,6 +635,7 @@ class _Poller:
     def run(self) -> None:
         wf = self.wf
         next_flush = time.monotonic() + wf.flush_seconds
+        answered = 0
         next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
         with ThreadPoolExecutor(max_workers=min(wf.concurrency, len(self.rows))) as pool:
             in_flight: dict[Future[ApiResponse], str] = {}
@@ -644,14 +663,18 @@ class _Poller:
                     wf.sleep(wake - time.monotonic())
                 for future in done:
                     self._handle(in_flight.pop(future), _result(future))
-                if time.monotonic() >= next_flush:
-                    self._flush()
-                    wf._refresh_guard()
+                answered += len(done)
+                if answered >= wf.flush_rows or time.monotonic() >= next_flush:
+                    answered = 0
+                    with wf.store.batch():  # one connection per flush
+                        self._flush()
+                        wf._refresh_guard()
                     next_flush = time.monotonic() + wf.flush_seconds
                 if time.monotonic() >= next_renewal:
                     wf.store.renew_leases(self.held, wf.owner, wf.lease.ttl_seconds)
                     next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
-        self._flush()
+        with wf.store.batch():
+            self._flush()
 
     def _handle(self, execution_id: str, response: ApiResponse | PolicyApiError) -> None:
         row = self.rows[execution_id]
@@ -731,31 +754,25 @@ class _Poller:
             )
         if self.ready:
             ready, self.ready = self.ready, []
-            # The seed's dual validation: the API says ready AND the state row agrees.
-            stored = store.executions([row.execution_id for row, _m in ready])
-            agreed = []
-            for row, message in ready:
-                now = stored.get(row.execution_id)
-                if (
-                    now
-                    and now.status is ExecutionStatus.POLICY_CREATED
-                    and now.policy_id == row.policy_id
-                ):
-                    agreed.append((now, message))
-                else:
-                    self.report.fail(row.policy_name, "state row changed while polling")
-            after = store.mark_ready(agreed)
+            # Moves only the rows still 'policy_created' with the policy_id the API called ready.
+            after = store.mark_ready(ready)
             failpoint("after_ready")
-            for row, _message in agreed:
-                done = after[row.execution_id]
-                if done.status is ExecutionStatus.POLICY_READY:
+            for row, _message in ready:
+                done = after.get(row.execution_id)
+                if done is not None and done.status is ExecutionStatus.POLICY_READY:
                     self.wf._detail(f"policy '{row.policy_name}': {row.policy_id} ready")
                     self.report.outcomes[row.policy_name] = self.wf._outcome(
                         done, message=f"ready after {done.poll_count} polls"
                     )
                 else:
-                    self.report.fail(row.policy_name, "state row did not reach policy_ready")
+                    now = f"'{done.status}'" if done is not None else "gone"
+                    self.report.fail(
+                        row.policy_name,
+                        f"state row changed while polling: execution {row.execution_id} is "
+                        f"{now}, not 'policy_created' with policy_id {row.policy_id}",
+                    )
         self.wf._flush_failures(self.failed, [], "api_response", self.report)
+        store.flush()  # the polls' audit events, if no state change above wrote them
 
 
 def _result(future: Future[ApiResponse]) -> ApiResponse | PolicyApiError:
