@@ -110,7 +110,12 @@ class PolicyApiResource(ConfigurableResource):
                     base_url=self.endpoint.rstrip("/"),
                     timeout=self.timeout_seconds,
                     headers={"Authorization": f"Bearer {key}"},
-                    limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+                    # No more connections than calls in flight: httpcore scans its pool on
+                    # every request, so idle extra connections cost CPU.
+                    limits=httpx.Limits(
+                        max_connections=self.max_concurrent_requests,
+                        max_keepalive_connections=self.max_concurrent_requests,
+                    ),
                 )
             return self._client
 

@@ -262,13 +262,39 @@ class StateStore:
                     to_status=ExecutionStatus.PENDING.value,
                 )
             )
-        ids = [row["execution_id"] for row in rows]
         with self.warehouse.session() as session:
-            for batch in sql.bind_rows(rows):
-                session.rowcount(sql.INSERT_EXECUTIONS, [batch])
+            inserted = sum(
+                session.rowcount(sql.INSERT_EXECUTIONS, [batch]) for batch in sql.bind_rows(rows)
+            )
+            if inserted != len(rows):
+                raise RuntimeError(
+                    f"{sql.STATE_TABLE}: {inserted} of {len(rows)} new executions were stored"
+                )
             self.flush(session)
-            stored = self.executions(ids)
-        return [stored[execution_id] for execution_id in ids]
+        # The rows as just inserted: no read-back needed for what this process wrote itself.
+        return [
+            ExecutionRow(
+                execution_id=row["execution_id"],
+                policy_name=row["policy_name"],
+                policy_id=None,
+                status=ExecutionStatus.PENDING,
+                poll_count=0,
+                completed=False,
+                requires_circuit_breaker=False,
+                circuit_breaker_initiated=False,
+                circuit_breaker_completed=False,
+                error_message=None,
+                error_step=None,
+                resumable=False,
+                message=message,
+                create_idempotency_key=row["create_idempotency_key"],
+                circuit_idempotency_key=None,
+                policy_content_hash=row["policy_content_hash"],
+                start_time=None,
+                last_poll_time=None,
+            )
+            for row in rows
+        ]
 
     def _move(
         self,

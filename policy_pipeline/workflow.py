@@ -2,9 +2,11 @@
 store and the Policy API.
 
 A step claims its policies' leases, reads their executions in one query, makes its API calls
-concurrently (at most ``concurrency`` in flight) and writes what it learnt in batches: at the
-end of the step, and every ``flush_seconds`` or ``flush_rows`` answers before that. The
-warehouse sees a few statements per flush, not a few per policy. Every
+concurrently (at most ``concurrency`` in flight) and writes what it learnt in batches: in
+``FLUSH_PARTS`` parts per step (so writing overlaps the calls still in flight, and the
+number of statements does not depend on the number of policies), at most ``flush_rows``
+answers and ``flush_seconds`` apart. The warehouse sees a few statements per flush, not a few
+per policy. Every
 move of an execution is a conditional update; a recoverable failure is recorded so that the
 next run resumes the same execution (same ``policy_id``, same idempotency keys).
 """
@@ -13,10 +15,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -50,6 +55,9 @@ ACTIVE_STATUSES = (
     ExecutionStatus.POLICY_CREATED,
     ExecutionStatus.POLICY_READY,
 )
+# A step's answers are written in about this many parts: all but the last while calls are
+# still in flight.
+FLUSH_PARTS = 4
 # Per-policy log lines only for small batches; a thousand-policy run logs summaries.
 DETAILED_LOG_LIMIT = 25
 
@@ -251,8 +259,12 @@ class PolicyWorkflow:
                     for name in held
                     if name not in report.outcomes and name not in posting
                 ]
-                to_post.extend(self.store.start_executions(fresh))
+                # A resumed intent re-sends exactly the body it stored; a new one what it stores.
                 bodies = self.store.policy_data([row.execution_id for row in to_post])
+                started = self.store.start_executions(fresh)
+                for row, policy in zip(started, fresh, strict=True):
+                    bodies[row.execution_id] = policy.payload()
+                to_post.extend(started)
             failpoint("after_intents")
             self._post_creates(to_post, bodies, resumed_ids, report)
         return report
@@ -457,17 +469,24 @@ class PolicyWorkflow:
         """Make one call per item, ``concurrency`` at a time, flushing results periodically."""
         if not items:
             return
+        # Finished calls arrive on a queue: `wait()` over thousands of futures would cost
+        # O(pending) per answer.
+        finished: queue.SimpleQueue[Future[ApiResponse]] = queue.SimpleQueue()
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
-            pending = {pool.submit(self._guarded, call, item): item for item in items}
+            pending: dict[Future[ApiResponse], ExecutionRow] = {}
+            for item in items:
+                future = pool.submit(self._guarded, call, item)
+                pending[future] = item
+                future.add_done_callback(finished.put)
             next_flush = time.monotonic() + self.flush_seconds
+            per_flush = self._answers_per_flush(len(items))
             answered = 0
             while pending:
-                timeout = max(0.0, next_flush - time.monotonic())
-                done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                done = _drain(finished, timeout=max(0.0, next_flush - time.monotonic()))
                 for future in done:
                     on_result(pending.pop(future), _result(future))
                 answered += len(done)
-                if pending and (answered >= self.flush_rows or time.monotonic() >= next_flush):
+                if pending and (answered >= per_flush or time.monotonic() >= next_flush):
                     answered = 0
                     with self.store.batch():  # one connection per flush
                         flush()  # its state changes write the pending audit events too
@@ -477,6 +496,9 @@ class PolicyWorkflow:
         with self.store.batch():
             flush()
             self.store.flush()
+
+    def _answers_per_flush(self, policies: int) -> int:
+        return max(1, min(self.flush_rows, math.ceil(policies / FLUSH_PARTS)))
 
     def _guarded(
         self, call: Callable[[ExecutionRow], ApiResponse], row: ExecutionRow
@@ -631,41 +653,32 @@ class _Poller:
         self.due: list[tuple[float, int, str]] = [
             (self.started, next(self.counter), execution_id) for execution_id in self.rows
         ]
+        # Shared by the workers and the writing thread; guards everything above.
+        self.changed = threading.Condition()
+        self.in_flight = 0
+        self.answered = 0  # since the last flush
+        self.workers_left = min(workflow.concurrency, len(rows))
+        self.finished = False
 
     def run(self) -> None:
+        """``concurrency`` workers take the next due policy from the shared schedule; this
+        thread only writes, so a slow warehouse never holds up a poll."""
         wf = self.wf
-        next_flush = time.monotonic() + wf.flush_seconds
-        answered = 0
-        next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
-        with ThreadPoolExecutor(max_workers=min(wf.concurrency, len(self.rows))) as pool:
-            in_flight: dict[Future[ApiResponse], str] = {}
-            while self.due or in_flight:
-                now = time.monotonic()
-                while self.due and self.due[0][0] <= now and len(in_flight) < wf.concurrency:
-                    _due, _seq, execution_id = heapq.heappop(self.due)
-                    row = self.rows[execution_id]
-                    assert row.policy_id is not None
-                    future = pool.submit(wf._guarded, wf._status_call, row)
-                    in_flight[future] = execution_id
-                wake = next_flush
-                if self.due and len(in_flight) < wf.concurrency:
-                    wake = min(wake, self.due[0][0])
-                done, _ = (
-                    wait(
-                        in_flight,
-                        timeout=max(0.0, wake - time.monotonic()),
-                        return_when=FIRST_COMPLETED,
+        workers = min(wf.concurrency, len(self.rows))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            running = [pool.submit(self._work) for _ in range(workers)]
+            next_flush = time.monotonic() + wf.flush_seconds
+            next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
+            per_flush = wf._answers_per_flush(len(self.rows))
+            while True:
+                with self.changed:
+                    self.changed.wait_for(
+                        lambda: self.finished or self.answered >= per_flush,
+                        timeout=max(0.0, min(next_flush, next_renewal) - time.monotonic()),
                     )
-                    if in_flight
-                    else (set(), set())
-                )
-                if not in_flight and wake > time.monotonic():
-                    wf.sleep(wake - time.monotonic())
-                for future in done:
-                    self._handle(in_flight.pop(future), _result(future))
-                answered += len(done)
-                if answered >= wf.flush_rows or time.monotonic() >= next_flush:
-                    answered = 0
+                    if self.finished:
+                        break
+                if self.answered >= per_flush or time.monotonic() >= next_flush:
                     with wf.store.batch():  # one connection per flush
                         self._flush()
                         wf._refresh_guard()
@@ -673,8 +686,44 @@ class _Poller:
                 if time.monotonic() >= next_renewal:
                     wf.store.renew_leases(self.held, wf.owner, wf.lease.ttl_seconds)
                     next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
+            for worker in running:
+                worker.result()  # a worker's own failure (a bug) fails the step
         with wf.store.batch():
             self._flush()
+
+    def _work(self) -> None:
+        """One worker: poll whichever policy is due next, until none is left."""
+        wf = self.wf
+        try:
+            while True:
+                with self.changed:
+                    while True:
+                        if not self.due:
+                            if self.in_flight == 0:
+                                return  # nothing due, nothing that could add a poll
+                            self.changed.wait()
+                            continue
+                        wait_seconds = self.due[0][0] - time.monotonic()
+                        if wait_seconds <= 0:
+                            break
+                        self.changed.wait(wait_seconds)
+                    _due, _seq, execution_id = heapq.heappop(self.due)
+                    self.in_flight += 1
+                response: ApiResponse | PolicyApiError | None = None
+                try:
+                    response = _result_of(wf._guarded, wf._status_call, self.rows[execution_id])
+                finally:
+                    with self.changed:
+                        self.in_flight -= 1
+                        self.answered += 1
+                        self.changed.notify_all()
+                        if response is not None:
+                            self._handle(execution_id, response)
+        finally:
+            with self.changed:
+                self.workers_left -= 1
+                self.finished = self.workers_left == 0
+                self.changed.notify_all()
 
     def _handle(self, execution_id: str, response: ApiResponse | PolicyApiError) -> None:
         row = self.rows[execution_id]
@@ -744,16 +793,19 @@ class _Poller:
 
     def _flush(self) -> None:
         store = self.wf.store
-        if self.unwritten:
+        with self.changed:  # take what the workers have gathered; they go on meanwhile
             polls, self.unwritten = self.unwritten, {}
+            ready, self.ready = self.ready, []
+            failed, self.failed = self.failed, []
+            self.answered = 0
+        if polls:
             store.record_polls(
                 [
                     (self.rows[i], count, body, message)
                     for i, (count, body, message) in polls.items()
                 ]
             )
-        if self.ready:
-            ready, self.ready = self.ready, []
+        if ready:
             # Moves only the rows still 'policy_created' with the policy_id the API called ready.
             after = store.mark_ready(ready)
             failpoint("after_ready")
@@ -771,8 +823,32 @@ class _Poller:
                         f"state row changed while polling: execution {row.execution_id} is "
                         f"{now}, not 'policy_created' with policy_id {row.policy_id}",
                     )
-        self.wf._flush_failures(self.failed, [], "api_response", self.report)
+        self.wf._flush_failures(failed, [], "api_response", self.report)
         store.flush()  # the polls' audit events, if no state change above wrote them
+
+
+def _drain(finished: queue.SimpleQueue[Future[ApiResponse]], timeout: float) -> list[Future[Any]]:
+    """The calls finished so far, waiting up to ``timeout`` for the first."""
+    try:
+        done = [finished.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            done.append(finished.get_nowait())
+        except queue.Empty:
+            return done
+
+
+def _result_of(
+    guarded: Callable[[Callable[[ExecutionRow], ApiResponse], ExecutionRow], ApiResponse],
+    call: Callable[[ExecutionRow], ApiResponse],
+    row: ExecutionRow,
+) -> ApiResponse | PolicyApiError:
+    try:
+        return guarded(call, row)
+    except PolicyApiError as exc:
+        return exc
 
 
 def _result(future: Future[ApiResponse]) -> ApiResponse | PolicyApiError:
