@@ -46,21 +46,19 @@ from benchlib import REPO_ROOT, Targets, machine_line, make_policies, print_tabl
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
 from dagster_duckdb import DuckDBResource
 
-from policy_pipeline import cli, sql
+from policy_pipeline import catalog, cli
 from policy_pipeline.assets import PARTITIONS_NAME, build_workflow_assets
 from policy_pipeline.catalog import load_catalog
-from policy_pipeline.domain import PolicyDefinition
 from policy_pipeline.monitoring import Monitor
 from policy_pipeline.resources import DuckDBStateResource, open_state
 from policy_pipeline.sensors import build_catalog_sensor
 from policy_pipeline.settings import Settings
-from policy_pipeline.sql import Dialect, Statement
-from policy_pipeline.state import ExecutionRow, StateStore
+from policy_pipeline.sql import Dialect
+from policy_pipeline.state import StateStore
 from policy_pipeline.warehouse import Warehouse
 
 PREFIX = "bench"
 _PART = "  part: "  # a part of the operation above it: informational, no target
-_PROPOSAL = "  proposal: "  # a proposed product change, measured: informational
 
 
 @dataclass
@@ -359,24 +357,20 @@ def run_timings(args: argparse.Namespace, db: Path, catalog_dir: Path) -> list[T
         add("failed_executions(24)", lambda: monitor.failed_executions(24), count)
         add("last_api_calls(10)", lambda: monitor.last_api_calls(10), count)
         add("executed_content()", store.executed_content, lambda r: f"{len(r)} (name, hash)")
-        add(_PART + "load_catalog", lambda: load_catalog(catalog_dir), count)
-        add(_PROPOSAL + "load_catalog, libyaml", lambda: _load_catalog_c(catalog_dir), count)
-        add(_PROPOSAL + "stat every file (cache hit)", lambda: _stat_all(catalog_dir), count)
+        add(_PART + "load_catalog, cold", lambda: _load_catalog_cold(catalog_dir), count)
+        add(_PART + "load_catalog, unchanged files", lambda: load_catalog(catalog_dir), count)
 
         resource = DuckDBStateResource(duckdb=DuckDBResource(database=str(db)))
         with DagsterInstance.ephemeral() as instance:
             instance.add_dynamic_partitions(PARTITIONS_NAME, names)  # a steady-state instance
             tick = _sensor_tick(resource, instance, catalog_dir)
+            # Cold: a code server's first tick after it starts parses every file.
+            add("sensor tick, no cursor, cold", lambda: _cold(tick), _launched)
             add("sensor tick, no cursor", lambda: tick(None), _launched)
             first = tick(None)
             cursor = first.cursor if isinstance(first, SensorResult) else None
             add("sensor tick, unchanged cursor", lambda: tick(cursor), _launched)
         add("current_executions(all names)", lambda: store.current_executions(names), count)
-        add(
-            _PROPOSAL + "current_executions in two statements",
-            lambda: _current_two_step(store, names),
-            count,
-        )
         ids = [f"exec-{i:09d}" for i in range(args.rows - 500, args.rows)]
         add("executions(500 ids)", lambda: store.executions(ids), count)
         add("open + close a session", lambda: _open_close(store), lambda _r: "")
@@ -406,46 +400,15 @@ def _fresh(settings: Settings) -> Warehouse:
     )
 
 
-def _load_catalog_c(catalog_dir: Path) -> dict[str, PolicyDefinition]:
-    """What load_catalog does, with libyaml's C loader instead of the pure-Python one."""
-    found = {}
-    for path in sorted(catalog_dir.glob("*.yaml")):
-        document = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.CSafeLoader)
-        policy = PolicyDefinition.model_validate(document)
-        found[policy.policy_name] = policy
-    return found
+def _load_catalog_cold(catalog_dir: Path) -> dict[str, Any]:
+    """``load_catalog`` in a process that has parsed none of the files yet."""
+    catalog._parsed.clear()
+    return load_catalog(catalog_dir)
 
 
-def _stat_all(catalog_dir: Path) -> list[tuple[int, int]]:
-    """What a catalog cache keyed by (path, mtime, size) would cost when nothing changed."""
-    return [(p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(catalog_dir.glob("*.yaml"))]
-
-
-def _current_ids(rows: int) -> Statement:
-    """The window of ``sql.current_executions`` over the five narrow columns it needs."""
-    return Statement(
-        f"current_execution_ids_{rows}",
-        f'SELECT "execution_id" FROM {sql.STATE_TABLE} '
-        f'WHERE "policy_name" IN ({", ".join("?" for _ in range(rows))}) '
-        f'QUALIFY ROW_NUMBER() OVER (PARTITION BY "policy_name" '
-        f'ORDER BY CASE WHEN {sql.ACTIVE} THEN 0 ELSE 1 END, "start_time" DESC, '
-        f'"execution_id" DESC) = 1',
-    )
-
-
-def _current_two_step(store: StateStore, names: Sequence[str]) -> dict[str, ExecutionRow]:
-    """Proposed `StateStore.current_executions`: the ids from a narrow window, then the rows by
-    id (``sql.executions_by_id``), both in one session, per chunk of names."""
-    found: dict[str, ExecutionRow] = {}
-    with store.warehouse.session() as session:
-        for start in range(0, len(names), sql.MAX_BATCH):
-            chunk = names[start : start + sql.MAX_BATCH]
-            ids = [row[0] for row in session.rows(_current_ids(len(chunk)), chunk)]
-            if ids:
-                for row in session.rows(sql.executions_by_id(len(ids)), ids):
-                    execution = ExecutionRow.from_row(row)
-                    found[execution.policy_name] = execution
-    return found
+def _cold(tick: Callable[[str | None], SensorResult | SkipReason]) -> SensorResult | SkipReason:
+    catalog._parsed.clear()
+    return tick(None)
 
 
 def _open_close(store: StateStore) -> None:
@@ -472,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     targets = Targets()
     for t in timings:
-        if t.name.endswith("(process)") or t.name.startswith((_PART, _PROPOSAL)):
-            continue  # informational: interpreter start-up, parts, measured proposals
+        if t.name.endswith("(process)") or t.name.startswith(_PART):
+            continue  # informational: interpreter start-up, parts
         targets.check(
             t.name, f"{t.worst:.3f} s", f"< {args.max_seconds:g} s", t.worst < args.max_seconds
         )

@@ -226,7 +226,7 @@ def bind_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     (a JSON null would be a VARIANT null on Snowflake, not NULL)."""
     batches: list[str] = []
     current: list[str] = []
-    size = 2
+    size = 2  # the brackets
     for row in rows:
         item = json.dumps(
             {key: value for key, value in row.items() if value is not None},
@@ -234,11 +234,11 @@ def bind_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             ensure_ascii=False,
             separators=(",", ":"),
         )
-        if current and (len(current) >= MAX_BATCH or size + len(item) + 1 > MAX_BATCH_BYTES):
+        if current and (len(current) >= MAX_BATCH or size + 1 + len(item) > MAX_BATCH_BYTES):
             batches.append(f"[{','.join(current)}]")
             current, size = [], 2
+        size += len(item) + (1 if current else 0)  # and a comma before all but the first
         current.append(item)
-        size += len(item) + 1
     if current:
         batches.append(f"[{','.join(current)}]")
     return batches

@@ -18,7 +18,7 @@ import pytest
 from policy_pipeline.settings import PROJECT_ROOT
 
 BENCH = PROJECT_ROOT / "bench"
-SCRIPTS = ("throughput", "sequential", "soak", "reads", "proposal_json_events")
+SCRIPTS = ("throughput", "sequential", "soak", "reads")
 
 
 def _script(name: str) -> ModuleType:
@@ -38,16 +38,7 @@ def _run(name: str, argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_help(name: str) -> None:
     text = _script(name).build_parser().format_help()
-    assert "--no-targets" in text or name in ("sequential", "proposal_json_events")
-
-
-def test_proposal_measurement_tiny(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _run(
-        "proposal_json_events",
-        ["--n=4", "--latency-ms=1", "--ready-seconds=0.05", "--sequential-n=0", "--no-targets"],
-        capsys,
-    )
-    assert "insert_events_json" in out  # the replaced statement ran and was counted
+    assert "--no-targets" in text or name == "sequential"
 
 
 def test_throughput_tiny(capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,7 +96,12 @@ def test_reads_tiny(capsys: pytest.CaptureFixture[str]) -> None:
         ["--rows=3000", "--events=1000", "--policies=30", "--repeat=1", "--no-targets"],
         capsys,
     )
-    for operation in ("status (limit 20)", "consistency_violations", "sensor tick, no cursor"):
+    for operation in (
+        "status (limit 20)",
+        "consistency_violations",
+        "sensor tick, no cursor, cold",
+        "current_executions(all names)",
+    ):
         assert operation in out
 
 
