@@ -49,9 +49,16 @@ from sequential import SequentialResult, run_baseline
 
 from policy_pipeline.api_client import PolicyApiResource
 from policy_pipeline.simulator import ENDPOINTS, SimulatorConfig
-from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, PollingPolicy, StepReport
+from policy_pipeline.workflow import (
+    FLUSH_PARTS,
+    LeasePolicy,
+    PolicyWorkflow,
+    PollingPolicy,
+    StepReport,
+)
 
 STEPS = ("create", "ready", "circuit")
+TARGET_N = 1000  # the wall-time and memory targets are set for 1,000 policies
 
 
 @dataclass
@@ -369,8 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     polling = polling_policy(args)
     print(
         f"settings: L={args.latency_ms:g} ms, R={args.ready_seconds:g} s, C={args.concurrency}, "
-        f"warehouse {args.warehouse}, simulator in a {args.simulator}, flush every "
-        f"{args.flush_seconds:g} s or {args.flush_rows} answers; polling: initial "
+        f"warehouse {args.warehouse}, simulator in a {args.simulator}; results written in "
+        f"{FLUSH_PARTS} parts per step, at most {args.flush_rows} answers and "
+        f"{args.flush_seconds:g} s apart; polling: initial "
         f"{polling.initial_interval_seconds:g} s, x{polling.backoff_multiplier:g}, max interval "
         f"{polling.max_interval_seconds:g} s, max {polling.max_polls} polls, deadline "
         f"{polling.deadline_seconds:g} s (waits have equal jitter: interval/2 .. interval)"
@@ -386,6 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     targets = Targets()
     for r in results:
+        if r.n < TARGET_N:
+            # Informational: with few policies the bound is mostly R, and a poll finds a policy
+            # ready up to one poll interval after it became so.
+            print(f"N={r.n}: wall {r.wall:.2f} s = {r.ratio:.2f} x the lower bound (no target)")
+            continue
         targets.check(
             f"wall <= {args.max_ratio:g} x lower bound (N={r.n}, {r.warehouse})",
             f"{r.wall:.2f} s = {r.ratio:.2f} x {r.lower_bound:.2f} s",
@@ -393,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.ratio <= args.max_ratio,
         )
     largest = results[-1]
-    if largest.n >= 1000:
+    if largest.n >= TARGET_N:
         targets.check(
             f"peak memory (N={largest.n}, ru_maxrss)",
             f"{largest.peak_rss_mb:.0f} MB",

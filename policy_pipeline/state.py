@@ -12,7 +12,7 @@ import json
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -135,14 +135,15 @@ class StateStore:
         with self._events_lock:
             self._pending_events.append(event)
 
-    def flush(self, session: Session | None = None) -> None:
+    def flush(self) -> None:
+        """Write the buffered audit events: in the caller's session when there is one."""
         with self._events_lock:
             events, self._pending_events = self._pending_events, []
         if not events:
             return
-        with self.warehouse.session() if session is None else nullcontext(session) as target:
+        with self.warehouse.session() as session:
             for rows in sql.bind_rows([event.row(self.run_id) for event in events]):
-                target.rowcount(sql.INSERT_EVENTS, [rows])
+                session.rowcount(sql.INSERT_EVENTS, [rows])
 
     # --- leases ---------------------------------------------------------------------------------
 
@@ -270,7 +271,7 @@ class StateStore:
                 raise RuntimeError(
                     f"{sql.STATE_TABLE}: {inserted} of {len(rows)} new executions were stored"
                 )
-            self.flush(session)
+            self.flush()
         # The rows as just inserted: no read-back needed for what this process wrote itself.
         return [
             ExecutionRow(
@@ -320,7 +321,7 @@ class StateStore:
                     if now is not None and now.status is target and row.status is not target:
                         message = messages[index] if messages else f"moved to {target}"
                         self._audit_move(row, target, message)
-            self.flush(session)
+            self.flush()
         return after
 
     def reopen(
@@ -338,7 +339,7 @@ class StateStore:
                 if after[row.execution_id].status is target:
                     detail = f"{message} in {row.error_step}: {row.error_message}"
                     self._audit_move(row, target, detail)
-            self.flush(session)
+            self.flush()
         return after
 
     def mark_created(
@@ -392,7 +393,7 @@ class StateStore:
         """The exactly-once gate. Afterwards, an execution with ``circuit_breaker_initiated``
         and this key is ours to call for (the caller holds its lease)."""
         message = "Step 3: circuit breaker initiated"
-        with self.warehouse.session() as session:
+        with self.warehouse.session():  # the claim, its read-back and its audit together
             after = self._move(
                 sql.CLAIM_CIRCUIT_BREAKERS,
                 [(row, {"key": key, "reason": reason, "message": message}) for row, key in rows],
@@ -403,7 +404,7 @@ class StateStore:
                 if now and now.circuit_breaker_initiated and not row.circuit_breaker_initiated:
                     detail = {"circuit_breaker_initiated": True, "idempotency_key": key}
                     self._audit_move(row, row.status, message, detail)
-            self.flush(session)
+            self.flush()
         return after
 
     def mark_completed(
@@ -456,7 +457,7 @@ class StateStore:
             moved = session.rowcount(sql.FORCE_READY, [message, row.execution_id]) == 1
             if moved:
                 self._audit_move(row, ExecutionStatus.POLICY_READY, message)
-                self.flush(session)
+                self.flush()
         return moved
 
     def skip_circuit_breaker(self, row: ExecutionRow, message: str, force: bool) -> bool:
@@ -469,7 +470,7 @@ class StateStore:
             )
             if moved:
                 self._audit_move(row, ExecutionStatus.COMPLETED, message)
-                self.flush(session)
+                self.flush()
         return moved
 
     def _audit_move(

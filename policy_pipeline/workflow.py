@@ -490,7 +490,6 @@ class PolicyWorkflow:
                     answered = 0
                     with self.store.batch():  # one connection per flush
                         flush()  # its state changes write the pending audit events too
-                        self.store.flush()
                         self._refresh_guard()
                     next_flush = time.monotonic() + self.flush_seconds
         with self.store.batch():
