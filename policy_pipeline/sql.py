@@ -1,9 +1,10 @@
 """Every SQL statement of the project, written once.
 
 Statements are written in strict Snowflake SQL with ``?`` placeholders (bound parameters only,
-JSON through ``SELECT PARSE_JSON(?)``, never ``VALUES (PARSE_JSON(...))``). ``render`` gives the
-text for each warehouse: for Snowflake the source itself with pyformat placeholders, for DuckDB
-the sqlglot translation with Snowflake's types mapped to DuckDB's.
+JSON through ``SELECT PARSE_JSON(?)``, never ``VALUES (PARSE_JSON(...))``; a batch of rows as
+one JSON-array parameter, see ``bind_rows``). ``render`` gives the text for each warehouse: for
+Snowflake the source itself with pyformat placeholders, for DuckDB the sqlglot translation with
+Snowflake's types mapped to DuckDB's.
 """
 
 from __future__ import annotations
@@ -212,13 +213,27 @@ Column = tuple[str, str]
 
 def _rows(columns: Sequence[Column]) -> str:
     """``(SELECT f.value:a::VARCHAR AS v_a, ... FROM LATERAL FLATTEN(...) AS f)``: the rows of
-    the JSON-array parameter as a table. A key a row leaves out (a None) reads as NULL."""
-    select = ", ".join(f"f.value:{key}::{type_} AS v_{key}" for key, type_ in columns)
+    the JSON-array parameter as a table. A key a row leaves out (a None) reads as NULL; a
+    VARIANT column is the JSON value itself (no PARSE_JSON of a string, per row)."""
+    select = ", ".join(
+        f"f.value:{key} AS v_{key}" if type_ == "VARIANT" else f"f.value:{key}::{type_} AS v_{key}"
+        for key, type_ in columns
+    )
     return f"(SELECT {select} FROM LATERAL FLATTEN(INPUT => PARSE_JSON(?)) AS f)"
 
 
 _NAMES = _rows((("policy_name", "VARCHAR"),))
 _IDS = _rows((("execution_id", "VARCHAR"),))
+
+
+class JsonText(str):
+    """Text that is already JSON (``state.to_json``): a row embeds it as a value, not a string."""
+
+
+def _json(value: Any) -> str:
+    if isinstance(value, JsonText):
+        return str(value)
+    return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 def bind_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -228,12 +243,8 @@ def bind_rows(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     current: list[str] = []
     size = 2  # the brackets
     for row in rows:
-        item = json.dumps(
-            {key: value for key, value in row.items() if value is not None},
-            default=str,
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        fields = (f"{_json(key)}:{_json(value)}" for key, value in row.items() if value is not None)
+        item = "{" + ",".join(fields) + "}"
         if current and (len(current) >= MAX_BATCH or size + 1 + len(item) > MAX_BATCH_BYTES):
             batches.append(f"[{','.join(current)}]")
             current, size = [], 2
@@ -311,7 +322,7 @@ NEW_EXECUTION_COLUMNS: tuple[Column, ...] = (
     ("execution_id", "VARCHAR"),
     ("policy_name", "VARCHAR"),
     ("policy_content_hash", "VARCHAR"),
-    ("policy_data", "VARCHAR"),
+    ("policy_data", "VARIANT"),
     ("create_idempotency_key", "VARCHAR"),
     ("message", "VARCHAR"),
     ("dagster_run_id", "VARCHAR"),
@@ -324,7 +335,7 @@ INSERT_EXECUTIONS = Statement(
     f'"policy_data", "create_idempotency_key", "message", "dagster_run_id", "status", '
     f'"poll_count", "completed", "requires_circuit_breaker", "circuit_breaker_initiated", '
     f'"circuit_breaker_completed", "resumable", "resume_count", "start_time", "updated_time") '
-    f"SELECT v_execution_id, v_policy_name, v_policy_content_hash, PARSE_JSON(v_policy_data), "
+    f"SELECT v_execution_id, v_policy_name, v_policy_content_hash, v_policy_data, "
     f"v_create_idempotency_key, v_message, v_dagster_run_id, 'pending', 0, FALSE, FALSE, "
     f"FALSE, FALSE, FALSE, 0, CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP() "
     f"FROM {_rows(NEW_EXECUTION_COLUMNS)}",
@@ -381,19 +392,19 @@ REOPEN_EXECUTIONS = Statement(
 # The moves below take rows of execution_id plus the columns named.
 MARK_CREATED = _update_from_rows(
     "mark_created",
-    (("policy_id", "VARCHAR"), ("response", "VARCHAR"), ("message", "VARCHAR")),
+    (("policy_id", "VARCHAR"), ("response", "VARIANT"), ("message", "VARCHAR")),
     '"status" = \'policy_created\', "policy_id" = v.v_policy_id, '
-    '"api_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
+    '"api_response" = v.v_response, "message" = v.v_message, '
     '"policy_created_time" = CURRENT_TIMESTAMP()',
     f"{STATE_TABLE}.\"status\" = 'pending'",
 )
 
 RECORD_POLLS = _update_from_rows(
     "record_polls",
-    (("polls", "NUMBER"), ("response", "VARCHAR"), ("message", "VARCHAR")),
+    (("polls", "NUMBER"), ("response", "VARIANT"), ("message", "VARCHAR")),
     '"poll_count" = COALESCE("poll_count", 0) + v.v_polls, '
     '"last_poll_time" = CURRENT_TIMESTAMP(), '
-    '"policy_status_response" = PARSE_JSON(v.v_response), "message" = v.v_message',
+    '"policy_status_response" = v.v_response, "message" = v.v_message',
     f"{STATE_TABLE}.\"status\" = 'policy_created'",
 )
 
@@ -418,9 +429,9 @@ CLAIM_CIRCUIT_BREAKERS = _update_from_rows(
 
 MARK_COMPLETED = _update_from_rows(
     "mark_completed",
-    (("response", "VARCHAR"), ("message", "VARCHAR")),
+    (("response", "VARIANT"), ("message", "VARCHAR")),
     '"status" = \'completed\', "completed" = TRUE, "circuit_breaker_completed" = TRUE, '
-    '"circuit_breaker_response" = PARSE_JSON(v.v_response), "message" = v.v_message, '
+    '"circuit_breaker_response" = v.v_response, "message" = v.v_message, '
     '"error_message" = NULL, "completed_time" = CURRENT_TIMESTAMP()',
     f"{STATE_TABLE}.\"status\" = 'policy_ready' "
     f'AND {STATE_TABLE}."circuit_breaker_initiated" = TRUE '
@@ -447,8 +458,8 @@ def set_responses(column: str) -> Statement:
     assert column in ("api_response", "circuit_breaker_response")
     return _update_from_rows(
         f"set_{column}",
-        (("response", "VARCHAR"),),
-        f'"{column}" = PARSE_JSON(v.v_response)',
+        (("response", "VARIANT"),),
+        f'"{column}" = v.v_response',
         "TRUE",
     )
 
@@ -709,13 +720,11 @@ EVENT_INSERT_COLUMNS: tuple[Column, ...] = (
     ("from_status", "VARCHAR"),
     ("to_status", "VARCHAR"),
     ("message", "VARCHAR"),
-    ("detail", "VARCHAR"),
+    ("detail", "VARIANT"),
     ("dagster_run_id", "VARCHAR"),
 )
 
-_EVENT_VALUES = ", ".join(
-    f"PARSE_JSON(v_{c})" if c == "detail" else f"v_{c}" for c, _ in EVENT_INSERT_COLUMNS
-)
+_EVENT_VALUES = ", ".join(f"v_{c}" for c, _ in EVENT_INSERT_COLUMNS)
 
 # A batch of audit events: one round trip per flush, not per event.
 INSERT_EVENTS = Statement(
@@ -766,8 +775,14 @@ def _duckdb_dialect(node: exp.Expression) -> exp.Expression:
         alias = node.args.get("alias")  # FLATTEN's alias also names its columns: keep the name
         name = exp.TableAlias(this=alias.this.copy()) if alias is not None else None
         return exp.Subquery(this=_DUCKDB_ROWS.copy(), alias=name)
-    if isinstance(node, exp.JSONExtract) and node.args.get("variant_extract"):
-        return exp.JSONExtractScalar(this=node.this, expression=node.expression)
+    if (
+        isinstance(node, exp.Cast)
+        and isinstance(node.this, exp.JSONExtract)
+        and node.this.args.get("variant_extract")
+    ):
+        # ``value:key::TYPE`` casts the text of the value; ``value:key`` alone stays JSON.
+        scalar = exp.JSONExtractScalar(this=node.this.this, expression=node.this.expression)
+        return exp.Cast(this=scalar, to=node.args["to"])
     if isinstance(node, exp.DataType):
         if node.this == exp.DataType.Type.VARIANT:
             return exp.DataType.build("JSON")

@@ -67,12 +67,12 @@ class ExecutionRow:
         return cls(**values)
 
 
-def to_json(value: Any, limit: int | None = None) -> str:
+def to_json(value: Any, limit: int | None = None) -> sql.JsonText:
     text = json.dumps(value, default=str, ensure_ascii=False)
     if limit is not None and len(text) > limit:
         # Keep valid JSON: a truncated body is stored as a string with its original size.
         text = json.dumps({"truncated": True, "size": len(text), "head": text[:limit]})
-    return text
+    return sql.JsonText(text)
 
 
 @dataclass

@@ -46,6 +46,7 @@ def test_throughput_tiny(capsys: pytest.CaptureFixture[str]) -> None:
         "throughput",
         [
             "--compare-n=3,6",
+            "--repeat=2",
             "--latency-ms=1",
             "--ready-seconds=0.1",
             "--concurrency=4",
@@ -55,7 +56,12 @@ def test_throughput_tiny(capsys: pytest.CaptureFixture[str]) -> None:
         ],
         capsys,
     )
-    for heading in ("Batch engine, N=6", "Statements per step vs N", "speed-up per policy"):
+    for heading in (
+        "Batch engine, N=6",
+        "N=6: 2 runs, wall seconds",
+        "Statements per step vs N",
+        "speed-up per policy",
+    ):
         assert heading in out
     assert "Targets" in out
 
