@@ -5,6 +5,7 @@
     policy-pipeline retry POLICY
     policy-pipeline override POLICY (--trigger-circuit-breaker | --skip-circuit-breaker)
                              --reason TEXT [--force]
+    policy-pipeline register-partitions
 
 Exit codes: 0 fine, 1 something needs attention (or the action failed), 2 bad usage.
 """
@@ -218,6 +219,35 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.returncode == 0 else 1
 
 
+def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int:
+    """Add the catalog's policies to the Dagster instance's ``policies`` partitions, as the
+    catalog sensor does, so that a CLI range run (``dagster asset materialize --partition-range``,
+    or ``dagster job execute`` with range tags) works on a new DAGSTER_HOME."""
+    from dagster import DagsterInstance
+
+    from policy_pipeline.assets import PARTITIONS_NAME
+    from policy_pipeline.catalog import CatalogError, load_catalog
+
+    if not os.environ.get("DAGSTER_HOME"):
+        print("error: DAGSTER_HOME is not set: it names the Dagster instance", file=sys.stderr)
+        return 2
+    try:
+        names = sorted(load_catalog(settings.catalog_dir))
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with DagsterInstance.get() as instance:
+        known = set(instance.get_dynamic_partitions(PARTITIONS_NAME))
+        missing = [name for name in names if name not in known]
+        if missing:
+            instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
+    print(
+        f"{len(missing)} partitions added, {len(names) - len(missing)} already known "
+        f"({PARTITIONS_NAME}: {', '.join(names) if len(names) <= 10 else f'{len(names)} policies'})"
+    )
+    return 0
+
+
 def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
     from policy_pipeline.resources import open_state, policy_api_resource
     from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, StepFailed
@@ -309,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="even if the execution is not policy_ready"
     )
     override.set_defaults(handler=cmd_override)
+
+    register = commands.add_parser(
+        "register-partitions",
+        help="add the catalog's policies to the Dagster instance's partitions (DAGSTER_HOME)",
+    )
+    register.set_defaults(handler=cmd_register_partitions)
     return parser
 
 

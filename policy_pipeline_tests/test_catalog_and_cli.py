@@ -117,6 +117,54 @@ def test_readme_dagster_job_execute_command(workspace: Workspace) -> None:
     assert workspace.api_key not in result.stdout + result.stderr
 
 
+def test_readme_partition_range_commands_on_a_new_dagster_home(workspace: Workspace) -> None:
+    """The README's range run from a fresh DAGSTER_HOME: register the catalog's partitions, then
+    `dagster asset materialize --partition-range` runs every policy of the range in one run."""
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    lines = [
+        re.search(rf"^({prefix}.*)$", readme, re.MULTILINE)
+        for prefix in ("policy-pipeline register-partitions", "dagster asset materialize ")
+    ]
+    assert all(lines), "README shows register-partitions and the --partition-range form"
+    env = subprocess_env(workspace)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    outputs = []
+    for line in lines:
+        assert line is not None
+        result = subprocess.run(
+            ["bash", "-c", line.group(1)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    assert f"{len(CATALOG_POLICIES)} partitions added" in outputs[0]
+    assert "RUN_SUCCESS" in outputs[1]
+    for name in CATALOG_POLICIES:
+        [execution] = workspace.executions(name)
+        assert execution["status"] == "completed", (name, execution)
+    assert workspace.simulator.counts()["circuits_triggered"] == len(CATALOG_POLICIES)
+    assert workspace.api_key not in "".join(outputs)
+
+
+def test_register_partitions_needs_a_dagster_home(workspace: Workspace) -> None:
+    env = subprocess_env(workspace)
+    del env["DAGSTER_HOME"]
+    result = subprocess.run(
+        [sys.executable, "-m", "policy_pipeline.cli", "register-partitions"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "DAGSTER_HOME is not set" in result.stderr
+
+
 def test_bad_catalog_stops_the_cli_before_anything_is_written(workspace: Workspace) -> None:
     (workspace.catalog_dir / "broken.yaml").write_text(
         VALID.format(name="broken").replace("priority: low", "priority: 3"), encoding="utf-8"
