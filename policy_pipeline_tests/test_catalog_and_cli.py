@@ -100,21 +100,21 @@ def test_readme_dagster_job_execute_command(workspace: Workspace) -> None:
     command = _readme_job_command()
     partition = re.search(r'"dagster/partition": "([^"]+)"', command)
     assert partition and partition.group(1) in CATALOG_POLICIES
-    env = subprocess_env(workspace)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    result = subprocess.run(
-        ["bash", "-c", command],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = _run_shell_line(command, subprocess_env(workspace))
     [execution] = workspace.executions(partition.group(1))
     assert execution["status"] == "completed"
     assert workspace.simulator.counts()["circuits_triggered"] == 1
-    assert workspace.api_key not in result.stdout + result.stderr
+    assert workspace.api_key not in output
+
+
+def _run_shell_line(line: str, env: dict[str, str]) -> str:
+    """A README line as a user types it, with the venv's commands on PATH; its output."""
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}
+    result = subprocess.run(
+        ["bash", "-c", line], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def test_readme_partition_range_commands_on_a_new_dagster_home(workspace: Workspace) -> None:
@@ -127,20 +127,7 @@ def test_readme_partition_range_commands_on_a_new_dagster_home(workspace: Worksp
     ]
     assert all(lines), "README shows register-partitions and the --partition-range form"
     env = subprocess_env(workspace)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    outputs = []
-    for line in lines:
-        assert line is not None
-        result = subprocess.run(
-            ["bash", "-c", line.group(1)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        outputs.append(result.stdout + result.stderr)
+    outputs = [_run_shell_line(line.group(1), env) for line in lines if line is not None]
     assert f"{len(CATALOG_POLICIES)} partitions added" in outputs[0]
     assert "RUN_SUCCESS" in outputs[1]
     for name in CATALOG_POLICIES:
