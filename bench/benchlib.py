@@ -47,17 +47,11 @@ from policy_pipeline.state import StateStore  # noqa: E402
 from policy_pipeline.warehouse import Params, Session, Warehouse  # noqa: E402
 
 WAREHOUSES = ("duckdb", "snowflake")
-_SIZE_SUFFIX = re.compile(r"_\d+$")
 
 log = logging.getLogger("bench")
 
 
 # --- statement counting -------------------------------------------------------------------------
-
-
-def statement_kind(name: str) -> str:
-    """``insert_events_37`` -> ``insert_events``: batch statements are named by their size."""
-    return _SIZE_SUFFIX.sub("", name)
 
 
 @dataclass
@@ -98,8 +92,8 @@ class StatementCounter:
     def statement(self, name: str, seconds: float) -> None:
         with self._lock:
             counts = self._current()
-            counts.statements[statement_kind(name)] += 1
-            counts.kind_seconds[statement_kind(name)] += seconds
+            counts.statements[name] += 1
+            counts.kind_seconds[name] += seconds
             counts.statement_seconds += seconds
 
     def rendered(self, seconds: float) -> None:

@@ -360,13 +360,6 @@ CURRENT_EXECUTIONS = Statement(
     f'WHERE "execution_id" IN (SELECT "execution_id" FROM chosen)',
 )
 
-ACTIVE_EXECUTION_COUNTS = Statement(
-    "active_execution_counts",
-    f'SELECT "policy_name", COUNT(*) FROM {STATE_TABLE} '
-    f'WHERE "policy_name" IN (SELECT v_policy_name FROM {_NAMES}) AND {ACTIVE} '
-    f'GROUP BY "policy_name"',
-)
-
 EXECUTIONS_BY_ID = Statement(
     "executions_by_id",
     f"SELECT {_READ} FROM {STATE_TABLE} "

@@ -194,14 +194,6 @@ class StateStore:
                     found[execution.policy_name] = execution
         return found
 
-    def active_counts(self, names: Sequence[str]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        with self.warehouse.session() as session:
-            for batch in sql.bind_values("policy_name", names):
-                for name, count in session.rows(sql.ACTIVE_EXECUTION_COUNTS, [batch]):
-                    counts[str(name)] = int(count)
-        return counts
-
     def executions(self, ids: Sequence[str]) -> dict[str, ExecutionRow]:
         found: dict[str, ExecutionRow] = {}
         with self.warehouse.session() as session:
