@@ -1,11 +1,13 @@
-"""Fault soak: N policies through the three steps against a simulator that misbehaves.
+"""Fault soak of the workflow engine alone: N policies against a simulator that misbehaves.
 
+Engine only (no Dagster run): each round is one call of `PolicyWorkflow.run` over the policies
+still to do, every policy going create -> poll -> circuit breaker on its own within the round.
 The simulator answers with 5xx, hangs past the client's timeout, non-JSON and empty bodies,
 bursts of 429 with Retry-After and connection resets, some of them after the effect (the
-policy was created / the circuit triggered, but the client only sees the fault). The three
-steps run over every policy, then again, like an operator re-running the failed partitions (a
-"next run" resumes recoverable errors), until nothing is left to resume, nothing changes, or
-``--rounds`` rounds.
+policy was created / the circuit triggered, but the client only sees the fault). Round 1 runs
+every policy; each later round, like an operator re-running the failed partitions (a "next
+run" resumes recoverable errors), runs the policies still in flight or with a recoverable
+error, until nothing is left to resume, nothing changes, or ``--rounds`` rounds.
 
 Checked afterwards (any violation exits 1, unless --no-targets):
 
@@ -57,9 +59,10 @@ from policy_pipeline.domain import PolicyDefinition
 from policy_pipeline.monitoring import Monitor
 from policy_pipeline.simulator import ENDPOINTS, PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.state import ExecutionRow
-from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, PollingPolicy
+from policy_pipeline.workflow import STEPS, LeasePolicy, PolicyWorkflow, PollingPolicy
 
 RESUMABLE_STATUSES = ("pending", "policy_created", "policy_ready")
+SHORT = dict(zip(STEPS, ("create", "ready", "circuit"), strict=True))
 
 
 @dataclass
@@ -83,8 +86,9 @@ class SoakResult:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Fault soak of PolicyWorkflow against a misbehaving simulator, re-run like "
-        "an operator until nothing changes; checks duplicates, lost executions and the audit.",
+        description="Engine only (no Dagster run): fault soak of PolicyWorkflow.run against a "
+        "misbehaving simulator, re-run like an operator until nothing changes; checks "
+        "duplicates, lost executions and the audit.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--n", type=int, default=500, help="policies")
@@ -117,17 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--max-attempts", type=int, default=5, help="per API call")
     api.add_argument("--backoff-initial", type=float, default=0.05)
     api.add_argument("--backoff-max", type=float, default=0.5)
-    polling = parser.add_argument_group("polling (step 2)")
+    polling = parser.add_argument_group("polling (the policy_ready step)")
     polling.add_argument("--poll-initial", type=float, default=0.25)
     polling.add_argument("--poll-multiplier", type=float, default=1.5)
     polling.add_argument("--poll-max-interval", type=float, default=1.0)
     polling.add_argument("--max-polls", type=int, default=30)
     polling.add_argument("--poll-deadline", type=float, default=60.0)
-    parser.add_argument(
-        "--stop-on-step-failure",
-        action="store_true",
-        help="like a Dagster run: a step with any failed policy skips the later steps",
-    )
     parser.add_argument("--no-targets", action="store_true", help="only print; exit 0")
     return parser
 
@@ -205,22 +204,15 @@ def run_rounds(
             concurrency=args.concurrency,
         )
         elapsed = stopwatch()
-        failures: dict[str, int] = {}
         handle.counter.set_phase(f"round {number}")
-        for step in ("create", "ready", "circuit"):
-            if step == "create":
-                report = workflow.create_policies([by_name[n] for n in todo])
-            elif step == "ready":
-                report = workflow.wait_until_ready(todo, polling)
-            else:
-                report = workflow.activate_circuit_breakers(todo)
-            failures[step] = len(report.failures)
-            result.failure_reasons.update(
-                f"{step}: {normalise_message(reason, 100)}" for reason in report.failures.values()
-            )
-            if args.stop_on_step_failure and report.failures:
-                break
+        report = workflow.run(todo, definitions={n: by_name[n] for n in todo}, polling=polling)
         seconds = elapsed()
+        # Each policy fails at most once per round, at the step it could not pass.
+        failures = dict(Counter(SHORT[step] for step, _reason in report.failures.values()))
+        result.failure_reasons.update(
+            f"{SHORT[step]}: {normalise_message(reason, 100)}"
+            for step, reason in report.failures.values()
+        )
         current = handle.store().current_executions(names)
         statuses = Counter(row.status.value for row in current.values())
         resumable = sum(1 for row in current.values() if row.resumable)
@@ -322,14 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     print_table(
-        "Rounds (each: create, ready, circuit over the policies still to do)",
+        "Engine only (no Dagster run): rounds, each one PolicyWorkflow.run over the policies "
+        "still to do; failed c/r/cb = policies that failed at create / ready / circuit",
         ["round", "policies", "seconds", "failed c/r/cb", "completed", "error", "resumable"],
         [
             (
                 r.number,
                 r.policies,
                 r.seconds,
-                "/".join(str(r.failures.get(s, "-")) for s in ("create", "ready", "circuit")),
+                "/".join(str(r.failures.get(s, 0)) for s in SHORT.values()),
                 r.completed,
                 r.errors,
                 r.resumable,

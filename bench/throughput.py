@@ -1,28 +1,35 @@
-"""Throughput of the batch engine: N policies through create -> ready -> circuit breaker.
+"""Throughput of the workflow engine alone: N policies through create -> ready -> circuit breaker.
 
-Drives `PolicyWorkflow` directly (no Dagster run) against the Policy API simulator (in its own
-process, as the real API is another service; ``--simulator thread`` runs it in this one) with a
-per-call latency L and a readiness time R, at most C calls in flight, with its state in
-a temporary DuckDB file or on a local fakesnow server. Prints the wall time against a lower
-bound implied by L, R and C, API calls and warehouse statements per policy and per step, and
-peak memory; then runs the seeds' sequential workflow (``bench/sequential.py``) over a few
-policies against the same simulator configuration and prints the speed-up per policy.
+Engine only (no Dagster run): one call of `PolicyWorkflow.run` over all N policies, the way the
+``policy_workflow`` asset step calls it, but without Dagster around it (no run, no event log, no
+materializations). Each policy goes create -> poll -> circuit breaker on its own within that one
+run, with at most C API calls in flight in all and one writer committing the state in batches
+at most ``--flush-seconds`` apart.
+
+The Policy API simulator runs in its own process (the real API is another service;
+``--simulator thread`` runs it in this one) with a per-call latency L and a readiness time R;
+the state lives in a temporary DuckDB file or on a local fakesnow server. Prints the wall time
+against the lower bound implied by N, L, R and C, API calls per policy, warehouse statements and
+connections per run, and peak memory; then runs the seeds' sequential workflow
+(``bench/sequential.py``) over a few policies against the same simulator configuration and
+prints the speed-up per policy.
 
     .venv/bin/python bench/throughput.py                       # N=1000, DuckDB
     .venv/bin/python bench/throughput.py --warehouse snowflake  # the same on fakesnow
-    .venv/bin/python bench/throughput.py --compare-n 100,1000   # statements per step vs N
+    .venv/bin/python bench/throughput.py --compare-n 100,1000   # statements per run vs N
 
-Exit status: 0 all targets met, 1 a target missed (0 with --no-targets), 2 the run itself
-went wrong (a policy did not complete, a duplicate at the API).
+Exit status: 0 all targets met (or only printed, with --no-targets), 1 a target missed, 2 the
+run itself went wrong (a policy did not complete, or the simulator saw a duplicate create or
+circuit trigger): its figures are not valid, whatever --no-targets says.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import math
 import secrets
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -50,15 +57,16 @@ from sequential import SequentialResult, run_baseline
 from policy_pipeline.api_client import PolicyApiResource
 from policy_pipeline.simulator import ENDPOINTS, SimulatorConfig
 from policy_pipeline.workflow import (
-    FLUSH_PARTS,
+    STEPS,
     LeasePolicy,
     PolicyWorkflow,
     PollingPolicy,
-    StepReport,
+    Progress,
 )
 
-STEPS = ("create", "ready", "circuit")
 TARGET_N = 1000  # the wall-time and memory targets are set for 1,000 policies
+PHASE = "run"  # the statement counter's phase for the engine's run
+TITLE = "Engine only (no Dagster run)"
 
 
 @dataclass
@@ -66,38 +74,42 @@ class RunResult:
     n: int
     warehouse: str
     wall: float
-    step_seconds: dict[str, float]
-    lower_bound: float
-    naive_bound: float
+    limit: float
+    completed: int
     requests: dict[str, int]
-    statements: dict[str, int]
-    sessions: dict[str, int]
-    connect_seconds: dict[str, float]
-    statement_seconds: dict[str, float]
-    render_seconds: dict[str, float]
-    cpu_seconds: dict[str, float]
-    kinds: dict[str, dict[str, int]]
-    kind_seconds: dict[str, dict[str, float]]
+    statements: int
+    sessions: int
+    connect_seconds: float
+    statement_seconds: float
+    render_seconds: float
+    cpu_seconds: float
+    kinds: dict[str, int]
+    kind_seconds: dict[str, float]
+    # Seconds from the start of the run until the first / the last policy passed each step.
+    first_passed: dict[str, float]
+    last_passed: dict[str, float]
     peak_rss_mb: float
     fakesnow_peak_mb: float | None
     problems: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
-        return self.wall / self.lower_bound
+        return self.wall / self.limit
+
+    @property
+    def api_calls(self) -> int:
+        return sum(self.requests.values())
 
 
-def lower_bounds(n: int, latency: float, ready: float, concurrency: int) -> tuple[float, float]:
-    """(tight, naive) lower bounds on the wall time; see bench/README.md.
+def lower_bound(n: int, latency: float, ready: float, concurrency: int) -> float:
+    """LIMIT = max(3·N·L/C, R + 3·L), a lower bound on the wall time; see bench/README.md.
 
-    With at most C calls in flight, each taking at least L, a step of N calls takes at least
-    W = ceil(N/C) * L. The steps run one after the other (they are three assets). Step 2 cannot
-    end before the last policy, created at the end of step 1, is ready R later, nor before its N
-    polls are made: max(W, R). Tight bound: W + max(W, R) + W. The naive bound adds R to three
-    full waves, W + R + W + W, as if no poll could overlap the wait for readiness.
+    Every policy needs at least three calls (create, a poll that finds it ready, circuit
+    breaker), each taking at least L, with at most C in flight: 3·N·L/C. And no policy can
+    finish before its create call, R of readiness, the poll that sees it ready and its circuit
+    call: R + 3·L.
     """
-    wave = math.ceil(n / concurrency) * latency
-    return 2 * wave + max(wave, ready), 3 * wave + ready
+    return max(3 * n * latency / concurrency, ready + 3 * latency)
 
 
 def polling_policy(args: argparse.Namespace) -> PollingPolicy:
@@ -111,6 +123,26 @@ def polling_policy(args: argparse.Namespace) -> PollingPolicy:
     )
 
 
+class StepClock:
+    """``on_progress``: when the first and the last policy passed each step, and failures."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.perf_counter()
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.failed = 0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.perf_counter() - self.started
+        with self._lock:
+            if progress.outcome is None:
+                self.failed += 1
+                return
+            self.first.setdefault(progress.step, now)
+            self.last[progress.step] = now
+
+
 def run_batch(n: int, args: argparse.Namespace) -> RunResult:
     key = secrets.token_hex(16)
     config = SimulatorConfig(
@@ -120,7 +152,7 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
         ready_after_polls=0,
     )
     policies = make_policies(n, f"tp{secrets.token_hex(2)}")
-    names = [p.policy_name for p in policies]
+    definitions = {p.policy_name: p for p in policies}
     counter = StatementCounter()
     problems: list[str] = []
     log = QuietLog()
@@ -146,31 +178,28 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
                 lease=LeasePolicy(),
                 concurrency=args.concurrency,
                 flush_seconds=args.flush_seconds,
-                flush_rows=args.flush_rows,
             )
             polling = polling_policy(args)
-            seconds: dict[str, float] = {}
-            cpu: dict[str, float] = {}
-            reports: dict[str, StepReport] = {}
+            counter.set_phase(PHASE)
+            clock = StepClock()
             total = stopwatch()
-            for step in STEPS:
-                counter.set_phase(step)
-                elapsed = stopwatch()
-                cpu_started = time.process_time()
-                if step == "create":
-                    reports[step] = workflow.create_policies(policies)
-                elif step == "ready":
-                    reports[step] = workflow.wait_until_ready(names, polling)
-                else:
-                    reports[step] = workflow.activate_circuit_breakers(names)
-                seconds[step] = elapsed()
-                cpu[step] = time.process_time() - cpu_started
+            cpu_started = time.process_time()
+            report = workflow.run(
+                list(definitions),
+                STEPS,
+                definitions=definitions,
+                polling=polling,
+                on_progress=clock,
+            )
             wall = total()
+            cpu = time.process_time() - cpu_started
             counter.set_phase("verify")
-        for step, report in reports.items():
-            if report.failures:
-                sample = next(iter(report.failures.items()))
-                problems.append(f"step {step}: {len(report.failures)} failed, e.g. {sample}")
+        if report.failures:
+            by_step: dict[str, int] = {}
+            for step, _why in report.failures.values():
+                by_step[step] = by_step.get(step, 0) + 1
+            sample = next(iter(report.failures.items()))
+            problems.append(f"{len(report.failures)} policies failed {by_step}, e.g. {sample}")
         completed = handle.query(
             "SELECT COUNT(*) FROM policy_execution_state WHERE \"status\" = 'completed'"
         )[0][0]
@@ -183,23 +212,24 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
                 f"{counts['circuits_triggered']} circuits triggered for {n} policies"
             )
         fakesnow_peak = process_peak_rss_mb(handle.fakesnow_pid) if handle.fakesnow_pid else None
-    tight, naive = lower_bounds(n, args.latency_ms / 1000, args.ready_seconds, args.concurrency)
+    work = counter.get(PHASE)
     return RunResult(
         n=n,
         warehouse=args.warehouse,
         wall=wall,
-        step_seconds=seconds,
-        lower_bound=tight,
-        naive_bound=naive,
+        limit=lower_bound(n, args.latency_ms / 1000, args.ready_seconds, args.concurrency),
+        completed=int(completed),
         requests={e: int(counts["requests"][e]) for e in ENDPOINTS},
-        statements={s: counter.get(s).total for s in STEPS},
-        sessions={s: counter.get(s).sessions for s in STEPS},
-        connect_seconds={s: counter.get(s).connect_seconds for s in STEPS},
-        statement_seconds={s: counter.get(s).statement_seconds for s in STEPS},
-        render_seconds={s: counter.get(s).render_seconds for s in STEPS},
+        statements=work.total,
+        sessions=work.sessions,
+        connect_seconds=work.connect_seconds,
+        statement_seconds=work.statement_seconds,
+        render_seconds=work.render_seconds,
         cpu_seconds=cpu,
-        kinds={s: dict(counter.get(s).statements) for s in STEPS},
-        kind_seconds={s: dict(counter.get(s).kind_seconds) for s in STEPS},
+        kinds=dict(work.statements),
+        kind_seconds=dict(work.kind_seconds),
+        first_passed=dict(clock.first),
+        last_passed=dict(clock.last),
         peak_rss_mb=peak_rss_mb(),
         fakesnow_peak_mb=fakesnow_peak,
         problems=problems,
@@ -226,83 +256,71 @@ def run_sequential(args: argparse.Namespace) -> SequentialResult:
         )
 
 
-def print_run(result: RunResult, args: argparse.Namespace) -> None:
+def print_run(result: RunResult) -> None:
     n = result.n
     rows: list[tuple[str, object]] = [
         ("policies N", n),
-        ("wall seconds (3 steps)", result.wall),
-        *((f"  step {s} seconds", result.step_seconds[s]) for s in STEPS),
-        ("lower bound seconds: W + max(W, R) + W", result.lower_bound),
-        ("wall / lower bound", result.ratio),
-        ("naive bound seconds: W + R + W + W", result.naive_bound),
-        ("wall / naive bound", result.wall / result.naive_bound),
+        ("wall seconds (one run, all steps)", result.wall),
+        ("LIMIT seconds: max(3*N*L/C, R + 3*L)", result.limit),
+        ("wall / LIMIT", result.ratio),
         ("seconds per policy", result.wall / n),
-        ("API calls per policy", sum(result.requests.values()) / n),
+        *(
+            (f"  first / last policy past {s} (s)", _pair(result, s))
+            for s in STEPS
+            if s in result.last_passed
+        ),
+        ("API calls per policy", result.api_calls / n),
         *((f"  {e} per policy", result.requests[e] / n) for e in ENDPOINTS),
-        ("statements per policy", sum(result.statements.values()) / n),
-        ("connections (sessions) per policy", sum(result.sessions.values()) / n),
-        ("process CPU seconds (user+sys, 3 steps)", sum(result.cpu_seconds.values())),
+        ("warehouse statements per run", result.statements),
+        ("  per policy", result.statements / n),
+        ("  seconds in them ('render' included)", result.statement_seconds),
+        ("  of which render (sqlglot)", result.render_seconds),
+        ("connections (sessions) per run", result.sessions),
+        ("  seconds opening them", result.connect_seconds),
+        ("process CPU seconds (user+sys, simulator thread incl.)", result.cpu_seconds),
         ("peak RSS MB (ru_maxrss, whole process)", result.peak_rss_mb),
     ]
     if result.fakesnow_peak_mb is not None:
         rows.append(("fakesnow server peak RSS MB (VmHWM)", result.fakesnow_peak_mb))
-    print_table(f"Batch engine, N={n}, warehouse {result.warehouse}", ["figure", "value"], rows)
-    step_rows = [
-        (
-            s,
-            result.step_seconds[s],
-            result.cpu_seconds[s],
-            result.statements[s],
-            result.sessions[s],
-            result.connect_seconds[s],
-            result.statement_seconds[s],
-            result.render_seconds[s],
-        )
-        for s in STEPS
-    ]
     print_table(
-        f"Time and warehouse work per step, N={n} (seconds; 'statement' includes 'render', the "
-        "sqlglot translation; CPU is this process's user+sys, simulator threads included)",
-        ["step", "wall", "CPU", "statements", "sessions", "connect", "statement", "render"],
-        step_rows,
+        f"{TITLE}: PolicyWorkflow.run, N={n}, warehouse {result.warehouse}",
+        ["figure", "value"],
+        rows,
     )
-    kinds = sorted({k for s in STEPS for k in result.kinds[s]})
     print_table(
-        f"Statements by kind and step, N={n}: count, and seconds spent in them",
-        ["statement", *STEPS, *(f"{s} s" for s in STEPS)],
-        [
-            (
-                k,
-                *(result.kinds[s].get(k, 0) for s in STEPS),
-                *(result.kind_seconds[s].get(k, 0.0) for s in STEPS),
-            )
-            for k in kinds
-        ],
+        f"{TITLE}: statements per run by kind, N={n}: count, and seconds spent in them",
+        ["statement", "count", "seconds"],
+        [(k, result.kinds[k], result.kind_seconds.get(k, 0.0)) for k in sorted(result.kinds)],
     )
+
+
+def _pair(result: RunResult, step: str) -> str:
+    return f"{result.first_passed[step]:.2f} / {result.last_passed[step]:.2f}"
 
 
 def print_comparison(results: Sequence[RunResult]) -> None:
-    headers = ["step"]
-    for r in results:
-        headers += [f"N={r.n} stmts", f"N={r.n} sessions", f"N={r.n} seconds"]
-    rows = []
-    for s in STEPS:
-        row: list[object] = [s]
-        for r in results:
-            row += [r.statements[s], r.sessions[s], r.step_seconds[s]]
-        rows.append(row)
-    total: list[object] = ["all steps"]
-    for r in results:
-        total += [sum(r.statements.values()), sum(r.sessions.values()), r.wall]
-    rows.append(total)
-    print_table("Statements per step vs N (side by side)", headers, rows)
+    figures: list[tuple[str, list[object]]] = [
+        ("wall seconds", [r.wall for r in results]),
+        ("wall / LIMIT", [r.ratio for r in results]),
+        ("statements per run", [r.statements for r in results]),
+        ("statements per policy", [r.statements / r.n for r in results]),
+        ("statements per wall second", [r.statements / r.wall for r in results]),
+        ("connections per run", [r.sessions for r in results]),
+        ("API calls per policy", [r.api_calls / r.n for r in results]),
+    ]
+    print_table(
+        f"{TITLE}: statements per run vs N (side by side)",
+        ["figure", *(f"N={r.n}" for r in results)],
+        [(name, *values) for name, values in figures],
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Throughput of PolicyWorkflow against the local simulator, with a lower "
-        "bound, API calls and statements per policy/step, peak memory, and the speed-up over "
-        "the seeds' sequential workflow.",
+        description="Engine only (no Dagster run): throughput of one PolicyWorkflow.run over N "
+        "policies against the local simulator, with a lower bound, API calls per policy, "
+        "warehouse statements per run, peak memory, and the speed-up over the seeds' "
+        "sequential workflow.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--n", type=int, default=1000, help="policies N")
@@ -318,15 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warehouse", choices=WAREHOUSES, default="duckdb")
     parser.add_argument(
         "--compare-n",
-        help="comma-separated N values (e.g. 100,1000): one run each, statements per step "
-        "side by side, and the target that they do not grow with N",
+        help="comma-separated N values (e.g. 100,1000): one run each (or --repeat), statements "
+        "per run side by side, and the target that they do not grow with N",
     )
-    polling = parser.add_argument_group("polling (step 2)")
+    polling = parser.add_argument_group("polling (the policy_ready step)")
     polling.add_argument(
         "--poll-initial",
         type=float,
         default=None,
-        help="initial interval (default R/2: with equal jitter each wait is R/4..R/2)",
+        help="interval after the first poll, which the engine makes as soon as the create is "
+        "written (default R/2: with equal jitter each later wait is R/4..R/2)",
     )
     polling.add_argument("--poll-multiplier", type=float, default=1.0, help="backoff multiplier")
     polling.add_argument("--poll-max-interval", type=float, default=30.0)
@@ -343,13 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--flush-seconds",
         type=float,
         default=defaults["flush_seconds"].default,
-        help="PolicyWorkflow: write results at least this often (default: the engine's)",
-    )
-    parser.add_argument(
-        "--flush-rows",
-        type=int,
-        default=defaults["flush_rows"].default,
-        help="PolicyWorkflow: ... or once this many answers are pending (default: the engine's)",
+        help="PolicyWorkflow: state writes are committed in batches at most this far apart "
+        "(default: the engine's)",
     )
     seq = parser.add_argument_group("sequential baseline")
     seq.add_argument("--sequential-n", type=int, default=20, help="policies (0: skip)")
@@ -362,14 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     seq.add_argument("--sequential-max-polls", type=int, default=3, help="the seed's maximum")
     targets = parser.add_argument_group("targets")
     targets.add_argument("--no-targets", action="store_true", help="only print; exit 0")
-    targets.add_argument("--max-ratio", type=float, default=1.5, help="wall / lower bound")
+    targets.add_argument("--max-ratio", type=float, default=1.5, help="wall / LIMIT")
     targets.add_argument("--max-rss-mb", type=float, default=500.0, help="at N >= 1000")
     targets.add_argument("--min-speedup", type=float, default=20.0, help="per policy")
     targets.add_argument(
         "--max-statement-growth",
         type=float,
         default=2.0,
-        help="statements per step at the largest N / at the smallest N (with --compare-n)",
+        help="statements per run at the largest N / at the smallest N (with --compare-n)",
     )
     return parser
 
@@ -381,11 +395,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = sorted(set(sizes))
     polling = polling_policy(args)
     print(
+        f"{TITLE}: one PolicyWorkflow.run per N over all N policies, each going create -> "
+        "poll -> circuit breaker on its own"
+    )
+    print(
         f"settings: L={args.latency_ms:g} ms, R={args.ready_seconds:g} s, C={args.concurrency}, "
-        f"warehouse {args.warehouse}, simulator in a {args.simulator}; results written in "
-        f"{FLUSH_PARTS} parts per step, at most {args.flush_rows} answers and "
-        f"{args.flush_seconds:g} s apart; polling: initial "
-        f"{polling.initial_interval_seconds:g} s, x{polling.backoff_multiplier:g}, max interval "
+        f"warehouse {args.warehouse}, simulator in a {args.simulator}; state writes committed "
+        f"in batches at most {args.flush_seconds:g} s apart; polling: first poll as soon as the "
+        f"create is written, then initial interval {polling.initial_interval_seconds:g} s, "
+        f"x{polling.backoff_multiplier:g}, max interval "
         f"{polling.max_interval_seconds:g} s, max {polling.max_polls} polls, deadline "
         f"{polling.deadline_seconds:g} s (waits have equal jitter: interval/2 .. interval)"
     )
@@ -397,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(runs) > 1:
             walls = ", ".join(f"{r.wall:.2f}" for r in runs)
             print(f"\nN={n}: {len(runs)} runs, wall seconds {walls}; the median run follows")
-        print_run(result, args)
+        print_run(result)
         result.problems.extend(p for r in runs if r is not result for p in r.problems)
     if len(results) > 1:
         print_comparison(results)
@@ -406,14 +424,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = Targets()
     for r in results:
         if r.n < TARGET_N:
-            # Informational: with few policies the bound is mostly R, and a poll finds a policy
+            # Informational: with few policies LIMIT is mostly R, and a poll finds a policy
             # ready up to one poll interval after it became so.
-            print(f"N={r.n}: wall {r.wall:.2f} s = {r.ratio:.2f} x the lower bound (no target)")
+            print(f"N={r.n}: wall {r.wall:.2f} s = {r.ratio:.2f} x LIMIT (no target below N=1000)")
             continue
         targets.check(
-            f"wall <= {args.max_ratio:g} x lower bound (N={r.n}, {r.warehouse})",
-            f"{r.wall:.2f} s = {r.ratio:.2f} x {r.lower_bound:.2f} s",
-            f"<= {args.max_ratio * r.lower_bound:.2f} s",
+            f"wall <= {args.max_ratio:g} x LIMIT (N={r.n}, {r.warehouse}, engine only)",
+            f"{r.wall:.2f} s = {r.ratio:.2f} x {r.limit:.2f} s",
+            f"<= {args.max_ratio * r.limit:.2f} s",
             r.ratio <= args.max_ratio,
         )
     largest = results[-1]
@@ -426,27 +444,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if len(results) > 1:
         small = results[0]
-        for s in STEPS:
-            growth = largest.statements[s] / max(1, small.statements[s])
-            targets.check(
-                f"statements of step {s} independent of N",
-                f"{small.statements[s]} at N={small.n}, {largest.statements[s]} at "
-                f"N={largest.n} ({growth:.2f}x for {largest.n / small.n:g}x N)",
-                f"<= {args.max_statement_growth:g}x",
-                growth <= args.max_statement_growth,
-            )
+        growth = largest.statements / max(1, small.statements)
+        targets.check(
+            "statements of a run independent of N",
+            f"{small.statements} at N={small.n}, {largest.statements} at N={largest.n} "
+            f"({growth:.2f}x for {largest.n / small.n:g}x N)",
+            f"<= {args.max_statement_growth:g}x",
+            growth <= args.max_statement_growth,
+        )
     if sequential is not None:
         batch_per_policy = largest.wall / largest.n
         speedup = sequential.per_policy_seconds / batch_per_policy
         print_table(
-            f"Per policy: sequential seed workflow ({sequential.policies} policies) vs batch "
-            f"engine (N={largest.n})",
-            ["figure", "sequential", "batch"],
+            f"Per policy: sequential seed workflow ({sequential.policies} policies) vs the "
+            f"engine (N={largest.n}; engine only, no Dagster run)",
+            ["figure", "sequential", "engine"],
             [
                 ("seconds per policy", sequential.per_policy_seconds, batch_per_policy),
-                ("API calls per policy", sequential.api_calls / sequential.policies, None),
-                ("statements per policy", sequential.statements / sequential.policies, None),
-                ("completed", sequential.completed, largest.n),
+                (
+                    "API calls per policy",
+                    sequential.api_calls / sequential.policies,
+                    largest.api_calls / largest.n,
+                ),
+                (
+                    "statements per policy",
+                    sequential.statements / sequential.policies,
+                    largest.statements / largest.n,
+                ),
+                ("completed", sequential.completed, largest.completed),
                 ("speed-up per policy", None, speedup),
             ],
         )

@@ -5,28 +5,36 @@ The partitions are dynamic (named "policies") because the catalog is data, not c
 catalog sensor adds a partition when a policy file appears, and a run registers its own
 catalog policies if this Dagster instance has not seen them yet (a fresh DAGSTER_HOME).
 
-Each asset is one step of the seed's workflow. A run may hold many partitions (a single-run
-backfill or a sensor tick); the step then works on them concurrently and records metadata per
-partition. Nothing goes through an IO manager: the state lives in the warehouse.
+The three assets are one multi-asset step (`policy_workflow`), so that each policy of a run
+goes through the three steps on its own: the engine (`workflow.py`) works on all of them
+concurrently, and as each policy passes a step, the step logs that asset's materialization
+for that policy's partition, at that moment. A policy that fails is not materialized for the
+steps it did not reach (Dagster shows those partitions failed), and the others go on. Any
+subset of the three assets can be materialized (e.g. only `circuit_breaker_activation` for
+policies already ready). Nothing goes through an IO manager: the state lives in the warehouse.
 """
 
+import queue
+import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
     AssetsDefinition,
+    AssetSpec,
     BackfillPolicy,
     BetaWarning,
     Config,
     DynamicPartitionsDefinition,
     Failure,
-    MaterializeResult,
     MetadataValue,
-    asset,
     define_asset_job,
     in_process_executor,
+    multi_asset,
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from pydantic import Field
@@ -37,32 +45,37 @@ from policy_pipeline.guard import ApiGuard, GuardPolicy
 from policy_pipeline.resources import PolicyStateResource
 from policy_pipeline.settings import env_float, env_int
 from policy_pipeline.workflow import (
+    STEP_CIRCUIT,
+    STEP_CREATE,
+    STEP_READY,
+    STEPS,
     LeasePolicy,
     PolicyWorkflow,
     PollingPolicy,
+    Progress,
+    RunReport,
     StepOutcome,
-    StepReport,
 )
 
 WORKFLOW_GROUP = "policy_workflow"
+WORKFLOW_STEP = "policy_workflow"  # the op behind the three assets (its run config key)
 OWNERS = ["team:data-platform"]
 JOB_NAME = "policy_workflow_job"
 PARTITIONS_NAME = "policies"
 POLICY_PARTITIONS = DynamicPartitionsDefinition(name=PARTITIONS_NAME)
 RUN_OWNER_PREFIX = "run:"
+# A run names at most this many failed policies in its failure message (all in metadata).
+LISTED_FAILURES = 50
 
 
-class CreateConfig(Config):
+class WorkflowConfig(Config):
+    """Run config of the workflow step. The seed's polling: max_polls=3, backoff_multiplier=1."""
+
     force_new_execution: bool = Field(
         default=False,
         description="Create a new policy even if this content has already completed "
         "(by default the same content is one policy).",
     )
-
-
-class PollingConfig(Config):
-    """Step 2's polling schedule. The seed's behaviour: max_polls=3, backoff_multiplier=1."""
-
     initial_interval_seconds: float = Field(
         default_factory=lambda: env_float("POLICY_POLL_INITIAL_SECONDS", 1.0),
         description="Wait after the first poll (env POLICY_POLL_INITIAL_SECONDS, default 1).",
@@ -77,14 +90,15 @@ class PollingConfig(Config):
     )
     max_polls: int = Field(
         default_factory=lambda: env_int("POLICY_POLL_MAX_POLLS", 60, minimum=1),
-        description="Polls per run before giving up (env POLICY_POLL_MAX_POLLS, default 60).",
+        description="Polls per policy and run before giving up on it (env "
+        "POLICY_POLL_MAX_POLLS, default 60).",
     )
     deadline_seconds: float = Field(
         default_factory=lambda: env_float("POLICY_POLL_DEADLINE_SECONDS", 900.0),
-        description="Overall polling deadline per run (env POLICY_POLL_DEADLINE_SECONDS, 900).",
+        description="Polling deadline per policy and run (env POLICY_POLL_DEADLINE_SECONDS, 900).",
     )
 
-    def policy(self) -> PollingPolicy:
+    def polling(self) -> PollingPolicy:
         return PollingPolicy(
             initial_interval_seconds=self.initial_interval_seconds,
             max_interval_seconds=self.max_interval_seconds,
@@ -176,52 +190,93 @@ def register_partitions(context: AssetExecutionContext, keys: Sequence[str]) -> 
         context.instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
 
 
-def run_step(
-    context: AssetExecutionContext,
-    catalog: Mapping[str, CatalogEntry],
-    step: Callable[[list[str]], StepReport],
-) -> MaterializeResult:
-    """Run one workflow step for every partition of this run (the workflow works on them
-    concurrently) and report per partition.
-
-    Every partition is taken to the end of the step before a failure is raised, so one bad
-    policy does not leave the others half-done.
-    """
+def _partition_keys(context: AssetExecutionContext) -> list[str]:
     key_range = context.partition_key_range
     # A single key is taken as is: resolving it would fail before it is registered.
-    keys: Sequence[str] = (
-        [key_range.start] if key_range.start == key_range.end else context.partition_keys
-    )
+    if key_range.start == key_range.end:
+        return [str(key_range.start)]
+    return [str(key) for key in context.partition_keys]
+
+
+def _follow(workflow: PolicyWorkflow, **run: Any) -> Iterator[Progress | RunReport]:
+    """Run the engine in a thread and hand over its progress as it happens, then its report:
+    the step's own thread writes Dagster's events while the engine's calls go on."""
+    progress: queue.SimpleQueue[Progress | RunReport | BaseException] = queue.SimpleQueue()
+
+    def engine() -> None:
+        try:
+            progress.put(workflow.run(on_progress=progress.put, **run))
+        except BaseException as exc:  # re-raised in the step's thread
+            progress.put(exc)
+
+    thread = threading.Thread(target=engine, name="policy-workflow", daemon=True)
+    thread.start()
+    while True:
+        item = progress.get()
+        if isinstance(item, BaseException):
+            thread.join()
+            raise item
+        yield item
+        if isinstance(item, RunReport):
+            thread.join()
+            return
+
+
+def run_workflow(
+    context: AssetExecutionContext,
+    catalog: Mapping[str, CatalogEntry],
+    config: WorkflowConfig,
+    policy_api: PolicyApiResource,
+    policy_state: PolicyStateResource,
+) -> Iterator[AssetMaterialization]:
+    """Take every partition of this run through the selected steps, each policy on its own,
+    and materialize each (asset, partition) as its policy passes that step."""
+    keys = _partition_keys(context)
     runnable = [key for key in keys if key in catalog]
     register_partitions(context, runnable)
-    report = step(runnable)
-    failures = dict(report.failures)
-    failures.update(
-        {key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog}
+    steps = [step for step in STEPS if AssetKey(step) in context.selected_asset_keys]
+    failures = {key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog}
+    failed_steps = dict.fromkeys(failures, steps[0] if steps else "")
+    api_calls = 0
+    for item in _follow(
+        _workflow(context, policy_api, policy_state),
+        names=runnable,
+        steps=steps,
+        definitions={key: catalog[key].policy for key in runnable},
+        polling=config.polling(),
+        force_new=config.force_new_execution,
+    ):
+        if isinstance(item, RunReport):
+            failures.update({name: why for name, (_step, why) in item.failures.items()})
+            failed_steps.update({name: step for name, (step, _why) in item.failures.items()})
+        elif item.outcome is not None:
+            api_calls += item.outcome.api_calls
+            yield AssetMaterialization(
+                asset_key=item.step,
+                partition=item.policy_name,
+                description=item.outcome.message,
+                metadata=_metadata(item.outcome),
+            )
+        elif len(keys) <= LISTED_FAILURES:
+            context.log.error(f"{item.policy_name}: {item.step} failed: {item.error}")
+    context.log.info(
+        f"{len(runnable) - len(failures)} of {len(keys)} policies passed "
+        f"{', '.join(steps)}; {api_calls} API calls"
     )
-    for key, outcome in report.outcomes.items():
-        context.add_asset_metadata(_metadata(outcome), partition_key=key)
-    for key, reason in sorted(failures.items())[:50]:
-        context.log.error(f"{key}: {reason}")
     if failures:
-        listing = "\n".join(f"- {key}: {reason}" for key, reason in sorted(failures.items())[:50])
-        more = f"\n(and {len(failures) - 50} more)" if len(failures) > 50 else ""
+        listing = "\n".join(
+            f"- {key}: {reason}" for key, reason in sorted(failures.items())[:LISTED_FAILURES]
+        )
+        more = len(failures) - LISTED_FAILURES
         raise Failure(
-            description=f"{len(failures)} of {len(keys)} policies failed:\n{listing}{more}",
+            description=f"{len(failures)} of {len(keys)} policies failed:\n{listing}"
+            + (f"\n(and {more} more)" if more > 0 else ""),
             metadata={
                 "failed_policies": MetadataValue.json(failures),
-                "succeeded_policies": MetadataValue.int(len(report.outcomes)),
+                "failed_steps": MetadataValue.json(failed_steps),  # where each one stopped
+                "succeeded_policies": MetadataValue.int(len(runnable) - len(failures)),
             },
         )
-    # Run-wide figures under their own names: they are copied onto every partition.
-    return MaterializeResult(
-        metadata={
-            "policies_in_run": MetadataValue.int(len(keys)),
-            "api_calls_in_run": MetadataValue.int(
-                sum(o.api_calls for o in report.outcomes.values())
-            ),
-        }
-    )
 
 
 def build_workflow_assets(
@@ -230,77 +285,64 @@ def build_workflow_assets(
     # single_run() is what lets a backfill hand many policies to one run (beta in Dagster).
     warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
     common: dict[str, Any] = {
-        "partitions_def": POLICY_PARTITIONS,
-        "backfill_policy": BackfillPolicy.single_run(),
         "group_name": WORKFLOW_GROUP,
         "owners": OWNERS,
+        "kinds": {"python", "api"},
+        # A policy that fails is simply not materialized for the steps it did not reach.
+        "skippable": True,
     }
+    specs = [
+        AssetSpec(
+            STEP_CREATE,
+            description="Step 1: the policy exists in the Policy API (POST /createpolicy) and "
+            "its policy_id is stored and verified in policy_execution_state. Resumes an active "
+            "execution instead of creating a second policy, and creates none for content that "
+            "has already completed (run config force_new_execution to override).",
+            **common,
+        ),
+        AssetSpec(
+            STEP_READY,
+            deps=[STEP_CREATE],
+            description="Step 2: the Policy API reports the policy ready (GET "
+            "/policy/{policy_id} polled with backoff and jitter) and the state row agrees "
+            "(status policy_ready).",
+            **common,
+        ),
+        AssetSpec(
+            STEP_CIRCUIT,
+            deps=[STEP_READY],
+            description="Step 3: the circuit breaker was triggered exactly once (POST /circuit) "
+            "for a ready policy, and the execution is completed.",
+            **common,
+        ),
+    ]
 
-    @asset(
-        description="Step 1: the policy exists in the Policy API (POST /createpolicy) and its "
-        "policy_id is stored and verified in policy_execution_state. Resumes an active "
-        "execution instead of creating a second policy, and creates none for content that "
-        "has already completed (run config force_new_execution to override).",
-        kinds={"python", "api"},
-        **common,
+    @multi_asset(
+        name=WORKFLOW_STEP,
+        specs=specs,
+        partitions_def=POLICY_PARTITIONS,
+        backfill_policy=BackfillPolicy.single_run(),
+        can_subset=True,
+        description="The policy workflow: each policy of the run goes through the selected "
+        "steps on its own, and each asset partition is materialized as its policy passes it.",
     )
-    def policy_created(
+    def policy_workflow(
         context: AssetExecutionContext,
-        config: CreateConfig,
+        config: WorkflowConfig,
         policy_api: PolicyApiResource,
         policy_state: PolicyStateResource,
-    ) -> MaterializeResult:
-        workflow = _workflow(context, policy_api, policy_state)
-        return run_step(
-            context,
-            catalog,
-            lambda keys: workflow.create_policies(
-                [catalog[key].policy for key in keys], force_new=config.force_new_execution
-            ),
-        )
+    ) -> Iterator[AssetMaterialization]:
+        yield from run_workflow(context, catalog, config, policy_api, policy_state)
 
-    @asset(
-        deps=[policy_created],
-        description="Step 2: the Policy API reports the policy ready (GET /policy/{policy_id} "
-        "polled with backoff and jitter) and the state row agrees (status policy_ready).",
-        kinds={"python", "api"},
-        **common,
-    )
-    def policy_ready(
-        context: AssetExecutionContext,
-        config: PollingConfig,
-        policy_api: PolicyApiResource,
-        policy_state: PolicyStateResource,
-    ) -> MaterializeResult:
-        workflow = _workflow(context, policy_api, policy_state)
-        polling = config.policy()
-        return run_step(context, catalog, lambda keys: workflow.wait_until_ready(keys, polling))
-
-    @asset(
-        deps=[policy_ready],
-        description="Step 3: the circuit breaker was triggered exactly once (POST /circuit) for "
-        "a ready policy, and the execution is completed.",
-        kinds={"python", "api"},
-        **common,
-    )
-    def circuit_breaker_activation(
-        context: AssetExecutionContext,
-        policy_api: PolicyApiResource,
-        policy_state: PolicyStateResource,
-    ) -> MaterializeResult:
-        workflow = _workflow(context, policy_api, policy_state)
-        return run_step(context, catalog, workflow.activate_circuit_breakers)
-
-    assets = [policy_created, policy_ready, circuit_breaker_activation]
     job = define_asset_job(
         JOB_NAME,
-        selection=assets,
+        selection=[policy_workflow],
         description="The seed's three-step policy workflow for one or more policies.",
-        # The steps are sequential and I/O-bound (they fan out over threads inside), so one
-        # process per step would only add interpreter start-up to every run.
+        # The step is I/O-bound (it fans out over threads inside), so one process per step
+        # would only add interpreter start-up to every run.
         executor_def=in_process_executor,
         # Every run calls the Policy API: deploy/dagster.yaml limits how many such runs are in
         # progress at once by this tag (tag_concurrency_limits).
         tags={"policy_pipeline/api": "true"},
     )
-    return assets, job
+    return [policy_workflow], job

@@ -97,10 +97,13 @@ def _failure_summary(context: RunFailureSensorContext) -> dict[str, Any]:
     for event in context.get_step_failure_events():
         data = event.step_failure_data
         error = data.error.message.strip() if data and data.error else "unknown error"
-        failed: Any = None
-        if data and data.user_failure_data and "failed_policies" in data.user_failure_data.metadata:
-            failed = data.user_failure_data.metadata["failed_policies"].value
-        steps.append({"step": event.step_key, "error": error[:2000], "failed_policies": failed})
+        metadata = data.user_failure_data.metadata if data and data.user_failure_data else {}
+        failed: Any = metadata["failed_policies"].value if "failed_policies" in metadata else None
+        # The workflow step where the (first) failed policy stopped, not the Dagster op that
+        # runs all three.
+        where: Any = metadata["failed_steps"].value if "failed_steps" in metadata else None
+        step = min(where.items())[1] if isinstance(where, dict) and where else event.step_key
+        steps.append({"step": step, "error": error[:2000], "failed_policies": failed})
     policy = tags.get("dagster/partition") or (
         f"{tags.get('dagster/asset_partition_range_start')}.."
         f"{tags.get('dagster/asset_partition_range_end')}"

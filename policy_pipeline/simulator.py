@@ -179,6 +179,8 @@ class SimulatorConfig:
     api_key: str | None = None
     ready_after_polls: int = 2
     ready_after_seconds: float = 0.0
+    # Per policy name, overriding ready_after_seconds (uneven readiness).
+    ready_after_seconds_by_policy: dict[str, float] = field(default_factory=dict)
     ready_status: str = "success"
     fail_policies: list[str] = field(default_factory=list)
     never_ready_policies: list[str] = field(default_factory=list)
@@ -225,6 +227,13 @@ class SimulatorConfig:
             raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
         for name in _NAME_LIST_FIELDS:
             setattr(self, name, _as_str_list(name, getattr(self, name)))
+        by_policy = self.ready_after_seconds_by_policy
+        if not isinstance(by_policy, Mapping) or not all(isinstance(k, str) for k in by_policy):
+            raise ValueError("ready_after_seconds_by_policy must map policy names to seconds")
+        self.ready_after_seconds_by_policy = {
+            key: _as_float(f"ready_after_seconds_by_policy[{key!r}]", value)
+            for key, value in by_policy.items()
+        }
         self.fault_endpoints = _as_str_list("fault_endpoints", self.fault_endpoints, ENDPOINTS)
         if not isinstance(self.scripted_faults, list | tuple):
             raise ValueError("scripted_faults must be a list")
@@ -273,9 +282,13 @@ class _Policy:
     polls: int = 0
     circuit_triggered: bool = False
     circuit_breaker_id: str | None = None
+    ready_at: float | None = None  # wall clock: when the API first could report it ready
+    circuit_at: float | None = None  # wall clock: when its circuit breaker was triggered
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "ready_at": self.ready_at,
+            "circuit_at": self.circuit_at,
             "policy_name": self.policy_name,
             "status": self.status,
             "polls": self.polls,
@@ -973,7 +986,12 @@ class PolicyApiSimulator:
         if name in cfg.never_ready_policies:
             return "pending"
         elapsed = time.monotonic() - policy.created_monotonic
-        if policy.polls > cfg.ready_after_polls and elapsed >= cfg.ready_after_seconds:
+        needed = cfg.ready_after_seconds_by_policy.get(name, cfg.ready_after_seconds)
+        if policy.polls > cfg.ready_after_polls and elapsed >= needed:
+            if policy.ready_at is None:  # the earliest moment a poll could have said so
+                polls_gated = 0 < cfg.ready_after_polls == policy.polls - 1
+                late = 0.0 if polls_gated else elapsed - needed
+                policy.ready_at = time.time() - late
             return "failed" if name in cfg.fail_policies else cfg.ready_status
         return "pending"
 
@@ -1006,6 +1024,7 @@ class PolicyApiSimulator:
         circuit_breaker_id = self._new_hex_id("cb_", self._circuit_ids)
         self._circuit_ids.add(circuit_breaker_id)
         policy.circuit_triggered = True
+        policy.circuit_at = time.time()
         policy.circuit_breaker_id = circuit_breaker_id
         response["circuit_breaker_id"] = circuit_breaker_id
         self._counts.circuits_triggered += 1

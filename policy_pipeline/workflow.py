@@ -1,14 +1,23 @@
-"""The three workflow steps, each over a batch of policies, as plain Python over the state
-store and the Policy API.
+"""The workflow engine: every policy of a run goes create -> ready -> circuit breaker on its
+own, as soon as it can, whatever the other policies do.
 
-A step claims its policies' leases, reads their executions in one query, makes its API calls
-concurrently (at most ``concurrency`` in flight) and writes what it learnt in batches: in
-``FLUSH_PARTS`` parts per step (so writing overlaps the calls still in flight, and the
-number of statements does not depend on the number of policies), at most ``flush_rows``
-answers and ``flush_seconds`` apart. The warehouse sees a few statements per flush, not a few
-per policy. Every
-move of an execution is a conditional update; a recoverable failure is recorded so that the
-next run resumes the same execution (same ``policy_id``, same idempotency keys).
+Plain Python over the state store and the Policy API (no Dagster). One run of the engine has
+``concurrency`` call workers and one writer:
+
+- the workers take whichever call is due next (a create, a status poll, a circuit-breaker
+  call) from one schedule, so at most ``concurrency`` calls are in flight for the whole run,
+  and a slow or failing policy only ever occupies the worker of its own call;
+- the writer commits what the answers taught, in batches (group commit): whatever has
+  gathered since the last write, at most ``flush_seconds`` apart. A batch is a few statements
+  whatever the number of policies in it, so statements per run grow with its duration, not
+  with its number of policies. As each write commits, the policies it moved go on to their
+  next call at once, and ``on_progress`` hears of each policy passing (or failing) each step.
+
+The seed's rules hold per policy: the intent is committed before the create call, the
+circuit breaker is called only after the state row says ``policy_ready`` (the API said so,
+and a conditional update agreed) and after a conditional claim, and a failure in one step
+keeps the steps before it recorded. A recoverable failure is recorded so that a later run
+resumes the same execution (same ``policy_id``, same idempotency keys).
 """
 
 from __future__ import annotations
@@ -16,13 +25,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +49,7 @@ from policy_pipeline.state import AuditEvent, ExecutionRow, StateStore
 STEP_CREATE = "policy_created"
 STEP_READY = "policy_ready"
 STEP_CIRCUIT = "circuit_breaker_activation"
+STEPS = (STEP_CREATE, STEP_READY, STEP_CIRCUIT)
 
 # Where a recoverable failure in a step goes back to when a later run resumes it.
 RESUME_FROM = {
@@ -55,11 +62,12 @@ ACTIVE_STATUSES = (
     ExecutionStatus.POLICY_CREATED,
     ExecutionStatus.POLICY_READY,
 )
-# A step's answers are written in about this many parts: all but the last while calls are
-# still in flight.
-FLUSH_PARTS = 4
-# Per-policy log lines only for small batches; a thousand-policy run logs summaries.
+# Per-policy log lines only for small runs; a thousand-policy run logs summaries.
 DETAILED_LOG_LIMIT = 25
+# Writes wait at most this long to be batched with others (each batch is a few statements).
+FLUSH_SECONDS = 0.5
+# How often the writer re-reads the shared API guard (another process may have opened it).
+GUARD_REFRESH_SECONDS = 2.0
 
 
 class StepFailed(Exception):
@@ -79,7 +87,7 @@ class Logger(Protocol):
 
 
 class PolicyApi(Protocol):
-    """What the steps need from the Policy API client (`PolicyApiResource`)."""
+    """What the engine needs from the Policy API client (`PolicyApiResource`)."""
 
     def create_policy(
         self, payload: dict[str, Any], idempotency_key: str, on_attempt: AttemptCallback
@@ -99,7 +107,8 @@ class PolicyApi(Protocol):
 
 @dataclass(frozen=True)
 class PollingPolicy:
-    """How step 2 polls. The seed's behaviour is ``max_polls=3`` with a fixed interval."""
+    """How a policy is polled until ready. The seed's behaviour is ``max_polls=3`` with a fixed
+    interval. The limits are per policy: one policy's exhausted polls end only its own wait."""
 
     initial_interval_seconds: float = 1.0
     max_interval_seconds: float = 30.0
@@ -137,14 +146,37 @@ class StepOutcome:
 
 @dataclass
 class StepReport:
-    """What a step did for each policy of its batch."""
+    """What one step did for each policy."""
 
     outcomes: dict[str, StepOutcome] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
 
-    def fail(self, name: str, reason: str) -> None:
-        self.failures[name] = reason
-        self.outcomes.pop(name, None)
+
+@dataclass(frozen=True)
+class Progress:
+    """One policy passed one step (``outcome``) or failed at it (``error``), just now: the
+    state row already says so."""
+
+    policy_name: str
+    step: str
+    outcome: StepOutcome | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunReport:
+    """What a run did: per step, the policies that passed it; per policy, where it failed."""
+
+    outcomes: dict[str, dict[str, StepOutcome]] = field(
+        default_factory=lambda: {step: {} for step in STEPS}
+    )
+    failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (step, why)
+
+    def step(self, step: str) -> StepReport:
+        return StepReport(
+            outcomes=dict(self.outcomes[step]),
+            failures={name: why for name, (_step, why) in self.failures.items()},
+        )
 
 
 class _AttemptRecorder:
@@ -183,7 +215,7 @@ class _AttemptRecorder:
 
 
 class PolicyWorkflow:
-    """The seed's three steps, for a batch of policies at a time."""
+    """The seed's three steps for any number of policies, each policy on its own."""
 
     def __init__(
         self,
@@ -193,9 +225,7 @@ class PolicyWorkflow:
         log: Logger,
         lease: LeasePolicy | None = None,
         concurrency: int = 16,
-        flush_seconds: float = 10.0,
-        flush_rows: int = 2_000,
-        sleep: Callable[[float], None] = time.sleep,
+        flush_seconds: float = FLUSH_SECONDS,
         owner_finished: Callable[[str], bool] = lambda owner: False,
         guard: ApiGuard | None = None,
     ) -> None:
@@ -208,196 +238,58 @@ class PolicyWorkflow:
         # What a crash can lose: answers not yet written, which a re-run gets again by
         # re-sending the same idempotency keys (or polling again).
         self.flush_seconds = flush_seconds
-        self.flush_rows = max(1, flush_rows)
-        self.sleep = sleep
         self.owner_finished = owner_finished
         self.guard = guard
-        self._recorders: dict[str, _AttemptRecorder] = {}
-        self._verbose = True
 
-    # --- step 1 ---------------------------------------------------------------------------------
+    def run(
+        self,
+        names: Sequence[str],
+        steps: Collection[str] = STEPS,
+        *,
+        definitions: Mapping[str, PolicyDefinition] | None = None,
+        polling: PollingPolicy | None = None,
+        force_new: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RunReport:
+        """Take every named policy through the chosen steps (in the workflow's order).
+
+        ``definitions`` are needed for the create step. A policy whose current content has
+        already completed is not created again (the same content is one policy), unless
+        ``force_new`` asks for a new execution."""
+        unknown = set(steps) - set(STEPS)
+        if unknown:
+            raise ValueError(f"unknown workflow steps: {sorted(unknown)}")
+        definitions = definitions or {}
+        if STEP_CREATE in steps:
+            missing = [name for name in names if name not in definitions]
+            if missing:
+                raise ValueError(f"no policy definition for {missing}")
+        return _Run(
+            self,
+            list(dict.fromkeys(names)),
+            [step for step in STEPS if step in steps],
+            definitions,
+            polling or PollingPolicy(),
+            force_new,
+            on_progress or (lambda progress: None),
+        ).execute()
+
+    # --- one step at a time (the operator CLI, tests) ------------------------------------------
 
     def create_policies(
         self, policies: Sequence[PolicyDefinition], force_new: bool = False
     ) -> StepReport:
-        """Create each policy, or resume the execution still active for it.
-
-        A policy whose current content already completed is not created again (the same
-        content is one policy), unless ``force_new`` asks for a new execution."""
-        by_name = {policy.policy_name: policy for policy in policies}
-        report = StepReport()
-        with self._leased(list(by_name), STEP_CREATE, report) as held:
-            with self.store.batch():  # one connection for the reads and the intents
-                if self._guard_blocks(held, report):
-                    return report
-                current = self._resume_errors(self.store.current_executions(held), None)
-                to_post: list[ExecutionRow] = []
-                for name in held:
-                    row = current.get(name)
-                    if row is None:
-                        continue
-                    if (
-                        row.status is ExecutionStatus.COMPLETED
-                        and not force_new
-                        and row.policy_content_hash == by_name[name].content_hash()
-                    ):
-                        self._detail(f"policy '{name}': this content completed as {row.policy_id}")
-                        report.outcomes[name] = self._outcome(
-                            row, resumed=True, message="already completed for this content"
-                        )
-                    elif row.status not in ACTIVE_STATUSES:
-                        continue
-                    elif row.status is ExecutionStatus.PENDING:
-                        to_post.append(row)  # intent recorded, create never confirmed: re-send
-                    else:
-                        self._detail(f"policy '{name}': resuming {row.execution_id} ({row.status})")
-                        report.outcomes[name] = self._outcome(row, resumed=True, message="resumed")
-                resumed_ids = {row.execution_id for row in to_post}
-                posting = {row.policy_name for row in to_post}
-                fresh = [
-                    by_name[name]
-                    for name in held
-                    if name not in report.outcomes and name not in posting
-                ]
-                # A resumed intent re-sends exactly the body it stored; a new one what it stores.
-                bodies = self.store.policy_data([row.execution_id for row in to_post])
-                started = self.store.start_executions(fresh)
-                for row, policy in zip(started, fresh, strict=True):
-                    bodies[row.execution_id] = policy.payload()
-                to_post.extend(started)
-            failpoint("after_intents")
-            self._post_creates(to_post, bodies, resumed_ids, report)
-        return report
-
-    def _post_creates(
-        self,
-        rows: list[ExecutionRow],
-        bodies: dict[str, Any],
-        resumed_ids: set[str],
-        report: StepReport,
-    ) -> None:
-        created: list[tuple[ExecutionRow, str, Any]] = []
-        failed: list[tuple[ExecutionRow, str, str, bool]] = []
-        kept: list[tuple[ExecutionRow, Any]] = []
-
-        def post(row: ExecutionRow) -> ApiResponse:
-            body = bodies.get(row.execution_id)
-            if not isinstance(body, dict):
-                raise PolicyApiError("stored policy_data is not a JSON object", transient=False)
-            key = row.create_idempotency_key or ""
-            response = self.api.create_policy(
-                {**body, "execution_id": row.execution_id}, key, self._recorder(row)
-            )
-            failpoint("after_create_call")
-            return response
-
-        def on_result(row: ExecutionRow, response: ApiResponse | PolicyApiError) -> None:
-            if isinstance(response, PolicyApiError):
-                failed.append((row, str(response), STEP_CREATE, response.transient))
-                return
-            if not response.ok:
-                problem = f"{response.describe()}: {_excerpt(response)}"
-                failed.append((row, problem, STEP_CREATE, False))
-                return
-            policy_id = response.field("policy_id")
-            if not isinstance(policy_id, str) or not policy_id.strip():
-                kept.append((row, response.recorded_body))
-                # An unreadable body may hide a created policy: a later run re-sends the same
-                # idempotency key and gets the original answer. JSON without the field is final.
-                unreadable = response.data is None
-                failed.append((row, _missing_field(response, "policy_id"), STEP_CREATE, unreadable))
-                return
-            created.append((row, policy_id, response.recorded_body))
-
-        def flush() -> None:
-            batch, created[:] = list(created), []
-            if batch:
-                after = self.store.mark_created(batch)
-                failpoint("after_created")
-                for row, policy_id, _body in batch:
-                    # The seed's "verify database storage" before going on.
-                    stored = after.get(row.execution_id)
-                    if stored is None or stored.policy_id != policy_id:
-                        report.fail(
-                            row.policy_name,
-                            f"state row for execution {row.execution_id} does not hold "
-                            f"policy_id {policy_id} after the write",
-                        )
-                        continue
-                    self._detail(f"policy '{row.policy_name}': created {policy_id}")
-                    report.outcomes[row.policy_name] = self._outcome(
-                        stored,
-                        resumed=row.execution_id in resumed_ids,
-                        message=f"created {policy_id}",
-                    )
-            self._flush_failures(failed, kept, "api_response", report)
-
-        self._fan_out(rows, post, on_result, flush)
-
-    # --- step 2 ---------------------------------------------------------------------------------
+        definitions = {policy.policy_name: policy for policy in policies}
+        report = self.run(
+            list(definitions), [STEP_CREATE], definitions=definitions, force_new=force_new
+        )
+        return report.step(STEP_CREATE)
 
     def wait_until_ready(self, names: Sequence[str], polling: PollingPolicy) -> StepReport:
-        """Poll every created policy on one shared schedule until each is ready or done."""
-        report = StepReport()
-        with self._leased(names, STEP_READY, report) as held:
-            with self.store.batch():
-                if self._guard_blocks(held, report):
-                    return report
-                current = self._resume_errors(self.store.current_executions(held), STEP_READY)
-            to_poll: list[ExecutionRow] = []
-            for name in held:
-                row = current.get(name)
-                if row is None:
-                    report.fail(name, "no execution exists; materialize policy_created first")
-                elif row.status in (ExecutionStatus.POLICY_READY, ExecutionStatus.COMPLETED):
-                    report.outcomes[name] = self._outcome(row, resumed=True, message="ready")
-                elif row.status is not ExecutionStatus.POLICY_CREATED:
-                    report.fail(name, _refusal(row, "materialize policy_created first"))
-                else:
-                    to_poll.append(row)
-            if to_poll:
-                _Poller(self, to_poll, polling, report, held).run()
-        return report
-
-    # --- step 3 ---------------------------------------------------------------------------------
+        return self.run(names, [STEP_READY], polling=polling).step(STEP_READY)
 
     def activate_circuit_breakers(self, names: Sequence[str]) -> StepReport:
-        """Trigger the circuit breaker, exactly once, for every ready policy."""
-        report = StepReport()
-        with self._leased(names, STEP_CIRCUIT, report) as held:
-            with self.store.batch():  # one connection for the reads and the claim
-                if self._guard_blocks(held, report):
-                    return report
-                current = self._resume_errors(self.store.current_executions(held), STEP_CIRCUIT)
-                ready: list[ExecutionRow] = []
-                for name in held:
-                    row = current.get(name)
-                    if row is None:
-                        report.fail(name, "no execution exists; materialize policy_created first")
-                    elif row.status is ExecutionStatus.COMPLETED:
-                        report.outcomes[name] = self._outcome(row, resumed=True, message="done")
-                    elif row.status is not ExecutionStatus.POLICY_READY:
-                        report.fail(name, _refusal(row, "the policy has not reached policy_ready"))
-                    else:
-                        ready.append(row)
-                after = self.store.claim_circuit_breakers(
-                    [(row, circuit_idempotency_key(row.execution_id)) for row in ready],
-                    TRIGGER_REASON,
-                )
-            failpoint("after_claim")
-            to_call: list[ExecutionRow] = []
-            for row in ready:
-                now = after[row.execution_id]
-                if now.circuit_breaker_completed:
-                    report.outcomes[row.policy_name] = self._outcome(now, message="done")
-                elif now.circuit_breaker_initiated and now.status is ExecutionStatus.POLICY_READY:
-                    # Initiated now, or by a run that crashed: we hold the lease, so nobody else
-                    # is calling, and the stored idempotency key makes a repeat safe.
-                    to_call.append(now)
-                else:
-                    report.fail(row.policy_name, _refusal(now, "it changed while claiming"))
-            self._post_circuits(to_call, report)
-        return report
+        return self.run(names, [STEP_CIRCUIT]).step(STEP_CIRCUIT)
 
     def activate_circuit_breaker(self, policy_name: str) -> StepOutcome:
         """One policy (the operator CLI); raises StepFailed."""
@@ -406,148 +298,448 @@ class PolicyWorkflow:
             raise StepFailed(policy_name, STEP_CIRCUIT, report.failures[policy_name])
         return report.outcomes[policy_name]
 
-    def _post_circuits(self, rows: list[ExecutionRow], report: StepReport) -> None:
-        completed: list[tuple[ExecutionRow, Any]] = []
-        failed: list[tuple[ExecutionRow, str, str, bool]] = []
-        kept: list[tuple[ExecutionRow, Any]] = []
 
-        def post(row: ExecutionRow) -> ApiResponse:
-            assert row.policy_id is not None
-            key = row.circuit_idempotency_key or circuit_idempotency_key(row.execution_id)
-            response = self.api.trigger_circuit_breaker(
-                row.policy_id, row.execution_id, TRIGGER_REASON, key, self._recorder(row)
-            )
-            failpoint("after_circuit_call")
-            return response
+@dataclass(eq=False)
+class _Track:
+    """One policy's way through this run."""
 
-        def on_result(row: ExecutionRow, response: ApiResponse | PolicyApiError) -> None:
-            # Steps 1 and 2 stay recorded; the next run retries the same call with its key.
-            if isinstance(response, PolicyApiError):
-                failed.append((row, str(response), STEP_CIRCUIT, True))
-            elif not response.ok:
-                kept.append((row, response.recorded_body))
-                failed.append(
-                    (row, f"{response.describe()}: {_excerpt(response)}", STEP_CIRCUIT, True)
-                )
-            elif not isinstance(response.data, dict):
-                # A 2xx whose body cannot be read (an HTML page from a proxy, an empty body) is
-                # no confirmation that the breaker fired: record it and let the next run repeat
-                # the call with the same idempotency key.
-                kept.append((row, response.recorded_body))
-                problem = f"{response.describe()} without a readable confirmation"
-                failed.append((row, f"{problem}: {_excerpt(response)}", STEP_CIRCUIT, True))
-            else:
-                completed.append((row, response.recorded_body))
+    name: str
+    steps: list[str]  # the chosen steps still ahead of it, in order
+    row: ExecutionRow | None = None
+    resumed: bool = False  # it entered its current step with work already done
+    body: Any = None  # the create request's body
+    recorder: _AttemptRecorder | None = None
+    polls: int = 0  # in this run
+    polling_since: float = 0.0
 
-        def flush() -> None:
-            batch, completed[:] = list(completed), []
-            if batch:
-                after = self.store.mark_completed(batch)
-                failpoint("after_completed")
-                for row, _body in batch:
-                    done = after.get(row.execution_id)
-                    if done is None or done.status is not ExecutionStatus.COMPLETED:
-                        report.fail(row.policy_name, "state row did not reach completed")
-                        continue
-                    self._detail(f"policy '{row.policy_name}': circuit breaker triggered")
-                    report.outcomes[row.policy_name] = self._outcome(
-                        done, message="circuit breaker triggered"
-                    )
-            self._flush_failures(failed, kept, "circuit_breaker_response", report)
+    @property
+    def execution(self) -> ExecutionRow:
+        assert self.row is not None, f"policy '{self.name}' has no execution yet"
+        return self.row
 
-        self._fan_out(rows, post, on_result, flush)
 
-    # --- shared machinery -----------------------------------------------------------------------
+@dataclass
+class _Writes:
+    """What the workers learnt and the writer has not written yet."""
 
-    def _fan_out(
+    intents: list[_Track] = field(default_factory=list)
+    polls: dict[str, list[Any]] = field(default_factory=dict)  # id -> [polls, body, message, t]
+    created: list[tuple[_Track, str, Any]] = field(default_factory=list)
+    ready: list[tuple[_Track, str]] = field(default_factory=list)
+    claims: list[_Track] = field(default_factory=list)
+    completed: list[tuple[_Track, Any]] = field(default_factory=list)
+    kept: dict[str, list[tuple[_Track, Any]]] = field(default_factory=dict)  # column -> bodies
+    failed: list[tuple[_Track, str, str, bool]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any(
+            (self.intents, self.polls, self.created, self.ready, self.claims, self.completed)
+        ) or any((self.kept, self.failed))
+
+
+class _Run:
+    """One call of `PolicyWorkflow.run`: the call workers, the writer (the calling thread),
+    and every policy's track."""
+
+    def __init__(
         self,
-        items: Sequence[ExecutionRow],
-        call: Callable[[ExecutionRow], ApiResponse],
-        on_result: Callable[[ExecutionRow, ApiResponse | PolicyApiError], None],
-        flush: Callable[[], None],
+        workflow: PolicyWorkflow,
+        names: list[str],
+        steps: list[str],
+        definitions: Mapping[str, PolicyDefinition],
+        polling: PollingPolicy,
+        force_new: bool,
+        on_progress: Callable[[Progress], None],
     ) -> None:
-        """Make one call per item, ``concurrency`` at a time, flushing results periodically."""
-        if not items:
+        self.wf = workflow
+        self.store = workflow.store
+        self.names = names
+        self.steps = steps
+        self.definitions = definitions
+        self.polling = polling
+        self.force_new = force_new
+        self.on_progress = on_progress
+        self.verbose = len(names) <= DETAILED_LOG_LIMIT
+        self.report = RunReport()
+        self.tracks = {name: _Track(name, list(steps)) for name in names}
+        self.unfinished = len(names)
+        # Shared with the workers; guards everything below.
+        self.changed = threading.Condition()
+        self.due: list[tuple[float, int, str, _Track]] = []  # (when, seq, call, track)
+        self.counter = itertools.count()
+        self.in_flight = 0
+        self.closed = False
+        self.worker_error: BaseException | None = None
+        self.writes = _Writes()
+        # The writer's own.
+        self.next_flush = 0.0
+        self.held: set[str] = set()
+        self.released: list[str] = []
+        self.waiting: dict[str, _Track] = {}  # for a lease another run holds
+        self.lease_deadline = 0.0
+        self.lease_retry_at = 0.0
+        self.lease_delay = 0.2
+        self.renew_at = 0.0
+        self.guard_refresh_at = 0.0
+        self.bodies: dict[str, Any] = {}  # stored create bodies of resumed intents
+
+    # --- the writer ----------------------------------------------------------------------------
+
+    def execute(self) -> RunReport:
+        if not self.names:
+            return self.report
+        workers = [
+            threading.Thread(target=self._work, name=f"policy-call-{i}", daemon=True)
+            for i in range(min(self.wf.concurrency, len(self.names)))
+        ]
+        try:
+            with self.store.batch():  # one connection for the leases, reads and intents
+                self._start()
+            for worker in workers:
+                worker.start()
+            while True:
+                with self.changed:
+                    while not self._wake():  # the next timer may change with every answer
+                        timer = self._next_timer()
+                        self.changed.wait(
+                            None if timer == math.inf else max(0.0, timer - time.monotonic())
+                        )
+                    if self.worker_error is not None:
+                        raise self.worker_error
+                    if self._finished():
+                        break
+                    writes, self.writes = self.writes, _Writes()
+                with self.store.batch():  # one connection per batch of writes
+                    self._write(writes)
+                self.next_flush = time.monotonic() + self.wf.flush_seconds
+        finally:
+            with self.changed:
+                self.closed = True
+                self.changed.notify_all()
+            for worker in workers:
+                if worker.is_alive():
+                    worker.join()
+            with self.store.batch():
+                self.store.flush()
+                self.store.release_leases([*self.held], self.wf.owner)
+        return self.report
+
+    def _wake(self) -> bool:
+        return self.worker_error is not None or self._finished() or self._timer_due()
+
+    def _finished(self) -> bool:
+        return self.unfinished == 0 and self.in_flight == 0 and not self.writes
+
+    def _timer_due(self) -> bool:
+        now = time.monotonic()
+        if self.writes and now >= self.next_flush:
+            return True
+        if self.waiting and now >= self.lease_retry_at:
+            return True
+        return bool(self.held) and now >= self.renew_at
+
+    def _next_timer(self) -> float:
+        timers = [self.renew_at if self.held else math.inf]
+        if self.writes:
+            timers.append(self.next_flush)
+        if self.waiting:
+            timers.append(self.lease_retry_at)
+        return min(timers)
+
+    def _start(self) -> None:
+        """Fail everything at once while the guard is open; otherwise claim the leases and
+        set every policy on its way."""
+        guard = self.wf.guard
+        reason = guard.blocks_calls() if guard is not None else None
+        if reason is not None:
+            self.wf.log.warning(reason)
+            for track in self.tracks.values():
+                self._fail(track, track.steps[0], reason)
             return
-        # Finished calls arrive on a queue: `wait()` over thousands of futures would cost
-        # O(pending) per answer.
-        finished: queue.SimpleQueue[Future[ApiResponse]] = queue.SimpleQueue()
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(items))) as pool:
-            pending: dict[Future[ApiResponse], ExecutionRow] = {}
-            for item in items:
-                future = pool.submit(self._guarded, call, item)
-                pending[future] = item
-                future.add_done_callback(finished.put)
-            next_flush = time.monotonic() + self.flush_seconds
-            per_flush = self._answers_per_flush(len(items))
-            answered = 0
-            while pending:
-                done = _drain(finished, timeout=max(0.0, next_flush - time.monotonic()))
-                for future in done:
-                    on_result(pending.pop(future), _result(future))
-                answered += len(done)
-                if pending and (answered >= per_flush or time.monotonic() >= next_flush):
-                    answered = 0
-                    with self.store.batch():  # one connection per flush
-                        flush()  # its state changes write the pending audit events too
-                        self._refresh_guard()
-                    next_flush = time.monotonic() + self.flush_seconds
-        with self.store.batch():
-            flush()
-            self.store.flush()
+        ttl = self.wf.lease.ttl_seconds
+        self.held = self.store.acquire_leases(self.names, self.wf.owner, ttl)
+        now = time.monotonic()
+        self.renew_at = now + ttl / 3
+        self.guard_refresh_at = now + GUARD_REFRESH_SECONDS
+        self.waiting = {n: t for n, t in self.tracks.items() if n not in self.held}
+        self.lease_deadline = now + self.wf.lease.wait_seconds
+        self.lease_retry_at = now + self.lease_delay
+        self._enter([t for n, t in self.tracks.items() if n in self.held])
+        with self.changed:
+            writes, self.writes = self.writes, _Writes()
+        self._write(writes)
 
-    def _answers_per_flush(self, policies: int) -> int:
-        return max(1, min(self.flush_rows, math.ceil(policies / FLUSH_PARTS)))
+    def _write(self, writes: _Writes) -> None:
+        """One batch: each kind of write is one statement (and its read-back) for all the
+        policies in it. As a write commits, its policies go on at once."""
+        store = self.store
+        now = time.monotonic()
+        if self.waiting and now >= self.lease_retry_at:
+            self._retry_leases()
+            with self.changed:  # late policies' intents and claims join this batch
+                late, self.writes = self.writes, _Writes()
+            writes.intents.extend(late.intents)
+            writes.claims.extend(late.claims)
+            writes.failed.extend(late.failed)
+        if writes.intents:
+            tracks = writes.intents
+            started = store.start_executions([self.definitions[t.name] for t in tracks])
+            failpoint("after_intents")
+            with self.changed:
+                for track, row in zip(tracks, started, strict=True):
+                    track.row = row
+                    track.body = self.definitions[track.name].payload()
+                    self._call("create", track)
+        if writes.polls:
+            store.record_polls(
+                [
+                    (t.execution, count, body, message)
+                    for count, body, message, t in writes.polls.values()
+                ]
+            )
+        if writes.created:
+            self._created(writes.created, writes.claims)
+        if writes.ready:
+            self._ready(writes.ready, writes.claims)
+        if writes.claims:
+            self._claim(writes.claims)
+        if writes.completed:
+            self._completed(writes.completed)
+        for column, kept in writes.kept.items():
+            store.set_responses(column, [(t.execution, body) for t, body in kept])
+        if writes.failed:
+            store.mark_errors(
+                [(t.execution, error, step, res) for t, error, step, res in writes.failed]
+            )
+            with self.changed:
+                for track, error, step, _resumable in writes.failed:
+                    self._fail(track, step, error)
+        if self.released:
+            store.release_leases(self.released, self.wf.owner)
+            self.held.difference_update(self.released)
+            self.released = []
+        if self.held and now >= self.renew_at:
+            store.renew_leases(sorted(self.held), self.wf.owner, self.wf.lease.ttl_seconds)
+            self.renew_at = now + self.wf.lease.ttl_seconds / 3
+        if self.wf.guard is not None and now >= self.guard_refresh_at:
+            self.wf.guard.refresh()
+            self.guard_refresh_at = now + GUARD_REFRESH_SECONDS
+        store.flush()  # the audit events no state change above wrote
 
-    def _guarded(
-        self, call: Callable[[ExecutionRow], ApiResponse], row: ExecutionRow
-    ) -> ApiResponse:
-        if self.guard is not None:
-            self.guard.before_call()  # raises GuardOpen (a PolicyApiError): no call made
-        return call(row)
+    def _created(self, created: list[tuple[_Track, str, Any]], claims: list[_Track]) -> None:
+        after = self.store.mark_created(
+            [(t.execution, policy_id, body) for t, policy_id, body in created]
+        )
+        failpoint("after_created")
+        with self.changed:
+            for track, policy_id, _body in created:
+                assert track.row is not None
+                # The seed's "verify database storage" before going on.
+                stored = after.get(track.row.execution_id)
+                if stored is None or stored.policy_id != policy_id:
+                    self._fail(
+                        track,
+                        STEP_CREATE,
+                        f"state row for execution {track.row.execution_id} does not hold "
+                        f"policy_id {policy_id} after the write",
+                    )
+                    continue
+                track.row = stored
+                self._detail(f"policy '{track.name}': created {policy_id}")
+                self._passed(track, f"created {policy_id}", claims)
 
-    def _refresh_guard(self) -> None:
-        if self.guard is not None:
-            self.guard.refresh()
+    def _ready(self, ready: list[tuple[_Track, str]], claims: list[_Track]) -> None:
+        # Moves only the rows still 'policy_created' with the policy_id the API called ready.
+        after = self.store.mark_ready([(t.execution, message) for t, message in ready])
+        failpoint("after_ready")
+        with self.changed:
+            for track, _message in ready:
+                assert track.row is not None
+                done = after.get(track.row.execution_id)
+                if done is None or done.status is not ExecutionStatus.POLICY_READY:
+                    now = f"'{done.status}'" if done is not None else "gone"
+                    self._fail(
+                        track,
+                        STEP_READY,
+                        f"state row changed while polling: execution {track.row.execution_id} "
+                        f"is {now}, not 'policy_created' with policy_id {track.row.policy_id}",
+                    )
+                    continue
+                track.row = done
+                self._detail(f"policy '{track.name}': {done.policy_id} ready")
+                self._passed(track, f"ready after {done.poll_count} polls", claims)
 
-    def _guard_blocks(self, names: Sequence[str], report: StepReport) -> bool:
-        """Fail the whole batch at once, before any write or call, while the guard is open."""
-        reason = self.guard.blocks_calls() if self.guard is not None else None
-        if reason is None:
-            return False
-        for name in names:
-            report.fail(name, reason)
-        self.log.warning(reason)
-        return True
+    def _claim(self, claims: list[_Track]) -> None:
+        """The exactly-once gate: only a claimed ``policy_ready`` execution is called for."""
+        rows = [t.row for t in claims if t.row is not None]
+        after = self.store.claim_circuit_breakers(
+            [(row, circuit_idempotency_key(row.execution_id)) for row in rows], TRIGGER_REASON
+        )
+        failpoint("after_claim")
+        with self.changed:
+            for track in claims:
+                assert track.row is not None
+                now = after[track.row.execution_id]
+                track.row = now
+                if now.circuit_breaker_completed:
+                    self._passed(track, "done", [])
+                elif now.circuit_breaker_initiated and now.status is ExecutionStatus.POLICY_READY:
+                    # Initiated now, or by a run that crashed: we hold the lease, so nobody
+                    # else is calling, and the stored idempotency key makes a repeat safe.
+                    self._call("circuit", track)
+                else:
+                    self._fail(track, STEP_CIRCUIT, _refusal(now, "it changed while claiming"))
 
-    def _flush_failures(
-        self,
-        failed: list[tuple[ExecutionRow, str, str, bool]],
-        kept: list[tuple[ExecutionRow, Any]],
-        column: str,
-        report: StepReport,
-    ) -> None:
-        if kept:
-            batch, kept[:] = list(kept), []
-            self.store.set_responses(column, batch)
-        if failed:
-            batch_failed, failed[:] = list(failed), []
-            self.store.mark_errors(batch_failed)
-            for row, error, _step, _resumable in batch_failed:
-                report.fail(row.policy_name, error)
+    def _completed(self, completed: list[tuple[_Track, Any]]) -> None:
+        after = self.store.mark_completed([(t.execution, body) for t, body in completed])
+        failpoint("after_completed")
+        with self.changed:
+            for track, _body in completed:
+                assert track.row is not None
+                done = after.get(track.row.execution_id)
+                if done is None or done.status is not ExecutionStatus.COMPLETED:
+                    self._fail(track, STEP_CIRCUIT, "state row did not reach completed")
+                    continue
+                track.row = done
+                self._detail(f"policy '{track.name}': circuit breaker triggered")
+                self._passed(track, "circuit breaker triggered", [])
 
-    def _resume_errors(
-        self, current: dict[str, ExecutionRow], step: str | None
-    ) -> dict[str, ExecutionRow]:
-        """Reopen recoverable errors (of ``step``, or of any step when None) so this run goes
-        on with the same execution."""
+    def _retry_leases(self) -> None:
+        """Policies another run holds: take over a finished run's leases, claim the free
+        ones, and set those on their way; give up on the rest after the lease wait."""
+        store, owner, ttl = self.store, self.wf.owner, self.wf.lease.ttl_seconds
+        waiting = sorted(self.waiting)
+        holders = store.lease_holders(waiting)
+        for previous in {holder for holder, _until in holders.values()}:
+            # A run that has already finished (failed, or crashed and marked so) holds
+            # nothing: take its policies over at once.
+            if previous != owner and self.wf.owner_finished(previous):
+                taken = [n for n, (holder, _u) in holders.items() if holder == previous]
+                self.wf.log.warning(f"taking over {len(taken)} leases of {previous}")
+                store.take_over_leases(taken, owner, previous, ttl)
+        got = store.acquire_leases(waiting, owner, ttl)
+        self.held |= got
+        late = [self.waiting.pop(name) for name in waiting if name in got]
+        self._enter(late)
+        now = time.monotonic()
+        if now > self.lease_deadline and self.waiting:
+            holders = store.lease_holders(sorted(self.waiting))
+            with self.changed:
+                for name, track in sorted(self.waiting.items()):
+                    holder = holders.get(name)
+                    who = f"{holder[0]} (until {holder[1]})" if holder else "another run"
+                    self._fail(
+                        track,
+                        track.steps[0],
+                        f"the policy is being processed by {who}; try again later",
+                    )
+                self.waiting.clear()
+        self.lease_delay = min(self.lease_delay * 2, 5.0)
+        self.lease_retry_at = now + self.lease_delay * (0.5 + random.random())
+
+    # --- entering and passing steps ----------------------------------------------------------
+
+    def _enter(self, tracks: list[_Track]) -> None:
+        """Read the policies' executions (reopening recoverable errors of the chosen steps)
+        and set each on its first step. Called by the writer, without ``changed`` held."""
+        if not tracks:
+            return
+        current = self.store.current_executions([t.name for t in tracks])
+        current = self._resume_errors(current)
+        if STEP_CREATE in self.steps:
+            # A resumed intent re-sends exactly the body it stored.
+            pending = [
+                r.execution_id for r in current.values() if r.status is ExecutionStatus.PENDING
+            ]
+            self.bodies.update(self.store.policy_data(pending) if pending else {})
+        with self.changed:
+            for track in tracks:
+                track.row = current.get(track.name)
+                track.resumed = True
+                self._begin(track, self.writes.claims)
+
+    # The methods below are called with ``changed`` held.
+
+    def _begin(self, track: _Track, claims: list[_Track]) -> None:
+        """Start the track's next step: a call, a write, or (when the state is already past
+        it) passing it at once."""
+        step, row = track.steps[0], track.row
+        if step == STEP_CREATE:
+            definition = self.definitions[track.name]
+            if (
+                row is not None
+                and row.status is ExecutionStatus.COMPLETED
+                and not self.force_new
+                and row.policy_content_hash == definition.content_hash()
+            ):
+                self._detail(f"policy '{track.name}': this content completed as {row.policy_id}")
+                self._passed(track, "already completed for this content", claims)
+            elif row is None or row.status not in ACTIVE_STATUSES:
+                track.resumed = False
+                self.writes.intents.append(track)
+            elif row.status is ExecutionStatus.PENDING:
+                # Intent recorded, create never confirmed: re-send it with the same key.
+                track.body = self.bodies.get(row.execution_id)
+                self._call("create", track)
+            else:
+                self._detail(f"policy '{track.name}': resuming {row.execution_id} ({row.status})")
+                self._passed(track, "resumed", claims)
+        elif step == STEP_READY:
+            if row is None:
+                self._fail(track, step, "no execution exists; materialize policy_created first")
+            elif row.status in (ExecutionStatus.POLICY_READY, ExecutionStatus.COMPLETED):
+                self._passed(track, "ready", claims)
+            elif row.status is not ExecutionStatus.POLICY_CREATED:
+                self._fail(track, step, _refusal(row, "materialize policy_created first"))
+            else:
+                track.polls, track.polling_since = 0, time.monotonic()
+                self._call("poll", track)
+        elif row is None:
+            self._fail(track, step, "no execution exists; materialize policy_created first")
+        elif row.status is ExecutionStatus.COMPLETED:
+            self._passed(track, "done", claims)
+        elif row.status is not ExecutionStatus.POLICY_READY:
+            self._fail(track, step, _refusal(row, "the policy has not reached policy_ready"))
+        else:
+            claims.append(track)
+
+    def _passed(self, track: _Track, message: str, claims: list[_Track]) -> None:
+        step = track.steps.pop(0)
+        assert track.row is not None
+        outcome = self._outcome(track, message)
+        self.report.outcomes[step][track.name] = outcome
+        self.on_progress(Progress(track.name, step, outcome=outcome))
+        if track.steps:
+            track.resumed = True
+            self._begin(track, claims)
+        else:
+            self._finish(track)
+
+    def _fail(self, track: _Track, step: str, error: str) -> None:
+        self.report.failures[track.name] = (step, error)
+        self.on_progress(Progress(track.name, step, error=error))
+        self._finish(track)
+
+    def _finish(self, track: _Track) -> None:
+        track.steps = []
+        self.unfinished -= 1
+        if track.name in self.held:
+            self.released.append(track.name)  # another run may take it from now on
+
+    def _call(self, call: str, track: _Track, delay: float = 0.0) -> None:
+        heapq.heappush(self.due, (time.monotonic() + delay, next(self.counter), call, track))
+        self.changed.notify_all()  # the writer waits on the same condition
+
+    def _resume_errors(self, current: dict[str, ExecutionRow]) -> dict[str, ExecutionRow]:
+        """Reopen the recoverable errors of the chosen steps (of any step when the run creates)
+        so that this run goes on with the same execution."""
         groups: dict[ExecutionStatus, list[ExecutionRow]] = {}
         for row in current.values():
             if row.status is ExecutionStatus.ERROR and row.resumable:
                 failed_step = row.error_step or STEP_CREATE
-                if step is None or failed_step == step:
-                    groups.setdefault(RESUME_FROM.get(failed_step, ExecutionStatus.PENDING), [])
-                    groups[RESUME_FROM.get(failed_step, ExecutionStatus.PENDING)].append(row)
+                if STEP_CREATE in self.steps or failed_step in self.steps:
+                    target = RESUME_FROM.get(failed_step, ExecutionStatus.PENDING)
+                    groups.setdefault(target, []).append(row)
         for target, rows in groups.items():
             after = self.store.reopen(rows, target)
             for row in rows:
@@ -555,194 +747,125 @@ class PolicyWorkflow:
                 self._detail(f"policy '{row.policy_name}': resuming after {row.error_message}")
         return current
 
-    @contextmanager
-    def _leased(self, names: Sequence[str], step: str, report: StepReport) -> Iterator[list[str]]:
-        """Claim the policies' leases (waiting a while for other runs); yields the names held
-        and reports the others as failed."""
-        names = list(dict.fromkeys(names))
-        self._verbose = len(names) <= DETAILED_LOG_LIMIT
-        ttl = self.lease.ttl_seconds
-        held = self.store.acquire_leases(names, self.owner, ttl)
-        deadline = time.monotonic() + self.lease.wait_seconds
-        delay = 0.2
-        while len(held) < len(names):
-            waiting = [name for name in names if name not in held]
-            holders = self.store.lease_holders(waiting)
-            for previous in {owner for owner, _until in holders.values()}:
-                # A run that has already finished (failed, or crashed and marked so) holds
-                # nothing: take its policies over at once.
-                if previous != self.owner and self.owner_finished(previous):
-                    taken = [n for n, (owner, _u) in holders.items() if owner == previous]
-                    self.log.warning(f"taking over {len(taken)} leases of {previous}")
-                    self.store.take_over_leases(taken, self.owner, previous, ttl)
-            held |= self.store.acquire_leases(waiting, self.owner, ttl)
-            if len(held) == len(names) or time.monotonic() > deadline:
-                break
-            self.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
-        for name in names:
-            if name not in held:
-                holder = self.store.lease_holders([name]).get(name)
-                who = f"{holder[0]} (until {holder[1]})" if holder else "another run"
-                report.fail(name, f"the policy is being processed by {who}; try again later")
-        ordered = [name for name in names if name in held]
-        try:
-            yield ordered
-        finally:
-            with self.store.batch():
-                self.store.flush()
-                self.store.release_leases(ordered, self.owner)
-
-    def _status_call(self, row: ExecutionRow) -> ApiResponse:
-        assert row.policy_id is not None
-        response = self.api.get_policy_status(row.policy_id, self._recorder(row))
-        failpoint("after_poll_call")
-        return response
-
-    def _recorder(self, row: ExecutionRow) -> _AttemptRecorder:
-        recorder = self._recorders.get(row.execution_id)
-        if recorder is None:
-            recorder = _AttemptRecorder(self.store, row, self.guard)
-            self._recorders[row.execution_id] = recorder
-        return recorder
-
-    def _detail(self, message: str) -> None:
-        if self._verbose:
-            self.log.info(message)
-
-    def _outcome(self, row: ExecutionRow, resumed: bool = False, message: str = "") -> StepOutcome:
-        recorder = self._recorders.get(row.execution_id)
-        return StepOutcome(
-            policy_name=row.policy_name,
-            execution_id=row.execution_id,
-            policy_id=row.policy_id,
-            status=row.status.value,
-            poll_count=row.poll_count,
-            resumed=resumed,
-            api_calls=recorder.calls if recorder else 0,
-            api_latency_ms=round(recorder.latency_ms, 3) if recorder else 0.0,
-            message=message,
-        )
-
-
-class _Poller:
-    """Step 2's single schedule: a heap of policies by next due time, at most ``concurrency``
-    status calls in flight, and the run asleep until the next policy is due."""
-
-    def __init__(
-        self,
-        workflow: PolicyWorkflow,
-        rows: list[ExecutionRow],
-        polling: PollingPolicy,
-        report: StepReport,
-        held: list[str],
-    ) -> None:
-        self.wf = workflow
-        self.polling = polling
-        self.report = report
-        self.held = held
-        self.rows = {row.execution_id: row for row in rows}
-        self.polls: dict[str, int] = dict.fromkeys(self.rows, 0)
-        self.unwritten: dict[str, list[Any]] = {}  # id -> [polls since flush, body, message]
-        self.ready: list[tuple[ExecutionRow, str]] = []
-        self.failed: list[tuple[ExecutionRow, str, str, bool]] = []
-        self.last_status: dict[str, object] = {}
-        self.started = time.monotonic()
-        self.counter = itertools.count()
-        self.due: list[tuple[float, int, str]] = [
-            (self.started, next(self.counter), execution_id) for execution_id in self.rows
-        ]
-        # Shared by the workers and the writing thread; guards everything above.
-        self.changed = threading.Condition()
-        self.in_flight = 0
-        self.answered = 0  # since the last flush
-        self.workers_left = min(workflow.concurrency, len(rows))
-        self.finished = False
-
-    def run(self) -> None:
-        """``concurrency`` workers take the next due policy from the shared schedule; this
-        thread only writes, so a slow warehouse never holds up a poll."""
-        wf = self.wf
-        workers = min(wf.concurrency, len(self.rows))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            running = [pool.submit(self._work) for _ in range(workers)]
-            next_flush = time.monotonic() + wf.flush_seconds
-            next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
-            per_flush = wf._answers_per_flush(len(self.rows))
-            while True:
-                with self.changed:
-                    self.changed.wait_for(
-                        lambda: self.finished or self.answered >= per_flush,
-                        timeout=max(0.0, min(next_flush, next_renewal) - time.monotonic()),
-                    )
-                    if self.finished:
-                        break
-                if self.answered >= per_flush or time.monotonic() >= next_flush:
-                    with wf.store.batch():  # one connection per flush
-                        self._flush()
-                        wf._refresh_guard()
-                    next_flush = time.monotonic() + wf.flush_seconds
-                if time.monotonic() >= next_renewal:
-                    wf.store.renew_leases(self.held, wf.owner, wf.lease.ttl_seconds)
-                    next_renewal = time.monotonic() + wf.lease.ttl_seconds / 3
-            for worker in running:
-                worker.result()  # a worker's own failure (a bug) fails the step
-        with wf.store.batch():
-            self._flush()
+    # --- the call workers -----------------------------------------------------------------------
 
     def _work(self) -> None:
-        """One worker: poll whichever policy is due next, until none is left."""
-        wf = self.wf
+        """One worker: make whichever call is due next, until the run closes."""
+        calls: dict[str, Callable[[_Track], ApiResponse]] = {
+            "create": self._post_create,
+            "poll": self._get_status,
+            "circuit": self._post_circuit,
+        }
+        answers = {"create": self._on_create, "poll": self._on_poll, "circuit": self._on_circuit}
         try:
             while True:
                 with self.changed:
                     while True:
+                        if self.closed:
+                            return
                         if not self.due:
-                            if self.in_flight == 0:
-                                return  # nothing due, nothing that could add a poll
                             self.changed.wait()
                             continue
                         wait_seconds = self.due[0][0] - time.monotonic()
                         if wait_seconds <= 0:
                             break
                         self.changed.wait(wait_seconds)
-                    _due, _seq, execution_id = heapq.heappop(self.due)
+                    _due, _seq, call, track = heapq.heappop(self.due)
                     self.in_flight += 1
-                response: ApiResponse | PolicyApiError | None = None
-                try:
-                    response = _result_of(wf._guarded, wf._status_call, self.rows[execution_id])
-                finally:
-                    with self.changed:
-                        self.in_flight -= 1
-                        self.answered += 1
-                        self.changed.notify_all()
-                        if response is not None:
-                            self._handle(execution_id, response)
-        finally:
+                response = self._guarded(calls[call], track)
+                with self.changed:
+                    self.in_flight -= 1
+                    answers[call](track, response)
+                    self.changed.notify_all()
+        except BaseException as exc:  # a bug: fail the run rather than hang it
             with self.changed:
-                self.workers_left -= 1
-                self.finished = self.workers_left == 0
+                self.worker_error = self.worker_error or exc
                 self.changed.notify_all()
 
-    def _handle(self, execution_id: str, response: ApiResponse | PolicyApiError) -> None:
-        row = self.rows[execution_id]
-        if isinstance(response, GuardOpen):  # no call was made: not a poll
-            self.failed.append((row, str(response), STEP_READY, True))
+    def _guarded(
+        self, call: Callable[[_Track], ApiResponse], track: _Track
+    ) -> ApiResponse | PolicyApiError:
+        try:
+            if self.wf.guard is not None:
+                self.wf.guard.before_call()  # raises GuardOpen (a PolicyApiError): no call made
+            return call(track)
+        except PolicyApiError as exc:
+            return exc
+
+    def _recorder(self, track: _Track) -> _AttemptRecorder:
+        assert track.row is not None
+        if track.recorder is None or track.recorder.row.execution_id != track.row.execution_id:
+            track.recorder = _AttemptRecorder(self.store, track.row, self.wf.guard)
+        return track.recorder
+
+    def _post_create(self, track: _Track) -> ApiResponse:
+        assert track.row is not None
+        if not isinstance(track.body, dict):
+            raise PolicyApiError("stored policy_data is not a JSON object", transient=False)
+        key = track.row.create_idempotency_key or ""
+        response = self.wf.api.create_policy(
+            {**track.body, "execution_id": track.row.execution_id}, key, self._recorder(track)
+        )
+        failpoint("after_create_call")
+        return response
+
+    def _get_status(self, track: _Track) -> ApiResponse:
+        assert track.row is not None and track.row.policy_id is not None
+        response = self.wf.api.get_policy_status(track.row.policy_id, self._recorder(track))
+        failpoint("after_poll_call")
+        return response
+
+    def _post_circuit(self, track: _Track) -> ApiResponse:
+        row = track.row
+        assert row is not None and row.policy_id is not None
+        key = row.circuit_idempotency_key or circuit_idempotency_key(row.execution_id)
+        response = self.wf.api.trigger_circuit_breaker(
+            row.policy_id, row.execution_id, TRIGGER_REASON, key, self._recorder(track)
+        )
+        failpoint("after_circuit_call")
+        return response
+
+    # --- answers (called with ``changed`` held) ------------------------------------------------
+
+    def _on_create(self, track: _Track, response: ApiResponse | PolicyApiError) -> None:
+        writes = self.writes
+        if isinstance(response, PolicyApiError):
+            writes.failed.append((track, str(response), STEP_CREATE, response.transient))
             return
-        self.polls[execution_id] += 1
-        count = self.polls[execution_id]
-        record = self.unwritten.setdefault(execution_id, [0, None, ""])
+        if not response.ok:
+            problem = f"{response.describe()}: {_excerpt(response)}"
+            writes.failed.append((track, problem, STEP_CREATE, False))
+            return
+        policy_id = response.field("policy_id")
+        if not isinstance(policy_id, str) or not policy_id.strip():
+            writes.kept.setdefault("api_response", []).append((track, response.recorded_body))
+            # An unreadable body may hide a created policy: a later run re-sends the same
+            # idempotency key and gets the original answer. JSON without the field is final.
+            unreadable = response.data is None
+            problem = _missing_field(response, "policy_id")
+            writes.failed.append((track, problem, STEP_CREATE, unreadable))
+            return
+        writes.created.append((track, policy_id, response.recorded_body))
+
+    def _on_poll(self, track: _Track, response: ApiResponse | PolicyApiError) -> None:
+        writes = self.writes
+        assert track.row is not None
+        if isinstance(response, GuardOpen):  # no call was made: not a poll
+            writes.failed.append((track, str(response), STEP_READY, True))
+            return
+        track.polls += 1
+        count = track.polls
+        record = writes.polls.setdefault(track.row.execution_id, [0, None, "", track])
         record[0] += 1
+        status: object = None
         if isinstance(response, PolicyApiError):
             # The client already retried; a poll that got no answer is still a poll.
             record[1] = {"error": str(response)}
             record[2] = f"Poll {count}: no answer ({response})"
-            status: object = None
         elif not response.ok:
             record[1], record[2] = response.recorded_body, response.describe()
-            self.failed.append(
-                (row, f"{response.describe()}: {_excerpt(response)}", STEP_READY, False)
-            )
+            problem = f"{response.describe()}: {_excerpt(response)}"
+            writes.failed.append((track, problem, STEP_READY, False))
             return
         else:
             status = response.field("status")
@@ -750,111 +873,88 @@ class _Poller:
             verdict = classify_api_status(status)
             if verdict is ApiPolicyStatus.READY:
                 message = f"Step 2 complete: API status {status!r} after {count} polls"
-                self.ready.append((row, message))
+                writes.ready.append((track, message))
                 return
             if verdict is ApiPolicyStatus.FAILED:
-                error = f"Policy API reported status {status!r} for policy {row.policy_id}"
-                self.failed.append((row, error, STEP_READY, False))
+                error = f"Policy API reported status {status!r} for policy {track.row.policy_id}"
+                writes.failed.append((track, error, STEP_READY, False))
                 return
             if verdict is ApiPolicyStatus.UNKNOWN:
-                self._warn(row, _unknown_status(response, status))
-        self.last_status[execution_id] = status
+                self._warn(track, _unknown_status(response, status))
         wait_seconds = self.polling.interval(count)
-        elapsed = time.monotonic() - self.started
+        elapsed = time.monotonic() - track.polling_since
         if (
             count >= self.polling.max_polls
             or elapsed + wait_seconds > self.polling.deadline_seconds
         ):
-            self.failed.append(
+            writes.failed.append(
                 (
-                    row,
-                    f"policy {row.policy_id} not ready after {count} polls in {elapsed:.1f}s "
-                    f"(last status {status!r}); a later run resumes polling the same policy",
+                    track,
+                    f"policy {track.row.policy_id} not ready after {count} polls in "
+                    f"{elapsed:.1f}s (last status {status!r}); a later run resumes polling the "
+                    "same policy",
                     STEP_READY,
                     True,
                 )
             )
             return
-        heapq.heappush(
-            self.due, (time.monotonic() + wait_seconds, next(self.counter), execution_id)
-        )
+        self._call("poll", track, wait_seconds)
 
-    def _warn(self, row: ExecutionRow, message: str) -> None:
-        self.wf.log.warning(f"policy '{row.policy_name}': {message}")
-        self.wf.store.audit(
+    def _on_circuit(self, track: _Track, response: ApiResponse | PolicyApiError) -> None:
+        # Steps 1 and 2 stay recorded; the next run retries the same call with its key.
+        writes = self.writes
+        if isinstance(response, PolicyApiError):
+            writes.failed.append((track, str(response), STEP_CIRCUIT, True))
+        elif not response.ok:
+            writes.kept.setdefault("circuit_breaker_response", []).append(
+                (track, response.recorded_body)
+            )
+            problem = f"{response.describe()}: {_excerpt(response)}"
+            writes.failed.append((track, problem, STEP_CIRCUIT, True))
+        elif not isinstance(response.data, dict):
+            # A 2xx whose body cannot be read (an HTML page from a proxy, an empty body) is no
+            # confirmation that the breaker fired: record it and let the next run repeat the
+            # call with the same idempotency key.
+            writes.kept.setdefault("circuit_breaker_response", []).append(
+                (track, response.recorded_body)
+            )
+            problem = f"{response.describe()} without a readable confirmation"
+            writes.failed.append((track, f"{problem}: {_excerpt(response)}", STEP_CIRCUIT, True))
+        else:
+            writes.completed.append((track, response.recorded_body))
+
+    # --- reporting ------------------------------------------------------------------------------
+
+    def _warn(self, track: _Track, message: str) -> None:
+        self.wf.log.warning(f"policy '{track.name}': {message}")
+        self.store.audit(
             AuditEvent(
-                execution_id=row.execution_id,
-                policy_name=row.policy_name,
+                execution_id=track.row.execution_id if track.row else None,
+                policy_name=track.name,
                 event_type="warning",
                 message=message,
             )
         )
 
-    def _flush(self) -> None:
-        store = self.wf.store
-        with self.changed:  # take what the workers have gathered; they go on meanwhile
-            polls, self.unwritten = self.unwritten, {}
-            ready, self.ready = self.ready, []
-            failed, self.failed = self.failed, []
-            self.answered = 0
-        if polls:
-            store.record_polls(
-                [
-                    (self.rows[i], count, body, message)
-                    for i, (count, body, message) in polls.items()
-                ]
-            )
-        if ready:
-            # Moves only the rows still 'policy_created' with the policy_id the API called ready.
-            after = store.mark_ready(ready)
-            failpoint("after_ready")
-            for row, _message in ready:
-                done = after.get(row.execution_id)
-                if done is not None and done.status is ExecutionStatus.POLICY_READY:
-                    self.wf._detail(f"policy '{row.policy_name}': {row.policy_id} ready")
-                    self.report.outcomes[row.policy_name] = self.wf._outcome(
-                        done, message=f"ready after {done.poll_count} polls"
-                    )
-                else:
-                    now = f"'{done.status}'" if done is not None else "gone"
-                    self.report.fail(
-                        row.policy_name,
-                        f"state row changed while polling: execution {row.execution_id} is "
-                        f"{now}, not 'policy_created' with policy_id {row.policy_id}",
-                    )
-        self.wf._flush_failures(failed, [], "api_response", self.report)
-        store.flush()  # the polls' audit events, if no state change above wrote them
+    def _detail(self, message: str) -> None:
+        if self.verbose:
+            self.wf.log.info(message)
 
-
-def _drain(finished: queue.SimpleQueue[Future[ApiResponse]], timeout: float) -> list[Future[Any]]:
-    """The calls finished so far, waiting up to ``timeout`` for the first."""
-    try:
-        done = [finished.get(timeout=timeout)]
-    except queue.Empty:
-        return []
-    while True:
-        try:
-            done.append(finished.get_nowait())
-        except queue.Empty:
-            return done
-
-
-def _result_of(
-    guarded: Callable[[Callable[[ExecutionRow], ApiResponse], ExecutionRow], ApiResponse],
-    call: Callable[[ExecutionRow], ApiResponse],
-    row: ExecutionRow,
-) -> ApiResponse | PolicyApiError:
-    try:
-        return guarded(call, row)
-    except PolicyApiError as exc:
-        return exc
-
-
-def _result(future: Future[ApiResponse]) -> ApiResponse | PolicyApiError:
-    try:
-        return future.result()
-    except PolicyApiError as exc:
-        return exc
+    def _outcome(self, track: _Track, message: str) -> StepOutcome:
+        row = track.row
+        assert row is not None
+        recorder = track.recorder
+        return StepOutcome(
+            policy_name=row.policy_name,
+            execution_id=row.execution_id,
+            policy_id=row.policy_id,
+            status=row.status.value,
+            poll_count=row.poll_count,
+            resumed=track.resumed,
+            api_calls=recorder.calls if recorder else 0,
+            api_latency_ms=round(recorder.latency_ms, 3) if recorder else 0.0,
+            message=message,
+        )
 
 
 def _refusal(row: ExecutionRow, why: str) -> str:

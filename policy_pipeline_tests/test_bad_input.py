@@ -83,7 +83,7 @@ def store(tmp_path: Path) -> StateStore:
 
 
 def _workflow(store: StateStore, api: ScriptedApi, log: _Log | None = None) -> PolicyWorkflow:
-    return PolicyWorkflow(store, api, owner="test", log=log or _Log(), sleep=lambda s: None)
+    return PolicyWorkflow(store, api, owner="test", log=log or _Log())
 
 
 @pytest.mark.parametrize(

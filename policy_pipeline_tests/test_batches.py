@@ -24,7 +24,7 @@ from policy_pipeline.settings import Settings
 from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.state import AuditEvent, StateStore
 from policy_pipeline.warehouse import Params, Session, Warehouse
-from policy_pipeline.workflow import FLUSH_PARTS, PolicyWorkflow, PollingPolicy
+from policy_pipeline.workflow import FLUSH_SECONDS, PolicyWorkflow, PollingPolicy
 from policy_pipeline_tests.conftest import Workspace
 
 # --- bind_rows ------------------------------------------------------------------------------
@@ -211,14 +211,13 @@ def test_current_execution_prefers_the_active_one_then_the_latest(workspace: Wor
     }
 
 
-# --- a whole run: statements per step do not grow with the number of policies ---------------
+# --- a whole run: statements do not grow with the number of policies -------------------------
 
 
-def _run_steps(workspace: Workspace, count: int) -> dict[str, Counter[str]]:
+def _run_all(workspace: Workspace, count: int) -> tuple[Counter[str], float]:
+    """One engine run of all three steps over ``count`` policies: its statements, its time."""
     config = SimulatorConfig(api_key="k-" + uuid.uuid4().hex, ready_after_polls=0)
-    policies = [_policy(f"n{count}-{i:04d}") for i in range(count)]
-    names = [p.policy_name for p in policies]
-    per_step: dict[str, Counter[str]] = {}
+    policies = {f"n{count}-{i:04d}": _policy(f"n{count}-{i:04d}") for i in range(count)}
     with (
         PolicyApiSimulator(config) as sim,
         PolicyApiResource(
@@ -228,17 +227,13 @@ def _run_steps(workspace: Workspace, count: int) -> dict[str, Counter[str]]:
     ):
         workflow = PolicyWorkflow(store, api, owner=f"test-{count}", log=_QuietLog())
         polling = PollingPolicy(initial_interval_seconds=0.05, backoff_multiplier=1.0)
-        for step, run in (
-            ("create", lambda: workflow.create_policies(policies)),
-            ("ready", lambda: workflow.wait_until_ready(names, polling)),
-            ("circuit", lambda: workflow.activate_circuit_breakers(names)),
-        ):
-            before = warehouse.statements.copy()
-            report = run()
-            assert not report.failures, report.failures
-            per_step[step] = warehouse.statements - before
+        before = warehouse.statements.copy()
+        started = time.monotonic()
+        report = workflow.run(list(policies), definitions=policies, polling=polling)
+        elapsed = time.monotonic() - started
+        assert not report.failures, report.failures
         assert sim.counts()["circuits_triggered"] == count
-    return per_step
+        return warehouse.statements - before, elapsed
 
 
 class _QuietLog:
@@ -249,21 +244,22 @@ class _QuietLog:
         pass
 
 
-def test_statements_per_step_do_not_grow_with_the_number_of_policies(
+WRITES = ("insert_executions", "mark_created", "mark_ready", "claim_circuit_breakers")
+
+
+def test_statements_per_run_do_not_grow_with_the_number_of_policies(
     workspace: Workspace,
 ) -> None:
-    """A step's statements: a fixed prologue and epilogue, and at most FLUSH_PARTS (+1 for a
-    late answer) batches of writes, whether it works on 8 policies or 400."""
-    # Leases, reads and intents before; per batch the move, its read-back, the audit events
-    # (and in step 2 the polls); the last events and the release after.
-    bound = 9 + 4 * (FLUSH_PARTS + 1)
-    for count in (8, 400):
-        per_step = _run_steps(workspace, count)
-        for step, statements in per_step.items():
-            assert sum(statements.values()) <= bound, (count, step, statements)
-            write = "mark_created" if step == "create" else "mark_completed"
-            if step != "ready":
-                assert statements[write] <= FLUSH_PARTS + 1, (count, step, statements)
+    """Writes are batched (group commit, at most one batch per flush interval): a run of 400
+    policies makes about as many statements as a run of 8, not fifty times as many. Each kind
+    of write is one statement per batch, so its count is bounded by the run's duration."""
+    small, small_seconds = _run_all(workspace, 8)
+    large, large_seconds = _run_all(workspace, 400)
+    for statements, seconds in ((small, small_seconds), (large, large_seconds)):
+        batches = seconds / FLUSH_SECONDS + 2
+        for write in (*WRITES, "mark_completed"):
+            assert 1 <= statements[write] <= batches, (write, seconds, statements)
+    assert sum(large.values()) <= 3 * sum(small.values()) + 40, (small, large)
 
 
 # --- the catalog's parse cache ----------------------------------------------------------------

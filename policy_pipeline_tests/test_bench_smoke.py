@@ -57,13 +57,23 @@ def test_throughput_tiny(capsys: pytest.CaptureFixture[str]) -> None:
         capsys,
     )
     for heading in (
-        "Batch engine, N=6",
+        "Engine only (no Dagster run): PolicyWorkflow.run, N=6",
         "N=6: 2 runs, wall seconds",
-        "Statements per step vs N",
+        "Engine only (no Dagster run): statements per run vs N",
+        "statements of a run independent of N",
         "speed-up per policy",
+        "Targets",
     ):
         assert heading in out
-    assert "Targets" in out
+    # LIMIT = max(3*N*L/C, R + 3*L) = max(0.0045, 0.103) s at N=6, L=1 ms, C=4, R=0.1 s.
+    limit = next(line for line in out.splitlines() if line.startswith("LIMIT seconds"))
+    assert limit.split()[-1] == "0.103"
+
+
+def test_throughput_lower_bound() -> None:
+    lower_bound = _script("throughput").lower_bound
+    assert lower_bound(1000, 0.05, 2.0, 16) == pytest.approx(9.375)  # 3*N*L/C
+    assert lower_bound(100, 0.05, 2.0, 16) == pytest.approx(2.15)  # R + 3*L
 
 
 def test_sequential_tiny(capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,9 +101,16 @@ def test_soak_tiny(capsys: pytest.CaptureFixture[str]) -> None:
         ],
         capsys,
     )
-    for heading in ("Rounds", "Executions (8 policies)", "Audit: API attempts", "Targets"):
+    for heading in (
+        "Engine only (no Dagster run): rounds",
+        "Executions (8 policies)",
+        "Audit: API attempts",
+        "Targets",
+    ):
         assert heading in out
     assert "duplicate creates" in out
+    # Round 1 is one PolicyWorkflow.run over all 8 policies.
+    assert any(line.split()[:2] == ["1", "8"] for line in out.splitlines()), out
 
 
 def test_reads_tiny(capsys: pytest.CaptureFixture[str]) -> None:

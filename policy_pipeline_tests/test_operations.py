@@ -75,7 +75,8 @@ def test_checks_on_an_empty_warehouse_pass_and_say_so(workspace: Workspace) -> N
 def test_stuck_and_failing_executions_fail_the_checks(workspace: Workspace) -> None:
     failing, *others = CATALOG_POLICIES
     workspace.simulator.configure(fail_policies=[failing])
-    workspace.run()  # one error; the others stop at policy_ready
+    workspace.run([failing])  # one error
+    workspace.run(others, selection=["policy_created"])  # the others still in flight
     _sql(
         workspace,
         'UPDATE policy_execution_state SET "start_time" = DATEADD(hour, -2, "start_time")',
@@ -293,7 +294,7 @@ def test_archive_moves_old_terminal_executions_and_keeps_in_progress(workspace: 
     done, stopped, *_ = CATALOG_POLICIES
     assert workspace.run([done]).success
     workspace.simulator.configure(never_ready_policies=[stopped])
-    workspace.run([stopped], run_config={"ops": {"policy_ready": {"config": {"max_polls": 1}}}})
+    workspace.run([stopped], run_config={"ops": {"policy_workflow": {"config": {"max_polls": 1}}}})
     _sql(
         workspace,
         'UPDATE policy_execution_state SET "start_time" = DATEADD(day, -10, "start_time"), '
@@ -357,7 +358,7 @@ def test_cli_status_and_diagnose(workspace: Workspace) -> None:
     assert len(report["last_api_calls"]) == 10
 
     workspace.simulator.configure(fail_policies=[CATALOG_POLICIES[0]])
-    force = {"ops": {"policy_created": {"config": {"force_new_execution": True}}}}
+    force = {"ops": {"policy_workflow": {"config": {"force_new_execution": True}}}}
     workspace.run([CATALOG_POLICIES[0]], run_config=force)  # a second execution, which fails
     unhealthy = _cli(workspace, "diagnose")
     assert unhealthy.returncode == 1
@@ -446,7 +447,7 @@ def test_cli_retry_runs_the_workflow(workspace: Workspace, tmp_path: Path) -> No
     name = CATALOG_POLICIES[2]
     workspace.simulator.configure(never_ready_policies=[name])
     workspace.env["POLICY_POLL_MAX_POLLS"] = "2"
-    workspace.run([name], run_config={"ops": {"policy_ready": {"config": {"max_polls": 2}}}})
+    workspace.run([name], run_config={"ops": {"policy_workflow": {"config": {"max_polls": 2}}}})
     assert workspace.executions(name)[0]["status"] == "error"
     workspace.simulator.configure(never_ready_policies=[])
     result = _cli(workspace, "retry", name, "--reason", "API fixed")

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+from dagster import DagsterInstance
 
 from policy_pipeline.failpoints import POINTS
 from policy_pipeline.settings import PROJECT_ROOT
@@ -74,6 +75,10 @@ def test_two_runs_of_one_partition_at_once_call_the_circuit_breaker_once(
     workspace: Workspace,
 ) -> None:
     name = CATALOG_POLICIES[1]
+    # The instance's storage exists before the race (two CLI processes creating a fresh
+    # SQLite instance at once race in Dagster's own schema migration).
+    home = subprocess_env(workspace)["DAGSTER_HOME"]
+    DagsterInstance.from_config(home).dispose()
     first, second = _job(workspace, name), _job(workspace, name)
     results = [_finish(first), _finish(second)]
     assert [code for code, _ in results] == [0, 0], [out[-2000:] for _, out in results]

@@ -3,10 +3,16 @@ DuckDB file. Assertions come from the simulator's counters and the state table."
 
 from __future__ import annotations
 
-import pytest
-from dagster import AssetKey
+import json
+import subprocess
+import sys
 
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace
+import pytest
+from dagster import AssetKey, AssetPartitionStatus, DagsterInstance
+
+from policy_pipeline.assets import POLICY_PARTITIONS
+from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 
 WORKFLOW_ASSETS = ["policy_created", "policy_ready", "circuit_breaker_activation"]
 
@@ -74,7 +80,7 @@ def test_completed_content_is_not_created_again_unless_forced(workspace: Workspa
     assert workspace.simulator.counts()["per_policy"][name]["create_requests"] == 1
     assert _metadata(workspace, "policy_created", name)["resumed"] is True
 
-    force = {"ops": {"policy_created": {"config": {"force_new_execution": True}}}}
+    force = {"ops": {"policy_workflow": {"config": {"force_new_execution": True}}}}
     assert workspace.run([name], run_config=force).success
     executions = workspace.executions(name)
     assert [e["status"] for e in executions] == ["completed", "completed"]
@@ -98,19 +104,22 @@ def test_failed_policy_stops_before_the_circuit_breaker(workspace: Workspace) ->
     assert execution["status"] == "error"
     assert "reported status 'failed'" in execution["error_message"]
     assert execution["circuit_breaker_initiated"] is False
-    assert workspace.simulator.counts()["requests"]["circuit"] == 0
-    for name in others:  # the others got as far as the failing step allows
-        assert workspace.executions(name)[0]["status"] == "policy_ready"
-
-    # The next run finishes the healthy ones without creating them again.
-    workspace.simulator.configure(fail_policies=[])
-    assert workspace.run(others).success
     counts = workspace.simulator.counts()
+    assert counts["per_policy"][failing]["circuit_requests"] == 0
+    # One policy's failure strands no other: the healthy ones complete in the same run.
     for name in others:
-        [execution] = workspace.executions(name)
-        assert execution["status"] == "completed"
-        assert counts["per_policy"][name]["policies_created"] == 1
+        [healthy] = workspace.executions(name)
+        assert healthy["status"] == "completed"
         assert counts["per_policy"][name]["circuits_triggered"] == 1
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert f"1 of {len(CATALOG_POLICIES)} policies failed" in (failure.message or "") + str(
+        failure.event_specific_data
+    )
+    # Dagster records each policy's truth: the failed one is materialized only for step 1.
+    for asset in WORKFLOW_ASSETS:
+        materialized = workspace.instance.get_materialized_partitions(AssetKey(asset))
+        expected = set(CATALOG_POLICIES) if asset == "policy_created" else set(others)
+        assert materialized == expected, asset
 
 
 @pytest.mark.both_warehouses
@@ -190,7 +199,7 @@ def test_empty_and_non_json_status_bodies_keep_polling(workspace: Workspace) -> 
 def test_polls_exhausted_then_resumed_with_the_same_policy(workspace: Workspace) -> None:
     name = CATALOG_POLICIES[0]
     workspace.simulator.configure(never_ready_policies=[name])
-    polling = {"ops": {"policy_ready": {"config": {"max_polls": 3, "backoff_multiplier": 1.0}}}}
+    polling = {"ops": {"policy_workflow": {"config": {"max_polls": 3, "backoff_multiplier": 1.0}}}}
     result = workspace.run([name], run_config=polling)
     assert not result.success
     [execution] = workspace.executions(name)
@@ -262,3 +271,78 @@ def test_circuit_breaker_failure_keeps_steps_one_and_two(
     counts = workspace.simulator.counts()["per_policy"][name]
     assert counts["policies_created"] == 1
     assert counts["circuits_triggered"] == 1
+
+
+def test_each_policy_moves_on_its_own_in_one_cli_run(workspace: Workspace) -> None:
+    """Four policies in one `dagster job execute` run: two ordinary, one the API reports
+    failed, one ready only after ~30 s. Nobody waits for anybody: each circuit breaker fires
+    within seconds of its own policy's readiness, and Dagster records each policy's truth."""
+    slow, failing = "slow_readiness", CATALOG_POLICIES[1]
+    ordinary = [CATALOG_POLICIES[0], CATALOG_POLICIES[2]]
+    (workspace.catalog_dir / f"{slow}.yaml").write_text(
+        f"policy_name: {slow}\npolicy_type: access\ndescription: Takes its time.\npriority: low\n",
+        encoding="utf-8",
+    )
+    names = sorted([*CATALOG_POLICIES, slow])
+    workspace.simulator.configure(
+        fail_policies=[failing], ready_after_seconds_by_policy={slow: 30.0}
+    )
+    env = subprocess_env(
+        workspace, POLICY_POLL_MAX_POLLS="1000", POLICY_POLL_DEADLINE_SECONDS="120"
+    )
+    register = subprocess.run(
+        [sys.executable, "-m", "policy_pipeline.cli", "register-partitions"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert register.returncode == 0, register.stderr[-2000:]
+    tags = {
+        "dagster/asset_partition_range_start": names[0],
+        "dagster/asset_partition_range_end": names[-1],
+    }
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *("-j", "policy_workflow_job", "--tags", json.dumps(tags)),
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode != 0  # a run with a failed policy ends failed ...
+    assert f"1 of {len(names)} policies failed" in run.stdout + run.stderr  # ... naming it
+    assert f"- {failing}: " in run.stdout + run.stderr
+
+    counts = workspace.simulator.counts()["per_policy"]
+    policies = {p["policy_name"]: p for p in workspace.simulator.policies().values()}
+    for name in [*ordinary, slow]:
+        [execution] = workspace.executions(name)
+        assert execution["status"] == "completed", execution
+        assert counts[name]["circuit_requests"] == 1, counts[name]
+        delay = policies[name]["circuit_at"] - policies[name]["ready_at"]
+        assert 0 <= delay < 3.0, (name, delay)  # within seconds of its own readiness
+    for name in ordinary:  # finished long before the slow one was even ready
+        assert policies[name]["circuit_at"] < policies[slow]["ready_at"] - 20
+    [failed] = workspace.executions(failing)
+    assert failed["status"] == "error" and "reported status 'failed'" in failed["error_message"]
+    assert counts[failing]["circuit_requests"] == 0
+
+    # The instance (not the log): each asset materialized for exactly the policies that got there.
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+    reached = {
+        "policy_created": set(names),
+        "policy_ready": {*ordinary, slow},
+        "circuit_breaker_activation": {*ordinary, slow},
+    }
+    for asset, expected in reached.items():
+        assert instance.get_materialized_partitions(AssetKey(asset)) == expected, asset
+        status = instance.get_status_by_partition(AssetKey(asset), names, POLICY_PARTITIONS)
+        assert status is not None
+        failed = {name for name, value in status.items() if value == AssetPartitionStatus.FAILED}
+        assert failed == set(names) - expected, asset  # the partition view shows it failed
+    instance.dispose()
