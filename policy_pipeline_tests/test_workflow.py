@@ -346,3 +346,37 @@ def test_each_policy_moves_on_its_own_in_one_cli_run(workspace: Workspace) -> No
         failed = {name for name, value in status.items() if value == AssetPartitionStatus.FAILED}
         assert failed == set(names) - expected, asset  # the partition view shows it failed
     instance.dispose()
+
+
+def test_one_asset_alone_for_policies_already_ready(workspace: Workspace) -> None:
+    """Only `circuit_breaker_activation`, from the CLI, for a policy already ready: just that
+    step runs, and only that asset is materialized by the run."""
+    name = CATALOG_POLICIES[0]
+    assert workspace.run([name], selection=["policy_created", "policy_ready"]).success
+    assert workspace.executions(name)[0]["status"] == "policy_ready"
+    env = subprocess_env(workspace)
+    register = [sys.executable, "-m", "policy_pipeline.cli", "register-partitions"]
+    subprocess.run(register, cwd=PROJECT_ROOT, env=env, check=True, capture_output=True)
+    command = [
+        *(sys.executable, "-m", "dagster", "asset", "materialize", "-m", "policy_pipeline"),
+        *("--select", "circuit_breaker_activation", "--partition", name),
+    ]
+    result = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [execution] = workspace.executions(name)
+    assert execution["status"] == "completed"
+    counts = workspace.simulator.counts()["per_policy"][name]
+    assert counts["create_requests"] == 1 and counts["status_requests"] == 2
+    assert counts["circuits_triggered"] == 1
+    instance = DagsterInstance.from_config(env["DAGSTER_HOME"])
+    materialized = {
+        asset: instance.get_materialized_partitions(AssetKey(asset)) for asset in WORKFLOW_ASSETS
+    }
+    assert materialized == {
+        "policy_created": set(),
+        "policy_ready": set(),
+        "circuit_breaker_activation": {name},
+    }
+    instance.dispose()
