@@ -66,6 +66,7 @@ POLICY_PARTITIONS = DynamicPartitionsDefinition(name=PARTITIONS_NAME)
 RUN_OWNER_PREFIX = "run:"
 # A run names at most this many failed policies in its failure message (all in metadata).
 LISTED_FAILURES = 50
+RETRY_NUMBER_TAG = "dagster/retry_number"  # set by Dagster on an automatic retry of a run
 
 
 class WorkflowConfig(Config):
@@ -245,6 +246,8 @@ def run_workflow(
         definitions={key: catalog[key].policy for key in runnable},
         polling=config.polling(),
         force_new=config.force_new_execution,
+        # Dagster's run retries re-run the whole step: they resume, they do not start over.
+        recreate_failed=RETRY_NUMBER_TAG not in context.run.tags,
     ):
         if isinstance(item, RunReport):
             failures.update({name: why for name, (_step, why) in item.failures.items()})

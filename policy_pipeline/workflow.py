@@ -249,13 +249,16 @@ class PolicyWorkflow:
         definitions: Mapping[str, PolicyDefinition] | None = None,
         polling: PollingPolicy | None = None,
         force_new: bool = False,
+        recreate_failed: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> RunReport:
         """Take every named policy through the chosen steps (in the workflow's order).
 
         ``definitions`` are needed for the create step. A policy whose current content has
         already completed is not created again (the same content is one policy), unless
-        ``force_new`` asks for a new execution."""
+        ``force_new`` asks for a new execution. With ``recreate_failed`` off (an automatic
+        retry of a run), a policy whose current content finally failed is not created again:
+        automation resumes what it can and starts nothing over."""
         unknown = set(steps) - set(STEPS)
         if unknown:
             raise ValueError(f"unknown workflow steps: {sorted(unknown)}")
@@ -271,6 +274,7 @@ class PolicyWorkflow:
             definitions,
             polling or PollingPolicy(),
             force_new,
+            recreate_failed,
             on_progress or (lambda progress: None),
         ).execute()
 
@@ -349,6 +353,7 @@ class _Run:
         definitions: Mapping[str, PolicyDefinition],
         polling: PollingPolicy,
         force_new: bool,
+        recreate_failed: bool,
         on_progress: Callable[[Progress], None],
     ) -> None:
         self.wf = workflow
@@ -358,6 +363,7 @@ class _Run:
         self.definitions = definitions
         self.polling = polling
         self.force_new = force_new
+        self.recreate_failed = recreate_failed
         self.on_progress = on_progress
         self.verbose = len(names) <= DETAILED_LOG_LIMIT
         self.report = RunReport()
@@ -674,6 +680,18 @@ class _Run:
             ):
                 self._detail(f"policy '{track.name}': this content completed as {row.policy_id}")
                 self._passed(track, "already completed for this content", claims)
+            elif (
+                row is not None
+                and row.status is ExecutionStatus.ERROR
+                and not self.recreate_failed
+                and not self.force_new
+                and row.policy_content_hash == definition.content_hash()
+            ):
+                self._fail(
+                    track,
+                    step,
+                    _refusal(row, "an automatic retry does not create a failed policy again"),
+                )
             elif row is None or row.status not in ACTIVE_STATUSES:
                 track.resumed = False
                 self.writes.intents.append(track)

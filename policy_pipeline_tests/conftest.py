@@ -108,6 +108,7 @@ class Workspace:
         partitions: list[str] | None = None,
         run_config: Mapping[str, Any] | None = None,
         selection: list[str] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> ExecuteInProcessResult:
         """Run policy_workflow_job (or a subset of its assets) for some partitions."""
         keys = partitions or CATALOG_POLICIES
@@ -119,7 +120,7 @@ class Workspace:
         [(first, last)] = contiguous_ranges(ordered, set(keys))
         return job.execute_in_process(
             instance=self.instance,
-            tags=partition_tags(first, last),
+            tags={**partition_tags(first, last), **(tags or {})},
             run_config=run_config,
             raise_on_error=False,
             asset_selection=[AssetKey(a) for a in selection] if selection else None,

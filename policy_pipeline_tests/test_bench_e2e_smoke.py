@@ -54,8 +54,8 @@ def test_e2e_uneven_tiny() -> None:
     out = _run(
         [
             *("--uneven", "--n", "10", "--instance", "sqlite", "--latency-ms", "5"),
-            *("--median-ready", "0.3", "--slow-ready", "1.5", "--poll-initial", "0.1"),
-            *("--poll-max-interval", "0.5", "--poll-deadline", "4", "--no-targets"),
+            *("--median-ready", "0.3", "--slow-ready", "1", "--poll-initial", "0.1"),
+            *("--poll-max-interval", "0.5", "--poll-deadline", "3", "--no-targets"),
         ]
     )
     for line in (

@@ -380,3 +380,22 @@ def test_one_asset_alone_for_policies_already_ready(workspace: Workspace) -> Non
         "circuit_breaker_activation": {name},
     }
     instance.dispose()
+
+
+def test_an_automatic_retry_resumes_but_never_recreates_a_failed_policy(
+    workspace: Workspace,
+) -> None:
+    """Dagster's run retries re-run the whole step: a policy the API failed is not created
+    again by them (a person's re-run does create it anew)."""
+    failing, healthy = CATALOG_POLICIES[0], CATALOG_POLICIES[1]
+    workspace.simulator.configure(fail_policies=[failing])
+    assert not workspace.run([failing, healthy]).success
+    retry = workspace.run([failing, healthy], tags={"dagster/retry_number": "1"})
+    assert not retry.success
+    counts = workspace.simulator.counts()["per_policy"]
+    assert counts[failing]["create_requests"] == 1
+    assert counts[healthy]["create_requests"] == 1 and counts[healthy]["circuits_triggered"] == 1
+    assert [e["status"] for e in workspace.executions(failing)] == ["error"]
+    workspace.simulator.configure(fail_policies=[])
+    assert workspace.run([failing]).success  # by hand: a new policy
+    assert [e["status"] for e in workspace.executions(failing)] == ["error", "completed"]
