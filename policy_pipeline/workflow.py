@@ -64,6 +64,8 @@ ACTIVE_STATUSES = (
 )
 # Per-policy log lines only for small runs; a thousand-policy run logs summaries.
 DETAILED_LOG_LIMIT = 25
+# The kinds of call, most urgent first (see `_Run._next_due`).
+CALL_ORDER = ("circuit", "poll", "create")
 # Writes wait at most this long to be batched with others (each batch is a few statements).
 FLUSH_SECONDS = 0.5
 # How often the writer re-reads the shared API guard (another process may have opened it).
@@ -371,7 +373,8 @@ class _Run:
         self.unfinished = len(names)
         # Shared with the workers; guards everything below.
         self.changed = threading.Condition()
-        self.due: list[tuple[float, int, str, _Track]] = []  # (when, seq, call, track)
+        # Per kind of call, the calls by due time: (when, seq, track).
+        self.due: dict[str, list[tuple[float, int, _Track]]] = {call: [] for call in CALL_ORDER}
         self.counter = itertools.count()
         self.in_flight = 0
         self.closed = False
@@ -415,9 +418,11 @@ class _Run:
                     if self._finished():
                         break
                     writes, self.writes = self.writes, _Writes()
+                    # Counted from this batch's start: a batch that took longer than the
+                    # interval is followed at once by the next (group commit).
+                    self.next_flush = time.monotonic() + self.wf.flush_seconds
                 with self.store.batch():  # one connection per batch of writes
                     self._write(writes)
-                self.next_flush = time.monotonic() + self.wf.flush_seconds
         finally:
             with self.changed:
                 self.closed = True
@@ -745,7 +750,7 @@ class _Run:
             self.released.append(track.name)  # another run may take it from now on
 
     def _call(self, call: str, track: _Track, delay: float = 0.0) -> None:
-        heapq.heappush(self.due, (time.monotonic() + delay, next(self.counter), call, track))
+        heapq.heappush(self.due[call], (time.monotonic() + delay, next(self.counter), track))
         self.changed.notify_all()  # the writer waits on the same condition
 
     def _resume_errors(self, current: dict[str, ExecutionRow]) -> dict[str, ExecutionRow]:
@@ -778,17 +783,16 @@ class _Run:
         try:
             while True:
                 with self.changed:
-                    while True:
+                    while (next_call := self._next_due()) is None:
                         if self.closed:
                             return
-                        if not self.due:
-                            self.changed.wait()
-                            continue
-                        wait_seconds = self.due[0][0] - time.monotonic()
-                        if wait_seconds <= 0:
-                            break
-                        self.changed.wait(wait_seconds)
-                    _due, _seq, call, track = heapq.heappop(self.due)
+                        waits = [queue[0][0] for queue in self.due.values() if queue]
+                        self.changed.wait(
+                            max(0.0, min(waits) - time.monotonic()) if waits else None
+                        )
+                    if self.closed:
+                        return
+                    call, track = next_call
                     self.in_flight += 1
                 response = self._guarded(calls[call], track)
                 with self.changed:
@@ -799,6 +803,17 @@ class _Run:
             with self.changed:
                 self.worker_error = self.worker_error or exc
                 self.changed.notify_all()
+
+    def _next_due(self) -> tuple[str, _Track] | None:
+        """The most urgent call that is due: one that finishes a policy before one that moves
+        it on, before one that starts a new policy. When the API's limit is the bottleneck,
+        ready policies get their circuit breaker first and new ones wait their turn."""
+        now = time.monotonic()
+        for call in CALL_ORDER:
+            queue = self.due[call]
+            if queue and queue[0][0] <= now:
+                return call, heapq.heappop(queue)[2]
+        return None
 
     def _guarded(
         self, call: Callable[[_Track], ApiResponse], track: _Track
