@@ -203,24 +203,29 @@ def _follow(workflow: PolicyWorkflow, **run: Any) -> Iterator[Progress | RunRepo
     """Run the engine in a thread and hand over its progress as it happens, then its report:
     the step's own thread writes Dagster's events while the engine's calls go on."""
     progress: queue.SimpleQueue[Progress | RunReport | BaseException] = queue.SimpleQueue()
+    stop = threading.Event()
 
     def engine() -> None:
         try:
-            progress.put(workflow.run(on_progress=progress.put, **run))
+            progress.put(workflow.run(on_progress=progress.put, stop=stop, **run))
         except BaseException as exc:  # re-raised in the step's thread
             progress.put(exc)
 
     thread = threading.Thread(target=engine, name="policy-workflow", daemon=True)
     thread.start()
-    while True:
-        item = progress.get()
-        if isinstance(item, BaseException):
-            thread.join()
-            raise item
-        yield item
-        if isinstance(item, RunReport):
-            thread.join()
-            return
+    try:
+        while True:
+            item = progress.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, RunReport):
+                return
+    finally:
+        # The run was terminated (or failed): the engine writes what its calls in flight
+        # answered, releases its leases and starts nothing new.
+        stop.set()
+        thread.join()
 
 
 def run_workflow(
@@ -263,7 +268,7 @@ def run_workflow(
         elif len(keys) <= LISTED_FAILURES:
             context.log.error(f"{item.policy_name}: {item.step} failed: {item.error}")
     context.log.info(
-        f"{len(runnable) - len(failures)} of {len(keys)} policies passed "
+        f"{len(keys) - len(failures)} of {len(keys)} policies passed "
         f"{', '.join(steps)}; {api_calls} API calls"
     )
     if failures:
@@ -277,7 +282,7 @@ def run_workflow(
             metadata={
                 "failed_policies": MetadataValue.json(failures),
                 "failed_steps": MetadataValue.json(failed_steps),  # where each one stopped
-                "succeeded_policies": MetadataValue.int(len(runnable) - len(failures)),
+                "succeeded_policies": MetadataValue.int(len(keys) - len(failures)),
             },
         )
 

@@ -253,6 +253,7 @@ class PolicyWorkflow:
         force_new: bool = False,
         recreate_failed: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> RunReport:
         """Take every named policy through the chosen steps (in the workflow's order).
 
@@ -260,7 +261,8 @@ class PolicyWorkflow:
         already completed is not created again (the same content is one policy), unless
         ``force_new`` asks for a new execution. With ``recreate_failed`` off (an automatic
         retry of a run), a policy whose current content finally failed is not created again:
-        automation resumes what it can and starts nothing over."""
+        automation resumes what it can and starts nothing over. Setting ``stop`` ends the run
+        early: calls in flight are answered and written, and nothing new starts."""
         unknown = set(steps) - set(STEPS)
         if unknown:
             raise ValueError(f"unknown workflow steps: {sorted(unknown)}")
@@ -278,6 +280,7 @@ class PolicyWorkflow:
             force_new,
             recreate_failed,
             on_progress or (lambda progress: None),
+            stop or threading.Event(),
         ).execute()
 
     # --- one step at a time (the operator CLI, tests) ------------------------------------------
@@ -317,6 +320,8 @@ class _Track:
     recorder: _AttemptRecorder | None = None
     polls: int = 0  # in this run
     polling_since: float = 0.0
+    calls_before: int = 0  # API calls and latency before its current step (step figures)
+    latency_before: float = 0.0
 
     @property
     def execution(self) -> ExecutionRow:
@@ -336,11 +341,12 @@ class _Writes:
     completed: list[tuple[_Track, Any]] = field(default_factory=list)
     kept: dict[str, list[tuple[_Track, Any]]] = field(default_factory=dict)  # column -> bodies
     failed: list[tuple[_Track, str, str, bool]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # logged by the writer, not the workers
 
     def __bool__(self) -> bool:
         return any(
             (self.intents, self.polls, self.created, self.ready, self.claims, self.completed)
-        ) or any((self.kept, self.failed))
+        ) or any((self.kept, self.failed, self.warnings))
 
 
 class _Run:
@@ -357,6 +363,7 @@ class _Run:
         force_new: bool,
         recreate_failed: bool,
         on_progress: Callable[[Progress], None],
+        stop: threading.Event,
     ) -> None:
         self.wf = workflow
         self.store = workflow.store
@@ -367,6 +374,7 @@ class _Run:
         self.force_new = force_new
         self.recreate_failed = recreate_failed
         self.on_progress = on_progress
+        self.stop = stop
         self.verbose = len(names) <= DETAILED_LOG_LIMIT
         self.report = RunReport()
         self.tracks = {name: _Track(name, list(steps)) for name in names}
@@ -417,12 +425,23 @@ class _Run:
                         raise self.worker_error
                     if self._finished():
                         break
-                    writes, self.writes = self.writes, _Writes()
+                    stopping = self.stop.is_set() and self.in_flight == 0
                     # Counted from this batch's start: a batch that took longer than the
                     # interval is followed at once by the next (group commit).
                     self.next_flush = time.monotonic() + self.wf.flush_seconds
                 with self.store.batch():  # one connection per batch of writes
+                    if self.waiting and time.monotonic() >= self.lease_retry_at:
+                        self._retry_leases()
+                    with self.changed:
+                        writes, self.writes = self.writes, _Writes()
                     self._write(writes)
+                self._refresh_guard()  # outside the batch: the guard takes its own lock first
+                if stopping:
+                    self.wf.log.warning(
+                        f"the run was stopped: {self.unfinished} policies left where they are; "
+                        "a later run resumes them"
+                    )
+                    break
         finally:
             with self.changed:
                 self.closed = True
@@ -436,7 +455,12 @@ class _Run:
         return self.report
 
     def _wake(self) -> bool:
-        return self.worker_error is not None or self._finished() or self._timer_due()
+        return (
+            self.worker_error is not None
+            or self._finished()
+            or self._timer_due()
+            or (self.stop.is_set() and self.in_flight == 0)  # the answers in flight first
+        )
 
     def _finished(self) -> bool:
         return self.unfinished == 0 and self.in_flight == 0 and not self.writes
@@ -485,13 +509,8 @@ class _Run:
         policies in it. As a write commits, its policies go on at once."""
         store = self.store
         now = time.monotonic()
-        if self.waiting and now >= self.lease_retry_at:
-            self._retry_leases()
-            with self.changed:  # late policies' intents and claims join this batch
-                late, self.writes = self.writes, _Writes()
-            writes.intents.extend(late.intents)
-            writes.claims.extend(late.claims)
-            writes.failed.extend(late.failed)
+        for message in writes.warnings:
+            self.wf.log.warning(message)
         if writes.intents:
             tracks = writes.intents
             started = store.start_executions([self.definitions[t.name] for t in tracks])
@@ -532,10 +551,13 @@ class _Run:
         if self.held and now >= self.renew_at:
             store.renew_leases(sorted(self.held), self.wf.owner, self.wf.lease.ttl_seconds)
             self.renew_at = now + self.wf.lease.ttl_seconds / 3
+        store.flush()  # the audit events no state change above wrote
+
+    def _refresh_guard(self) -> None:
+        now = time.monotonic()
         if self.wf.guard is not None and now >= self.guard_refresh_at:
             self.wf.guard.refresh()
             self.guard_refresh_at = now + GUARD_REFRESH_SECONDS
-        store.flush()  # the audit events no state change above wrote
 
     def _created(self, created: list[tuple[_Track, str, Any]], claims: list[_Track]) -> None:
         after = self.store.mark_created(
@@ -675,6 +697,9 @@ class _Run:
         """Start the track's next step: a call, a write, or (when the state is already past
         it) passing it at once."""
         step, row = track.steps[0], track.row
+        if track.recorder is not None:
+            track.calls_before = track.recorder.calls
+            track.latency_before = track.recorder.latency_ms
         if step == STEP_CREATE:
             definition = self.definitions[track.name]
             if (
@@ -703,7 +728,11 @@ class _Run:
             elif row.status is ExecutionStatus.PENDING:
                 # Intent recorded, create never confirmed: re-send it with the same key.
                 track.body = self.bodies.get(row.execution_id)
-                self._call("create", track)
+                if isinstance(track.body, dict):
+                    self._call("create", track)
+                else:
+                    problem = "stored policy_data is not a JSON object"
+                    self.writes.failed.append((track, problem, STEP_CREATE, False))
             else:
                 self._detail(f"policy '{track.name}': resuming {row.execution_id} ({row.status})")
                 self._passed(track, "resumed", claims)
@@ -716,6 +745,7 @@ class _Run:
                 self._fail(track, step, _refusal(row, "materialize policy_created first"))
             else:
                 track.polls, track.polling_since = 0, time.monotonic()
+                track.resumed = False
                 self._call("poll", track)
         elif row is None:
             self._fail(track, step, "no execution exists; materialize policy_created first")
@@ -724,6 +754,7 @@ class _Run:
         elif row.status is not ExecutionStatus.POLICY_READY:
             self._fail(track, step, _refusal(row, "the policy has not reached policy_ready"))
         else:
+            track.resumed = False
             claims.append(track)
 
     def _passed(self, track: _Track, message: str, claims: list[_Track]) -> None:
@@ -783,7 +814,7 @@ class _Run:
         try:
             while True:
                 with self.changed:
-                    while (next_call := self._next_due()) is None:
+                    while self.stop.is_set() or (next_call := self._next_due()) is None:
                         if self.closed:
                             return
                         waits = [queue[0][0] for queue in self.due.values() if queue]
@@ -829,12 +860,11 @@ class _Run:
         assert track.row is not None
         if track.recorder is None or track.recorder.row.execution_id != track.row.execution_id:
             track.recorder = _AttemptRecorder(self.store, track.row, self.wf.guard)
+            track.calls_before, track.latency_before = 0, 0.0
         return track.recorder
 
     def _post_create(self, track: _Track) -> ApiResponse:
-        assert track.row is not None
-        if not isinstance(track.body, dict):
-            raise PolicyApiError("stored policy_data is not a JSON object", transient=False)
+        assert track.row is not None and isinstance(track.body, dict)
         key = track.row.create_idempotency_key or ""
         response = self.wf.api.create_policy(
             {**track.body, "execution_id": track.row.execution_id}, key, self._recorder(track)
@@ -959,7 +989,7 @@ class _Run:
     # --- reporting ------------------------------------------------------------------------------
 
     def _warn(self, track: _Track, message: str) -> None:
-        self.wf.log.warning(f"policy '{track.name}': {message}")
+        self.writes.warnings.append(f"policy '{track.name}': {message}")
         self.store.audit(
             AuditEvent(
                 execution_id=track.row.execution_id if track.row else None,
@@ -984,8 +1014,10 @@ class _Run:
             status=row.status.value,
             poll_count=row.poll_count,
             resumed=track.resumed,
-            api_calls=recorder.calls if recorder else 0,
-            api_latency_ms=round(recorder.latency_ms, 3) if recorder else 0.0,
+            api_calls=recorder.calls - track.calls_before if recorder else 0,
+            api_latency_ms=round(recorder.latency_ms - track.latency_before, 3)
+            if recorder
+            else 0.0,
             message=message,
         )
 

@@ -1,0 +1,167 @@
+"""The engine on its own (no Dagster run): each policy moves on its own, whatever another
+policy, another run's lease or a stop request does. Real parts: the simulator over HTTP and a
+DuckDB file."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from policy_pipeline.api_client import PolicyApiResource
+from policy_pipeline.domain import PolicyDefinition
+from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.sql import Dialect
+from policy_pipeline.state import StateStore
+from policy_pipeline.warehouse import Warehouse
+from policy_pipeline.workflow import (
+    STEP_CIRCUIT,
+    STEP_CREATE,
+    STEP_READY,
+    LeasePolicy,
+    PolicyWorkflow,
+    PollingPolicy,
+    Progress,
+)
+
+FAST = PollingPolicy(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=400)
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+
+def _policies(*names: str) -> dict[str, PolicyDefinition]:
+    return {
+        name: PolicyDefinition(
+            policy_name=name, policy_type="access", description="engine test", priority="low"
+        )
+        for name in names
+    }
+
+
+@contextmanager
+def _engine(
+    tmp_path: Path, config: SimulatorConfig, lease: LeasePolicy | None = None
+) -> Iterator[tuple[PolicyWorkflow, PolicyApiSimulator, StateStore]]:
+    database = str(tmp_path / "state.duckdb")
+    store = StateStore(Warehouse(Dialect.DUCKDB, lambda: duckdb.connect(database)))
+    with (
+        PolicyApiSimulator(config) as sim,
+        PolicyApiResource(
+            endpoint=sim.base_url, api_key=config.api_key or "", backoff_initial_seconds=0.01
+        ).process_config_and_initialize_cm() as api,
+    ):
+        owner = f"test:{uuid.uuid4().hex[:8]}"
+        yield PolicyWorkflow(store, api, owner=owner, log=_Log(), lease=lease), sim, store
+
+
+def _config(**changes: object) -> SimulatorConfig:
+    return SimulatorConfig(api_key="k-" + uuid.uuid4().hex, ready_after_polls=0, **changes)  # type: ignore[arg-type]
+
+
+def test_a_policy_another_run_holds_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    """One policy's lease is held by another run: the others finish at once; the held one
+    goes on as soon as the lease is free, within the same run, and nothing is lost."""
+    policies = _policies("held", "free-1", "free-2")
+    lease = LeasePolicy(ttl_seconds=30, wait_seconds=20)
+    with _engine(tmp_path, _config(), lease) as (workflow, sim, store):
+        assert store.acquire_leases(["held"], "run:other", 30) == {"held"}
+        passed: dict[str, float] = {}
+
+        def seen(progress: Progress) -> None:
+            if progress.step == STEP_CIRCUIT and progress.outcome is not None:
+                passed[progress.policy_name] = time.monotonic()
+
+        release = threading.Timer(2.0, store.release_leases, (["held"], "run:other"))
+        release.start()
+        started = time.monotonic()
+        report = workflow.run(list(policies), definitions=policies, polling=FAST, on_progress=seen)
+        release.join()
+        assert not report.failures, report.failures
+        assert passed["free-1"] - started < 2.0 and passed["free-2"] - started < 2.0
+        assert passed["held"] - started >= 2.0  # after the other run let go of it
+        counts = sim.counts()["per_policy"]
+        assert all(counts[name]["circuits_triggered"] == 1 for name in policies)
+        for name in policies:
+            row = store.current_execution(name)
+            assert row is not None and row.status == "completed", name
+
+
+def test_a_lease_never_freed_fails_only_that_policy(tmp_path: Path) -> None:
+    policies = _policies("held", "free")
+    with _engine(tmp_path, _config(), LeasePolicy(ttl_seconds=60, wait_seconds=1)) as (
+        workflow,
+        sim,
+        store,
+    ):
+        store.acquire_leases(["held"], "run:other", 60)
+        report = workflow.run(list(policies), definitions=policies, polling=FAST)
+        assert set(report.failures) == {"held"}
+        step, why = report.failures["held"]
+        assert step == STEP_CREATE and "being processed by run:other" in why
+        assert set(report.outcomes[STEP_CIRCUIT]) == {"free"}
+        assert "held" not in sim.counts()["per_policy"]  # no call at all for it
+
+
+def test_step_figures_count_each_step_alone(tmp_path: Path) -> None:
+    policies = _policies("one")
+    with _engine(tmp_path, _config(ready_after_seconds=0.3)) as (workflow, _sim, _store):
+        report = workflow.run(list(policies), definitions=policies, polling=FAST)
+        created = report.outcomes[STEP_CREATE]["one"]
+        ready = report.outcomes[STEP_READY]["one"]
+        circuit = report.outcomes[STEP_CIRCUIT]["one"]
+        assert created.api_calls == 1 and circuit.api_calls == 1
+        assert ready.api_calls == ready.poll_count >= 2  # only its polls
+        assert not created.resumed and not ready.resumed and not circuit.resumed
+
+
+def test_stop_writes_the_answers_in_flight_and_starts_nothing_new(tmp_path: Path) -> None:
+    """A stopped run (Dagster terminating it) leaves every policy where its last answer put
+    it, recorded, for a later run to resume."""
+    policies = _policies(*(f"p{i}" for i in range(6)))
+    stop = threading.Event()
+    with _engine(tmp_path, _config(never_ready_policies=list(policies))) as (
+        workflow,
+        sim,
+        store,
+    ):
+        threading.Timer(1.0, stop.set).start()
+        started = time.monotonic()
+        report = workflow.run(list(policies), definitions=policies, polling=FAST, stop=stop)
+        assert time.monotonic() - started < 5.0
+        assert set(report.outcomes[STEP_CREATE]) == set(policies)
+        polls = sim.counts()["requests"]["policy_status"]
+        time.sleep(0.5)
+        assert sim.counts()["requests"]["policy_status"] == polls  # nothing after the stop
+        recorded = sum(
+            row.poll_count
+            for name in policies
+            if (row := store.current_execution(name)) is not None
+        )
+        assert recorded == polls  # every answer in flight was written
+        assert store.lease_holders(list(policies)) == {}  # released
+
+
+@pytest.mark.parametrize("steps", [[STEP_READY], [STEP_CIRCUIT]])
+def test_a_later_step_alone_refuses_a_policy_never_created(
+    tmp_path: Path, steps: list[str]
+) -> None:
+    with _engine(tmp_path, _config()) as (workflow, sim, _store):
+        report = workflow.run(["never"], steps)
+        assert report.failures["never"] == (steps[0], report.failures["never"][1])
+        assert "materialize policy_created first" in report.failures["never"][1]
+        assert sim.counts()["requests"]["createpolicy"] == 0
