@@ -79,7 +79,7 @@ class WorkflowConfig(Config):
     )
     initial_interval_seconds: float = Field(
         default_factory=lambda: env_float("POLICY_POLL_INITIAL_SECONDS", 1.0),
-        description="Wait after the first poll (env POLICY_POLL_INITIAL_SECONDS, default 1).",
+        description="Wait before the first poll and after it (env POLICY_POLL_INITIAL_SECONDS, 1).",
     )
     max_interval_seconds: float = Field(
         default_factory=lambda: env_float("POLICY_POLL_MAX_INTERVAL_SECONDS", 30.0),

@@ -109,8 +109,10 @@ class PolicyApi(Protocol):
 
 @dataclass(frozen=True)
 class PollingPolicy:
-    """How a policy is polled until ready. The seed's behaviour is ``max_polls=3`` with a fixed
-    interval. The limits are per policy: one policy's exhausted polls end only its own wait."""
+    """How a policy is polled until ready: the first poll one initial interval after it
+    entered the step, then growing intervals. The seed's behaviour is ``max_polls=3`` with a
+    fixed interval. The limits are per policy: one policy's exhausted polls end only its own
+    wait."""
 
     initial_interval_seconds: float = 1.0
     max_interval_seconds: float = 30.0
@@ -746,7 +748,8 @@ class _Run:
             else:
                 track.polls, track.polling_since = 0, time.monotonic()
                 track.resumed = False
-                self._call("poll", track)
+                # A policy just created is not ready yet: the first poll waits one interval.
+                self._call("poll", track, self.polling.interval(1))
         elif row is None:
             self._fail(track, step, "no execution exists; materialize policy_created first")
         elif row.status is ExecutionStatus.COMPLETED:
