@@ -217,7 +217,7 @@ def open_warehouse(
             pid = server.pid
             env = server.env()
             env["SNOWFLAKE_SCHEMA"] = f"BENCH_{secrets.token_hex(4).upper()}"
-            stack.enter_context(_environ(env))
+            stack.enter_context(environ(env))
             settings = Settings(warehouse="snowflake", duckdb_path=workdir, catalog_dir=workdir)
             state = stack.enter_context(open_state(settings))
             assert isinstance(state, SnowflakeStateResource)
@@ -234,7 +234,7 @@ def open_warehouse(
 
 
 @contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
+def environ(values: dict[str, str]) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in values}
     os.environ.update(values)
     try:

@@ -59,7 +59,15 @@ from typing import Any
 
 import httpx
 import yaml
-from benchlib import REPO_ROOT, Targets, machine_line, make_policies, policy_api, print_table
+from benchlib import (
+    REPO_ROOT,
+    Targets,
+    environ,
+    machine_line,
+    make_policies,
+    policy_api,
+    print_table,
+)
 from noop_location import ASSET_KEYS
 from noop_location import JOB_NAME as NOOP_JOB
 from noop_location import PARTITIONS_NAME as NOOP_PARTITIONS
@@ -174,20 +182,6 @@ def base_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-@contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 # --- Dagster instances ----------------------------------------------------------------------------
 
 
@@ -217,7 +211,7 @@ class Instance:
     def open(self) -> Iterator[Any]:
         from dagster import DagsterInstance
 
-        with _environ(self.env), DagsterInstance.from_config(str(self.home)) as instance:
+        with environ(self.env), DagsterInstance.from_config(str(self.home)) as instance:
             yield instance
 
     def register(self, names: Sequence[str]) -> None:
