@@ -20,8 +20,10 @@ daemon starts: its first tick launches one run for every catalog policy, and lat
 nothing (the catalog does not change). The test accepts that run and waits for it to finish
 before launching anything itself, so no two runs ever work on the same policy at once. The two
 schedules (checks every 15 minutes, reporting at :05) would launch runs only if the test happens
-to cross their tick time; the test instance holds such runs in the run queue (a tag concurrency
-limit of 0 on ``dagster/schedule_name``) so they never execute.
+to cross their tick time; the test switches them off first, as an operator would, because
+even a scheduled run held in the queue (the instance's tag concurrency limit of 0 on
+``dagster/schedule_name`` stays as a second line) plans the checks, which the UI then shows
+"In progress" for ever.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ from policy_pipeline_tests.dagster_dev import (
     DagsterDev,
     dagster_dev,
     prepare_dagster_home,
+)
+from policy_pipeline_tests.test_deployment import (
+    AUTOMATION_QUERY,
+    LOCATION,
+    REPOSITORY,
+    STOP_SCHEDULE,
 )
 
 try:
@@ -347,6 +355,17 @@ def _build_reporting(page: Page, ui: Ui) -> None:
     _wait_for_run_success(page, ui, _follow_launched_run(page, ui))
 
 
+def _stop_schedules(page: Page, ui: Ui) -> None:
+    selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY}
+    repository = ui.server.graphql(AUTOMATION_QUERY, {"selector": selector})["repositoryOrError"]
+    assert repository["__typename"] == "Repository", repository
+    for schedule in repository["schedules"]:
+        if schedule["scheduleState"]["status"] == "RUNNING":
+            state_id = schedule["scheduleState"]["id"]
+            result = ui.server.graphql(STOP_SCHEDULE, {"id": state_id})["stopRunningSchedule"]
+            assert result["scheduleState"]["status"] == "STOPPED", result
+
+
 def _check_row(page: Page, name: str) -> Locator:
     # A row of the checks list: the check's name (its full form is the title) and its status.
     return page.locator("span").filter(has=page.get_by_title(name, exact=True)).last
@@ -376,6 +395,7 @@ def _assert_checks_passed(page: Page, ui: Ui) -> None:
 
 def test_operator_materializes_a_policy_and_sees_the_checks_in_the_ui(ui: Ui, page: Page) -> None:
     steps = (
+        _stop_schedules,
         _wait_for_catalog_sensor,
         _open_asset_graph,
         _materialize_policy_created,
