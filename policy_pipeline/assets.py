@@ -38,6 +38,7 @@ from dagster import (
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from pydantic import Field
+from sqlalchemy.exc import IntegrityError
 
 from policy_pipeline.api_client import PolicyApiResource
 from policy_pipeline.catalog import CatalogEntry
@@ -185,10 +186,19 @@ def partition_tags(first: str, last: str) -> dict[str, str]:
 def register_partitions(context: AssetExecutionContext, keys: Sequence[str]) -> None:
     """Make this run's policies known partitions of the instance (a fresh DAGSTER_HOME has
     none until the catalog sensor's first tick)."""
-    known = set(context.instance.get_dynamic_partitions(PARTITIONS_NAME))
-    missing = [key for key in keys if key not in known]
-    if missing:
-        context.instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
+    for attempt in range(3):
+        known = set(context.instance.get_dynamic_partitions(PARTITIONS_NAME))
+        missing = [key for key in keys if key not in known]
+        if not missing:
+            return
+        try:
+            context.instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
+            return
+        except IntegrityError:
+            # Another run registered some of them at the same moment (two runs started at
+            # once on a fresh instance): read again and add what is still missing.
+            if attempt == 2:
+                raise
 
 
 def _partition_keys(context: AssetExecutionContext) -> list[str]:
