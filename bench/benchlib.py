@@ -435,7 +435,14 @@ class Targets:
         rows = [(t.name, t.measured, t.limit, "met" if t.passed else "MISSED") for t in self.items]
         print_table("Targets", ["target", "measured", "limit", "result"], rows)
 
-    def exit_code(self, enforce: bool) -> int:
+    def exit_code(self, enforce: bool, problems: Sequence[str] = ()) -> int:
+        """2 when the run itself went wrong (its figures are not valid), 1 when a target was
+        missed (and enforced), else 0."""
+        if problems:
+            print("\nThe run went wrong (figures are not valid):")
+            for problem in problems:
+                print(f"  - {problem}")
+            return 2
         missed = [t.name for t in self.items if not t.passed]
         if missed and enforce:
             print(f"\n{len(missed)} target(s) missed: {', '.join(missed)}")

@@ -904,12 +904,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except RunSetupError as exc:
                     problems.append(f"{kind}: {exc}")
     targets.print()
-    if problems:
-        print("\nThe run went wrong (figures are not valid):")
-        for p in problems:
-            print(f"  - {p}")
-        return 2
-    return targets.exit_code(enforce=not args.no_targets)
+    return targets.exit_code(enforce=not args.no_targets, problems=problems)
 
 
 if __name__ == "__main__":

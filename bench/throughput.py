@@ -485,12 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = [f"N={r.n}: {p}" for r in results for p in r.problems]
     if sequential is not None and sequential.completed != sequential.policies:
         problems.append(f"sequential: {sequential.completed} of {sequential.policies} completed")
-    if problems:
-        print("\nThe run went wrong (figures are not valid):")
-        for p in problems:
-            print(f"  - {p}")
-        return 2
-    return targets.exit_code(enforce=not args.no_targets)
+    return targets.exit_code(enforce=not args.no_targets, problems=problems)
 
 
 if __name__ == "__main__":
