@@ -206,6 +206,8 @@ class PolicyApiResource(ConfigurableResource):
                 transient = response.status_code == 429 or response.status_code >= 500
                 retrying = transient and attempt < self.max_attempts
                 outcome = "retry" if retrying else ("failed" if transient else "ok")
+                if transient:
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 on_attempt(
                     ApiAttempt(
                         endpoint,
@@ -217,6 +219,7 @@ class PolicyApiResource(ConfigurableResource):
                         outcome,
                         data if data is not None else text[:MAX_RECORDED_BODY],
                         None,
+                        retry_after,
                     )
                 )
                 if not transient:
@@ -231,7 +234,6 @@ class PolicyApiResource(ConfigurableResource):
                         attempt,
                     )
                 last_problem = f"HTTP {response.status_code}"
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
             if attempt < self.max_attempts:
                 self._sleep(self.backoff_seconds(attempt, retry_after))
         raise PolicyApiError(

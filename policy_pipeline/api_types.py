@@ -21,6 +21,7 @@ class ApiAttempt:
     outcome: str  # "ok" | "retry" | "failed"
     body: Any  # parsed JSON, or the raw text (truncated), or None
     error: str | None
+    retry_after: float | None = None  # seconds, from a transient answer's Retry-After
 
 
 @dataclass(frozen=True)

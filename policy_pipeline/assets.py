@@ -24,11 +24,14 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetsDefinition,
     AssetSpec,
     BackfillPolicy,
     BetaWarning,
     Config,
+    DagsterInstance,
+    DagsterRun,
     DynamicPartitionsDefinition,
     Failure,
     MetadataValue,
@@ -43,7 +46,8 @@ from sqlalchemy.exc import IntegrityError
 from policy_pipeline.api_client import PolicyApiResource
 from policy_pipeline.catalog import CatalogEntry
 from policy_pipeline.guard import ApiGuard, GuardPolicy
-from policy_pipeline.resources import PolicyStateResource
+from policy_pipeline.liveness import Holder, lease_owner, this_process
+from policy_pipeline.resources import PolicyStateResource, progress_policy
 from policy_pipeline.settings import env_float, env_int
 from policy_pipeline.workflow import (
     STEP_CIRCUIT,
@@ -68,6 +72,10 @@ RUN_OWNER_PREFIX = "run:"
 # A run names at most this many failed policies in its failure message (all in metadata).
 LISTED_FAILURES = 50
 RETRY_NUMBER_TAG = "dagster/retry_number"  # set by Dagster on an automatic retry of a run
+SENSOR_TAG = "policy_pipeline/trigger"  # which sensor launched a run ("catalog", "progress")
+# The process a run's step runs in (host, pid, start time): lets anyone on that host see for
+# sure that a STARTED run is dead.
+PROCESS_TAG = "policy_pipeline/process"
 
 
 class WorkflowConfig(Config):
@@ -99,6 +107,11 @@ class WorkflowConfig(Config):
         default_factory=lambda: env_float("POLICY_POLL_DEADLINE_SECONDS", 900.0),
         description="Polling deadline per policy and run (env POLICY_POLL_DEADLINE_SECONDS, 900).",
     )
+    wait_handoff_seconds: float = Field(
+        default_factory=lambda: env_float("POLICY_WAIT_HANDOFF_SECONDS", 120.0),
+        description="A policy still not ready after this long is handed off: the run lets it "
+        "go and policy_progress_sensor polls it (env POLICY_WAIT_HANDOFF_SECONDS, 120; 0 never).",
+    )
 
     def polling(self) -> PollingPolicy:
         return PollingPolicy(
@@ -107,6 +120,8 @@ class WorkflowConfig(Config):
             backoff_multiplier=self.backoff_multiplier,
             max_polls=self.max_polls,
             deadline_seconds=self.deadline_seconds,
+            handoff_seconds=self.wait_handoff_seconds,
+            handoff_poll_seconds=progress_policy().wait_poll_seconds,
         )
 
 
@@ -114,7 +129,7 @@ def _workflow(
     context: AssetExecutionContext, api: PolicyApiResource, state: PolicyStateResource
 ) -> PolicyWorkflow:
     store = state.store(run_id=context.run.run_id)
-    owner = f"{RUN_OWNER_PREFIX}{context.run.run_id}"
+    owner = lease_owner(f"{RUN_OWNER_PREFIX}{context.run.run_id}")
     guard = ApiGuard(
         store,
         owner,
@@ -132,15 +147,32 @@ def _workflow(
             ttl_seconds=state.lease_ttl_seconds, wait_seconds=state.lease_wait_seconds
         ),
         concurrency=api.max_concurrent_requests,
-        owner_finished=lambda previous: _run_finished(context, previous),
+        holder_gone=lambda previous: holder_gone(context.instance, previous, context.run.run_id),
         guard=guard,
     )
 
 
-def _run_finished(context: AssetExecutionContext, owner: str) -> bool:
-    run_id = owner.removeprefix(RUN_OWNER_PREFIX)
-    run = context.instance.get_run_by_id(run_id) if owner.startswith(RUN_OWNER_PREFIX) else None
-    return run is not None and run.is_finished
+def holder_gone(instance: DagsterInstance, owner: str, found_by: str) -> bool:
+    """Whether a lease holder has certainly stopped: its run finished, or its process is gone
+    from this host. A dead run still STARTED (killed; no run monitoring) is reported failed,
+    so Dagster no longer shows it running."""
+    holder = Holder.parse(owner)
+    run = instance.get_run_by_id(holder.run_id) if holder.run_id else None
+    if run is not None and run.is_finished:
+        return True
+    if not holder.certainly_dead():
+        return False
+    if run is not None:
+        report_dead_run(instance, run, holder, found_by)
+    return True
+
+
+def report_dead_run(instance: DagsterInstance, run: DagsterRun, holder: Holder, by: str) -> None:
+    instance.report_run_failed(
+        run,
+        message=f"Run process {holder.pid} on {holder.host} is gone (killed, or its host "
+        f"restarted); {by} found it and took its policies over.",
+    )
 
 
 def _metadata(outcome: StepOutcome) -> dict[str, Any]:
@@ -244,16 +276,18 @@ def run_workflow(
     config: WorkflowConfig,
     policy_api: PolicyApiResource,
     policy_state: PolicyStateResource,
-) -> Iterator[AssetMaterialization]:
+) -> Iterator[AssetMaterialization | AssetObservation]:
     """Take every partition of this run through the selected steps, each policy on its own,
     and materialize each (asset, partition) as its policy passes that step."""
+    # Who runs this step, so that a process on this host can tell for sure it died.
+    context.instance.add_run_tags(context.run.run_id, {PROCESS_TAG: this_process()})
     keys = _partition_keys(context)
     runnable = [key for key in keys if key in catalog]
     register_partitions(context, runnable)
     steps = [step for step in STEPS if AssetKey(step) in context.selected_asset_keys]
     failures = {key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog}
     failed_steps = dict.fromkeys(failures, steps[0] if steps else "")
-    api_calls = 0
+    api_calls = passed = 0
     for item in _follow(
         _workflow(context, policy_api, policy_state),
         names=runnable,
@@ -261,12 +295,15 @@ def run_workflow(
         definitions={key: catalog[key].policy for key in runnable},
         polling=config.polling(),
         force_new=config.force_new_execution,
-        # Dagster's run retries re-run the whole step: they resume, they do not start over.
-        recreate_failed=RETRY_NUMBER_TAG not in context.run.tags,
+        # Dagster's run retries re-run the whole step, and the progress sensor resumes: both
+        # resume, they do not start over.
+        recreate_failed=RETRY_NUMBER_TAG not in context.run.tags
+        and context.run.tags.get(SENSOR_TAG) != "progress",
     ):
         if isinstance(item, RunReport):
             failures.update({name: why for name, (_step, why) in item.failures.items()})
             failed_steps.update({name: step for name, (step, _why) in item.failures.items()})
+            passed = len(item.outcomes[steps[-1]]) if steps else 0
         elif item.outcome is not None:
             api_calls += item.outcome.api_calls
             yield AssetMaterialization(
@@ -275,11 +312,21 @@ def run_workflow(
                 description=item.outcome.message,
                 metadata=_metadata(item.outcome),
             )
+        elif item.waiting is not None:
+            # Waiting, not failed: the partition stays unmaterialized, with this observation.
+            yield AssetObservation(
+                asset_key=item.step,
+                partition=item.policy_name,
+                description=item.waiting,
+                metadata={"status": "waiting (handed off to policy_progress_sensor)"},
+            )
         elif len(keys) <= LISTED_FAILURES:
             context.log.error(f"{item.policy_name}: {item.step} failed: {item.error}")
+    waiting = len(keys) - len(failures) - passed
     context.log.info(
-        f"{len(keys) - len(failures)} of {len(keys)} policies passed "
-        f"{', '.join(steps)}; {api_calls} API calls"
+        f"{passed} of {len(keys)} policies passed {', '.join(steps)}"
+        + (f", {waiting} wait for readiness outside the run" if waiting else "")
+        + f"; {api_calls} API calls"
     )
     if failures:
         listing = "\n".join(
@@ -292,7 +339,7 @@ def run_workflow(
             metadata={
                 "failed_policies": MetadataValue.json(failures),
                 "failed_steps": MetadataValue.json(failed_steps),  # where each one stopped
-                "succeeded_policies": MetadataValue.int(len(keys) - len(failures)),
+                "succeeded_policies": MetadataValue.int(passed),
             },
         )
 
@@ -349,7 +396,7 @@ def build_workflow_assets(
         config: WorkflowConfig,
         policy_api: PolicyApiResource,
         policy_state: PolicyStateResource,
-    ) -> Iterator[AssetMaterialization]:
+    ) -> Iterator[AssetMaterialization | AssetObservation]:
         yield from run_workflow(context, catalog, config, policy_api, policy_state)
 
     job = define_asset_job(

@@ -19,7 +19,11 @@ from policy_pipeline.dbt_assets import (
 )
 from policy_pipeline.maintenance import policy_archive_job, policy_archive_schedule
 from policy_pipeline.resources import policy_api_resource, state_resource
-from policy_pipeline.sensors import build_catalog_sensor, policy_run_failure_alert
+from policy_pipeline.sensors import (
+    build_catalog_sensor,
+    build_progress_sensor,
+    policy_run_failure_alert,
+)
 from policy_pipeline.settings import Settings
 
 
@@ -31,7 +35,11 @@ def build_definitions(settings: Settings) -> Definitions:
         asset_checks=CHECKS,
         jobs=[workflow_job, policy_reporting_job, policy_checks_job, policy_archive_job],
         schedules=[policy_checks_schedule, policy_reporting_schedule, policy_archive_schedule],
-        sensors=[build_catalog_sensor(workflow_job), policy_run_failure_alert],
+        sensors=[
+            build_catalog_sensor(workflow_job),
+            build_progress_sensor(workflow_job),
+            policy_run_failure_alert,
+        ],
         # Every step is I/O-bound and fans out over threads itself: one process per step would
         # only add an interpreter start (and the dbt import) to each.
         executor=in_process_executor,

@@ -15,6 +15,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from policy_pipeline.api_client import PolicyApiResource
+from policy_pipeline.progress import ProgressPolicy
 from policy_pipeline.settings import Settings, env_float, env_int
 from policy_pipeline.sql import Dialect
 from policy_pipeline.state import StateStore
@@ -25,9 +26,10 @@ class PolicyStateResource(ConfigurableResource):
     """The state table, audit trail and per-policy leases, in one warehouse."""
 
     lease_ttl_seconds: int = Field(
-        default=300,
+        default=30,
         ge=5,
-        description="How long a run's claim on a policy lasts without renewal (crash recovery).",
+        description="How long a run's claim on a policy lasts without renewal (renewed every "
+        "third of it; a crashed run's policies are free again within it).",
     )
     lease_wait_seconds: float = Field(
         default=60.0, ge=0, description="How long a step waits for another run's claim."
@@ -55,7 +57,8 @@ class DuckDBStateResource(PolicyStateResource):
 
     def _connect_warehouse(self) -> Warehouse:
         Path(self.duckdb.database).parent.mkdir(parents=True, exist_ok=True)
-        return Warehouse(Dialect.DUCKDB, self.duckdb.get_connection)
+        database = str(Path(self.duckdb.database).resolve())
+        return Warehouse(Dialect.DUCKDB, self.duckdb.get_connection, database)
 
 
 def policy_api_resource() -> PolicyApiResource:
@@ -72,8 +75,22 @@ def policy_api_resource() -> PolicyApiResource:
     )
 
 
+def progress_policy() -> ProgressPolicy:
+    """`policy_progress_sensor`'s settings (README, "Nothing waits on a person")."""
+    return ProgressPolicy(
+        wait_poll_seconds=env_float("POLICY_WAIT_POLL_INTERVAL_SECONDS", 300.0, minimum=1.0),
+        wait_deadline_seconds=env_float("POLICY_WAIT_DEADLINE_SECONDS", 86_400.0, minimum=1.0),
+        poll_batch=env_int("POLICY_WAIT_POLL_BATCH", 2_000, minimum=1),
+        tick_budget_seconds=env_float("POLICY_PROGRESS_TICK_BUDGET_SECONDS", 20.0, minimum=1.0),
+        concurrency=env_int("POLICY_API_MAX_CONCURRENCY", 16, minimum=1),
+        resume_max_attempts=env_int("POLICY_RESUME_MAX_ATTEMPTS", 5, minimum=0),
+        resume_backoff_seconds=env_float("POLICY_RESUME_BACKOFF_SECONDS", 60.0),
+        resume_backoff_max_seconds=env_float("POLICY_RESUME_BACKOFF_MAX_SECONDS", 3_600.0),
+    )
+
+
 def state_resource(settings: Settings) -> PolicyStateResource:
-    ttl = env_int("POLICY_LEASE_TTL_SECONDS", 300, minimum=5)
+    ttl = env_int("POLICY_LEASE_TTL_SECONDS", 30, minimum=5)
     wait = env_float("POLICY_LEASE_WAIT_SECONDS", 60.0)
     if settings.warehouse == "snowflake":
         from policy_pipeline.snowflake_config import SnowflakeStateResource, snowflake_resource

@@ -1,8 +1,13 @@
-"""Sensors: the catalog drives runs, and failed runs raise an alert.
+"""Sensors: the catalog drives runs, nothing waits on a person, and failures raise an alert.
 
 `policy_catalog_sensor` launches `policy_workflow_job` for a new policy file or a changed one.
 A given content is launched once: its run key is the content hash, and content the warehouse
 has already executed is not launched again even if the cursor is lost.
+
+`policy_progress_sensor` polls the policies that runs handed off, reports `policy_ready` for
+each that turns ready and requests its circuit-breaker run, and resumes every execution that
+nothing moves (`progress.py`). It touches the warehouse once per ``POLICY_WAIT_POLL_INTERVAL_
+SECONDS`` while policies only wait, so that a Snowflake warehouse can suspend in between.
 """
 
 from __future__ import annotations
@@ -10,14 +15,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetKey,
+    AssetMaterialization,
+    DagsterRunStatus,
     DefaultSensorStatus,
+    MetadataValue,
     RunFailureSensorContext,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -26,14 +38,35 @@ from dagster import (
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from policy_pipeline.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
+from policy_pipeline.api_client import PolicyApiResource
+from policy_pipeline.assets import (
+    JOB_NAME,
+    PARTITIONS_NAME,
+    PROCESS_TAG,
+    SENSOR_TAG,
+    contiguous_ranges,
+    partition_tags,
+    report_dead_run,
+)
 from policy_pipeline.catalog import CatalogError, load_catalog
-from policy_pipeline.resources import PolicyStateResource
-from policy_pipeline.settings import Settings
-from policy_pipeline.state import AuditEvent
+from policy_pipeline.guard import ApiGuard, GuardPolicy
+from policy_pipeline.liveness import Holder
+from policy_pipeline.progress import ProgressTick, group_runs
+from policy_pipeline.resources import PolicyStateResource, progress_policy
+from policy_pipeline.settings import Settings, env_int
+from policy_pipeline.state import AuditEvent, ExecutionRow, StateStore
+from policy_pipeline.workflow import STEP_CIRCUIT, STEP_READY
 
-SENSOR_TAG = "policy_pipeline/trigger"
 ALERT_TIMEOUT_SECONDS = 10.0
+PROGRESS_SENSOR = "policy_progress_sensor"
+# Runs launched by the progress sensor that may wait in the queue before it launches more.
+PROGRESS_QUEUE_LIMIT_DEFAULT = 20
+_WAITING_TO_START = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+]
+_STARTED = DagsterRunStatus.STARTED
 
 
 def build_catalog_sensor(job: UnresolvedAssetJobDefinition) -> Any:
@@ -90,6 +123,211 @@ def build_catalog_sensor(job: UnresolvedAssetJobDefinition) -> Any:
     return policy_catalog_sensor
 
 
+def build_progress_sensor(job: UnresolvedAssetJobDefinition) -> Any:
+    @sensor(
+        name=PROGRESS_SENSOR,
+        job=job,
+        minimum_interval_seconds=env_int("POLICY_PROGRESS_TICK_SECONDS", 30, minimum=1),
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Polls the policies that runs handed off (reports policy_ready, requests "
+        "the circuit-breaker run) and resumes, with backoff, every execution that nothing "
+        "moves; ends for good (and alerts) what has used up POLICY_RESUME_MAX_ATTEMPTS.",
+    )
+    def policy_progress_sensor(
+        context: SensorEvaluationContext,
+        policy_state: PolicyStateResource,
+        policy_api: PolicyApiResource,
+    ) -> SensorResult | SkipReason:
+        return progress_tick(context, policy_state, policy_api)
+
+    return policy_progress_sensor
+
+
+def progress_tick(
+    context: SensorEvaluationContext,
+    policy_state: PolicyStateResource,
+    policy_api: PolicyApiResource,
+) -> SensorResult | SkipReason:
+    """One tick: nothing at all until the cursor says the warehouse is due (so that it can
+    suspend while policies only wait), then the due polls and the resumption scan together."""
+    policy = progress_policy()
+    cursor: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
+    started = time.time()
+    if started < cursor.get("next_at", 0.0):
+        return SkipReason(f"next look at the warehouse in {cursor['next_at'] - started:.0f}s")
+    store = policy_state.store()
+    guard = ApiGuard(
+        store,
+        f"sensor:{PROGRESS_SENSOR}",
+        GuardPolicy(
+            failure_threshold=policy_api.guard_failure_threshold,
+            cooldown_seconds=policy_api.guard_cooldown_seconds,
+        ),
+    )
+    tick = ProgressTick(store, policy_api, policy, context.log, guard)
+    # Poll what is due before the next wake too: one wake serves a whole cadence.
+    waits = tick.poll_waiting(lead_seconds=policy.wait_poll_seconds / 2)
+    asset_events = [_ready_event(row) for row in waits.ready]
+    run_requests = [
+        RunRequest(
+            run_key=f"circuit:{row.execution_id}",
+            partition_key=row.policy_name,
+            asset_selection=[AssetKey(STEP_CIRCUIT)],
+            tags={SENSOR_TAG: "progress"},
+        )
+        for row in waits.ready
+    ]
+    for row, error in waits.failed:
+        _alert(context, store, row, "policy_ready", error)
+
+    settings = Settings.from_env()
+    try:
+        known: set[str] | None = set(load_catalog(settings.catalog_dir))
+    except CatalogError as exc:
+        context.log.warning(f"catalog unreadable, resuming only what it cannot judge: {exc}")
+        known = None
+    queue_limit = env_int("POLICY_PROGRESS_QUEUE_LIMIT", PROGRESS_QUEUE_LIMIT_DEFAULT, minimum=1)
+    ordered = context.instance.get_dynamic_partitions(PARTITIONS_NAME)
+    runs = context.instance.get_runs(
+        RunsFilter(tags={SENSOR_TAG: "progress"}, statuses=[*_WAITING_TO_START, _STARTED]),
+        limit=1000,
+    )
+    # A resumption whose run has not started (or finished) yet is not resumed again.
+    busy = {name for run in runs for name in _run_partitions(run.tags, ordered)}
+    busy.update(row.policy_name for row in waits.ready)  # its circuit run is requested now
+    queued = sum(1 for run in runs if run.status in _WAITING_TO_START)
+    blocked = guard.blocks_calls()
+    resumes = tick.resume_stranded(known, busy, launch=queued < queue_limit and blocked is None)
+    for row, error in resumes.gave_up:
+        _alert(context, store, row, "resume budget spent", error)
+    run_requests += _resume_requests(resumes.resumed, ordered)
+    _fail_dead_runs(context)
+
+    waiting, _next_due = store.wait_summary()
+    next_in = policy.wait_poll_seconds
+    if waits.cut_short:
+        next_in = 0.0  # more are due than one tick could poll
+    if waits.retry_after is not None:
+        next_in = max(waits.retry_after, 1.0)
+    summary = (
+        f"{waiting} waiting, {waits.polled} of {waits.due} due polled "
+        f"({len(waits.ready)} ready, {len(waits.failed)} failed), "
+        f"{len(resumes.resumed)} resumed, {resumes.backing_off} backing off, "
+        f"{resumes.busy} being resumed, "
+        f"{resumes.deferred} deferred, {len(resumes.gave_up)} given up"
+        f"{'; guard: ' + blocked if blocked else ''} in {time.time() - started:.1f}s"
+    )
+    if run_requests or asset_events or waits.failed or resumes.gave_up:
+        context.log.info(summary)
+    return SensorResult(
+        run_requests=run_requests,
+        asset_events=asset_events,
+        cursor=json.dumps({"next_at": time.time() + next_in}),
+        skip_reason=None if run_requests else summary,
+    )
+
+
+def _ready_event(row: ExecutionRow) -> AssetMaterialization:
+    return AssetMaterialization(
+        asset_key=STEP_READY,
+        partition=row.policy_name,
+        description=f"ready after {row.poll_count} polls (polled outside any run)",
+        metadata={
+            "execution_id": row.execution_id,
+            "policy_id": row.policy_id or "",
+            "status": row.status.value,
+            "poll_count": MetadataValue.int(row.poll_count),
+            "resumed": MetadataValue.bool(True),
+            "message": "polled by policy_progress_sensor after the run handed it off",
+        },
+    )
+
+
+def _run_partitions(tags: Mapping[str, str], ordered: Sequence[str]) -> list[str]:
+    """The policies a run works on, from its partition tags."""
+    if "dagster/partition" in tags:
+        return [tags["dagster/partition"]]
+    first = tags.get("dagster/asset_partition_range_start")
+    last = tags.get("dagster/asset_partition_range_end")
+    if first in ordered and last in ordered:
+        return list(ordered[ordered.index(first) : ordered.index(last) + 1])
+    return []
+
+
+def _resume_requests(
+    resumed: list[tuple[ExecutionRow, str]], ordered: Sequence[str]
+) -> list[RunRequest]:
+    """Resumptions as runs: neighbours of one kind share a run (a run takes a range of
+    partitions); the run key names each execution and its resumption number, so the same
+    resumption is never launched twice."""
+    if not resumed:
+        return []
+    rows = {row.policy_name: row for row, _kind in resumed}
+    kinds = {row.policy_name: kind for row, kind in resumed}
+    requests = []
+    for kind, first, last, names in group_runs(ordered, kinds):
+        attempts = ",".join(
+            f"{rows[n].execution_id}:{rows[n].auto_resume_count + 1}" for n in names
+        )
+        requests.append(
+            RunRequest(
+                run_key="resume:" + hashlib.sha256(attempts.encode()).hexdigest()[:40],
+                asset_selection=[AssetKey(STEP_CIRCUIT)] if kind == "circuit" else None,
+                tags={**partition_tags(first, last), SENSOR_TAG: "progress"},
+            )
+        )
+    missing = sorted(set(rows) - set(ordered))
+    if missing:  # not a partition yet (a fresh instance): one run each registers it
+        requests += [
+            RunRequest(
+                run_key=f"resume:{rows[n].execution_id}:{rows[n].auto_resume_count + 1}",
+                asset_selection=[AssetKey(STEP_CIRCUIT)] if kinds[n] == "circuit" else None,
+                tags={"dagster/partition": n, SENSOR_TAG: "progress"},
+            )
+            for n in missing
+        ]
+    return requests
+
+
+def _fail_dead_runs(context: SensorEvaluationContext) -> None:
+    """A workflow run whose process is gone from this host is reported failed (with no
+    daemon's run monitoring it would show STARTED for ever)."""
+    runs = context.instance.get_runs(
+        RunsFilter(job_name=JOB_NAME, statuses=[DagsterRunStatus.STARTED]), limit=200
+    )
+    for run in runs:
+        process = run.tags.get(PROCESS_TAG)
+        holder = Holder.parse(f"run:{run.run_id}@{process}") if process else None
+        if holder is not None and holder.certainly_dead():
+            report_dead_run(context.instance, run, holder, PROGRESS_SENSOR)
+
+
+def _alert(
+    context: SensorEvaluationContext, store: StateStore, row: ExecutionRow, why: str, error: str
+) -> None:
+    """An execution ended for good outside any run: audit it and post the alert."""
+    summary: dict[str, Any] = {
+        "run_id": None,
+        "job": None,
+        "policy": row.policy_name,
+        "execution_id": row.execution_id,
+        "step": why,
+        "error": error,
+        "steps": [],
+    }
+    store.audit(
+        AuditEvent(
+            execution_id=row.execution_id,
+            policy_name=row.policy_name,
+            event_type="alert",
+            message=f"execution {row.execution_id} ended: {error}"[:2000],
+            detail=summary,
+        )
+    )
+    store.flush()
+    post_alert(summary, context.log)
+
+
 def _failure_summary(context: RunFailureSensorContext) -> dict[str, Any]:
     run = context.dagster_run
     tags = run.tags
@@ -141,6 +379,11 @@ def policy_run_failure_alert(
         )
     )
     store.flush()
+    post_alert(summary, context.log)
+
+
+def post_alert(summary: dict[str, Any], log: Any) -> None:
+    """POST the alert to POLICY_ALERT_WEBHOOK_URL when set (best effort: it is audited)."""
     url = os.environ.get("POLICY_ALERT_WEBHOOK_URL", "").strip()
     if not url:
         return
@@ -149,6 +392,6 @@ def policy_run_failure_alert(
         response.raise_for_status()
     except httpx.HTTPError as exc:
         # The alert is best-effort; the failure is already recorded in the audit table.
-        context.log.warning(f"alert webhook failed: {type(exc).__name__}: {exc}")
+        log.warning(f"alert webhook failed: {type(exc).__name__}: {exc}")
     else:
-        context.log.info(f"alert posted for run {summary['run_id']}")
+        log.info(f"alert posted for {summary['run_id'] or summary['policy']}")

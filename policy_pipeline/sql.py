@@ -63,6 +63,13 @@ STATE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("resumable", "BOOLEAN DEFAULT FALSE"),
     ("resume_count", "NUMBER DEFAULT 0"),
     ("dagster_run_id", "VARCHAR"),
+    # Waiting without a held run (`policy_progress_sensor` polls it from then on).
+    ("handed_off", "BOOLEAN DEFAULT FALSE"),
+    ("next_poll_time", "TIMESTAMP_NTZ"),
+    # Automatic resumption: how many, when the last, and which sensor tick claimed it.
+    ("auto_resume_count", "NUMBER DEFAULT 0"),
+    ("last_resume_time", "TIMESTAMP_NTZ"),
+    ("progress_claim", "VARCHAR"),
 )
 
 EVENT_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -152,9 +159,14 @@ EXECUTION_READ_COLUMNS = (
     "policy_content_hash",
     "start_time",
     "last_poll_time",
+    "handed_off",
+    "auto_resume_count",
 )
 
 _READ = ", ".join(f'"{c}"' for c in EXECUTION_READ_COLUMNS)
+
+# Handed off by its run: waiting for readiness, polled by the progress sensor, not stuck.
+WAITING = '("status" = \'policy_created\' AND COALESCE("handed_off", FALSE) = TRUE)'
 
 # An execution that a later run continues rather than replaces.
 ACTIVE = (
@@ -334,10 +346,11 @@ INSERT_EXECUTIONS = Statement(
     f'INSERT INTO {STATE_TABLE} ("execution_id", "policy_name", "policy_content_hash", '
     f'"policy_data", "create_idempotency_key", "message", "dagster_run_id", "status", '
     f'"poll_count", "completed", "requires_circuit_breaker", "circuit_breaker_initiated", '
-    f'"circuit_breaker_completed", "resumable", "resume_count", "start_time", "updated_time") '
+    f'"circuit_breaker_completed", "resumable", "resume_count", "start_time", "updated_time", '
+    f'"handed_off", "auto_resume_count") '
     f"SELECT v_execution_id, v_policy_name, v_policy_content_hash, v_policy_data, "
     f"v_create_idempotency_key, v_message, v_dagster_run_id, 'pending', 0, FALSE, FALSE, "
-    f"FALSE, FALSE, FALSE, 0, CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP() "
+    f"FALSE, FALSE, FALSE, 0, CURRENT_TIMESTAMP(), CURRENT_TIMESTAMP(), FALSE, 0 "
     f"FROM {_rows(NEW_EXECUTION_COLUMNS)}",
 )
 
@@ -376,7 +389,7 @@ POLICY_DATA_BY_ID = Statement(
 REOPEN_EXECUTIONS = Statement(
     "reopen_executions",
     f'UPDATE {STATE_TABLE} SET "status" = ?, "message" = ?, "resumable" = FALSE, '
-    f'"error_message" = NULL, "error_step" = NULL, '
+    f'"error_message" = NULL, "error_step" = NULL, "handed_off" = FALSE, '
     f'"resume_count" = COALESCE("resume_count", 0) + 1, "updated_time" = CURRENT_TIMESTAMP() '
     f'WHERE "execution_id" IN (SELECT v_execution_id FROM {_IDS}) AND "status" = \'error\' '
     f'AND "resumable" = TRUE',
@@ -392,12 +405,25 @@ MARK_CREATED = _update_from_rows(
     f"{STATE_TABLE}.\"status\" = 'pending'",
 )
 
+# ``next_in`` (seconds) is when the progress sensor polls a handed-off policy next (NULL in a
+# run, which schedules its own polls).
 RECORD_POLLS = _update_from_rows(
     "record_polls",
-    (("polls", "NUMBER"), ("response", "VARIANT"), ("message", "VARCHAR")),
+    (("polls", "NUMBER"), ("response", "VARIANT"), ("message", "VARCHAR"), ("next_in", "NUMBER")),
     '"poll_count" = COALESCE("poll_count", 0) + v.v_polls, '
     '"last_poll_time" = CURRENT_TIMESTAMP(), '
-    '"policy_status_response" = v.v_response, "message" = v.v_message',
+    '"policy_status_response" = v.v_response, "message" = v.v_message, '
+    '"next_poll_time" = DATEADD(second, v.v_next_in, CURRENT_TIMESTAMP())',
+    f"{STATE_TABLE}.\"status\" = 'policy_created'",
+)
+
+# A run hands a long wait off: the row stays 'policy_created', flagged, with its next poll due.
+# Any earlier sensor claim is cleared, so the tick that finds it ready can claim it.
+HAND_OFF = _update_from_rows(
+    "hand_off",
+    (("next_in", "NUMBER"), ("message", "VARCHAR")),
+    '"handed_off" = TRUE, "next_poll_time" = DATEADD(second, v.v_next_in, CURRENT_TIMESTAMP()), '
+    '"progress_claim" = NULL, "message" = v.v_message',
     f"{STATE_TABLE}.\"status\" = 'policy_created'",
 )
 
@@ -534,6 +560,85 @@ GUARD_EVENTS = Statement(
     f'WHERE "event_type" = \'guard\' ORDER BY "event_time" DESC LIMIT ?',
 )
 
+# --- Progress outside runs (`policy_progress_sensor`) -------------------------------------------
+# A handful of statements per tick however many policies wait: the due ones are read with a
+# LIMIT, and each kind of write is one statement for the whole batch.
+
+# Params: lead seconds, limit. The handed-off policies whose next poll is due (or due within
+# the lead), earliest first, and how long each has waited since it was created.
+DUE_WAITS = Statement(
+    "due_waits",
+    f'SELECT {_READ}, DATEDIFF(second, "policy_created_time", CURRENT_TIMESTAMP()) '
+    f"FROM {STATE_TABLE} WHERE {WAITING} "
+    f'AND "next_poll_time" <= DATEADD(second, ?, CURRENT_TIMESTAMP()) '
+    f'ORDER BY "next_poll_time" LIMIT ?',
+)
+
+# How many wait, and in how many seconds the next one is due (for the tick's cursor).
+WAIT_SUMMARY = Statement(
+    "wait_summary",
+    f'SELECT COUNT(*), DATEDIFF(second, CURRENT_TIMESTAMP(), MIN("next_poll_time")) '
+    f"FROM {STATE_TABLE} WHERE {WAITING}",
+)
+
+# Params: limit. What nothing is moving: an active execution that no live lease holds (its run
+# crashed, stopped or failed around it) and is not handed off, or a resumable error; with the
+# seconds since it last moved or was last resumed (the backoff is applied by the caller).
+RESUME_CANDIDATES = Statement(
+    "resume_candidates",
+    f"SELECT {_READ}, "
+    f'DATEDIFF(second, COALESCE("last_resume_time", "updated_time"), CURRENT_TIMESTAMP()) '
+    f"FROM {STATE_TABLE} "
+    f"WHERE ((\"status\" IN ('pending', 'policy_created', 'policy_ready') AND NOT {WAITING}) "
+    f'OR ("status" = \'error\' AND "resumable" = TRUE)) '
+    f'AND "policy_name" NOT IN (SELECT "policy_name" FROM {LOCKS_TABLE} '
+    f'WHERE "lease_owner" IS NOT NULL AND "lease_expires_at" >= CURRENT_TIMESTAMP()) '
+    f'ORDER BY COALESCE("last_resume_time", "updated_time") LIMIT ?',
+)
+
+_RESUMABLE = (
+    f"({STATE_TABLE}.\"status\" IN ('pending', 'policy_created', 'policy_ready') "
+    f'OR ({STATE_TABLE}."status" = \'error\' AND {STATE_TABLE}."resumable" = TRUE))'
+)
+_COUNT_UNCHANGED = f'COALESCE({STATE_TABLE}."auto_resume_count", 0) = v.v_count'
+
+# A tick claims a resumption: one tick wins per (execution, count); its token says which.
+CLAIM_RESUMES = _update_from_rows(
+    "claim_resumes",
+    (("count", "NUMBER"), ("token", "VARCHAR")),
+    '"auto_resume_count" = v.v_count + 1, "last_resume_time" = CURRENT_TIMESTAMP(), '
+    '"progress_claim" = v.v_token',
+    f"{_RESUMABLE} AND {_COUNT_UNCHANGED}",
+)
+
+# A tick claims the circuit-breaker run of an execution that turned ready outside a run.
+CLAIM_CIRCUIT_REQUESTS = _update_from_rows(
+    "claim_circuit_requests",
+    (("token", "VARCHAR"),),
+    '"progress_claim" = v.v_token',
+    f"{STATE_TABLE}.\"status\" = 'policy_ready' "
+    f'AND {STATE_TABLE}."circuit_breaker_initiated" = FALSE '
+    f'AND {STATE_TABLE}."progress_claim" IS NULL',
+)
+
+# The resume budget is spent (or a handed-off wait passed its deadline): error for good.
+GIVE_UP = _update_from_rows(
+    "give_up",
+    (("count", "NUMBER"), ("token", "VARCHAR"), ("step", "VARCHAR"), ("error", "VARCHAR")),
+    '"status" = \'error\', "resumable" = FALSE, "handed_off" = FALSE, '
+    '"error_message" = v.v_error, "error_step" = v.v_step, "message" = v.v_error, '
+    '"progress_claim" = v.v_token',
+    f"{_RESUMABLE} AND {_COUNT_UNCHANGED}",
+)
+
+# Params: token, ids. Which of these executions the tick with this token claimed.
+CLAIMED_BY = Statement(
+    "claimed_by",
+    f'SELECT "execution_id" FROM {STATE_TABLE} WHERE "progress_claim" = ? '
+    f'AND "execution_id" IN (SELECT v_execution_id FROM {_IDS})',
+)
+
+
 # --- Monitoring: the seeds' queries, as checks and the operator CLI run them -------------------
 
 # The seed's health check ("not completed and started more than an hour ago"), limited to
@@ -541,7 +646,7 @@ GUARD_EVENTS = Statement(
 STUCK_EXECUTIONS = Statement(
     "stuck_executions",
     f'SELECT "execution_id", "policy_name", "status", "start_time", "message", "error_message" '
-    f'FROM {STATE_TABLE} WHERE "completed" = FALSE AND {ACTIVE} '
+    f'FROM {STATE_TABLE} WHERE "completed" = FALSE AND {ACTIVE} AND NOT {WAITING} '
     f'AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP()) '
     f'ORDER BY "start_time" LIMIT ?',
 )
@@ -549,7 +654,7 @@ STUCK_EXECUTIONS = Statement(
 STUCK_EXECUTION_COUNT = Statement(
     "stuck_execution_count",
     f'SELECT COUNT(*) FROM {STATE_TABLE} WHERE "completed" = FALSE AND {ACTIVE} '
-    f'AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP())',
+    f'AND NOT {WAITING} AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP())',
 )
 
 # The seed's 24-hour success rate, over finished executions (an execution still polling is not

@@ -50,18 +50,22 @@ class ExecutionRow:
     policy_content_hash: str | None
     start_time: datetime | None
     last_poll_time: datetime | None
+    handed_off: bool = False  # waiting for readiness outside any run
+    auto_resume_count: int = 0
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...]) -> ExecutionRow:
         values = dict(zip(sql.EXECUTION_READ_COLUMNS, row, strict=True))
         values["status"] = ExecutionStatus(values["status"])
         values["poll_count"] = int(values["poll_count"] or 0)
+        values["auto_resume_count"] = int(values["auto_resume_count"] or 0)
         for flag in (
             "completed",
             "requires_circuit_breaker",
             "circuit_breaker_initiated",
             "circuit_breaker_completed",
             "resumable",
+            "handed_off",
         ):
             values[flag] = bool(values[flag])
         return cls(**values)
@@ -79,7 +83,8 @@ def to_json(value: Any, limit: int | None = None) -> sql.JsonText:
 class AuditEvent:
     execution_id: str | None  # None for events about a run rather than an execution
     policy_name: str
-    event_type: str  # "api_call" | "transition" | "lease" | "warning"
+    # "api_call" | "transition" | "warning" | "handoff" | "resume" | "alert" | "guard" | ...
+    event_type: str
     message: str
     endpoint: str | None = None
     http_method: str | None = None
@@ -355,17 +360,21 @@ class StateStore:
             messages,
         )
 
-    def record_polls(self, polls: Sequence[tuple[ExecutionRow, int, Any, str]]) -> None:
-        """Per execution: polls made since the last write, the last response, a message. The
-        polls' audit events go with the next flush (the caller's)."""
+    def record_polls(
+        self, polls: Sequence[tuple[ExecutionRow, int, Any, str, float | None]]
+    ) -> None:
+        """Per execution: polls made since the last write, the last response, a message, and
+        (for a handed-off policy) the seconds until its next poll. The polls' audit events go
+        with the next flush (the caller's)."""
         rows = [
             {
                 "execution_id": row.execution_id,
                 "polls": count,
                 "response": to_json(response, MAX_DETAIL_CHARS),
                 "message": message,
+                "next_in": None if next_in is None else max(0, round(next_in)),
             }
-            for row, count, response, message in polls
+            for row, count, response, message, next_in in polls
         ]
         with self.warehouse.session() as session:
             for batch in sql.bind_rows(rows):
@@ -440,6 +449,113 @@ class StateStore:
             ],
             None,
         )
+
+    # --- waiting outside runs, automatic resumption (policy_progress_sensor) --------------------
+
+    def hand_off(self, rows: Sequence[tuple[ExecutionRow, float, str]]) -> dict[str, ExecutionRow]:
+        """Per execution: seconds until its next poll, a message. Afterwards a row with
+        ``handed_off`` is the progress sensor's to poll."""
+        after = self._move(
+            sql.HAND_OFF,
+            [(row, {"next_in": max(0, round(delay)), "message": msg}) for row, delay, msg in rows],
+            None,
+        )
+        for row, delay, message in rows:
+            now = after.get(row.execution_id)
+            if now is not None and now.handed_off and now.status is ExecutionStatus.POLICY_CREATED:
+                self.audit(
+                    AuditEvent(
+                        execution_id=row.execution_id,
+                        policy_name=row.policy_name,
+                        event_type="handoff",
+                        message=message,
+                        detail={"next_poll_in_seconds": round(delay)},
+                    )
+                )
+        self.flush()
+        return after
+
+    def due_waits(self, limit: int, lead_seconds: float = 0.0) -> list[tuple[ExecutionRow, int]]:
+        """Handed-off executions whose next poll is due (or due within ``lead_seconds``), with
+        the seconds each has waited since it was created."""
+        with self.warehouse.session() as session:
+            rows = session.rows(sql.DUE_WAITS, [round(lead_seconds), limit])
+        return [(ExecutionRow.from_row(row[:-1]), int(row[-1] or 0)) for row in rows]
+
+    def wait_summary(self) -> tuple[int, int | None]:
+        """How many executions wait outside runs, and in how many seconds the next is due."""
+        with self.warehouse.session() as session:
+            [(count, next_due)] = session.rows(sql.WAIT_SUMMARY)
+        return int(count or 0), None if next_due is None else int(next_due)
+
+    def resume_candidates(self, limit: int) -> list[tuple[ExecutionRow, int]]:
+        """Executions nothing is moving, with seconds since they last moved or were resumed."""
+        with self.warehouse.session() as session:
+            rows = session.rows(sql.RESUME_CANDIDATES, [limit])
+        return [(ExecutionRow.from_row(row[:-1]), int(row[-1] or 0)) for row in rows]
+
+    def _claim(
+        self, statement: sql.Statement, rows: Sequence[Mapping[str, Any]], token: str
+    ) -> set[str]:
+        if not rows:
+            return set()
+        with self.warehouse.session() as session:
+            for batch in sql.bind_rows([{**row, "token": token} for row in rows]):
+                session.rowcount(statement, [batch])
+            claimed: set[str] = set()
+            ids = [str(row["execution_id"]) for row in rows]
+            for batch in sql.bind_values("execution_id", ids):
+                claimed.update(str(r[0]) for r in session.rows(sql.CLAIMED_BY, [token, batch]))
+        return claimed
+
+    def claim_resumes(self, rows: Sequence[ExecutionRow], token: str, why: str) -> set[str]:
+        """One tick wins each resumption (execution, count); returns the ids this one won."""
+        claimed = self._claim(
+            sql.CLAIM_RESUMES,
+            [{"execution_id": r.execution_id, "count": r.auto_resume_count} for r in rows],
+            token,
+        )
+        for row in rows:
+            if row.execution_id in claimed:
+                self.audit(
+                    AuditEvent(
+                        execution_id=row.execution_id,
+                        policy_name=row.policy_name,
+                        event_type="resume",
+                        message=f"automatic resumption {row.auto_resume_count + 1} ({why}): "
+                        f"{row.status}" + (f", {row.error_message}" if row.error_message else ""),
+                    )
+                )
+        self.flush()
+        return claimed
+
+    def claim_circuit_requests(self, rows: Sequence[ExecutionRow], token: str) -> set[str]:
+        """One tick wins the circuit-breaker run of an execution that turned ready."""
+        return self._claim(
+            sql.CLAIM_CIRCUIT_REQUESTS, [{"execution_id": r.execution_id} for r in rows], token
+        )
+
+    def give_up(self, failures: Sequence[tuple[ExecutionRow, str, str]], token: str) -> set[str]:
+        """Per execution: the step and the error. It ends ``error`` for good; returns the ids
+        this call moved (audited)."""
+        claimed = self._claim(
+            sql.GIVE_UP,
+            [
+                {
+                    "execution_id": row.execution_id,
+                    "count": row.auto_resume_count,
+                    "step": step,
+                    "error": error[:MAX_DETAIL_CHARS],
+                }
+                for row, step, error in failures
+            ],
+            token,
+        )
+        for row, _step, error in failures:
+            if row.execution_id in claimed:
+                self._audit_move(row, ExecutionStatus.ERROR, error[:MAX_DETAIL_CHARS])
+        self.flush()
+        return claimed
 
     # --- operator overrides (one execution at a time) -------------------------------------------
 

@@ -76,19 +76,34 @@ class _DBAPISession:
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 
+# One turn per DuckDB file for the whole process: two resources (two sensor ticks, a tick and
+# a run in one process) on one file must not write at the same moment either.
+_DUCKDB_TURNS: dict[str, threading.Lock] = {}
+_DUCKDB_TURNS_LOCK = threading.Lock()
+
+
+def _duckdb_turn(database: str | None) -> threading.Lock:
+    if database is None:
+        return threading.Lock()
+    with _DUCKDB_TURNS_LOCK:
+        return _DUCKDB_TURNS.setdefault(database, threading.Lock())
+
 
 class Warehouse:
     """Runs statements on DuckDB or Snowflake through a connection factory (a dagster-duckdb
     ``DuckDBResource.get_connection`` or a dagster-snowflake ``SnowflakeResource.get_connection``).
     """
 
-    def __init__(self, dialect: Dialect, connect: ConnectionFactory) -> None:
+    def __init__(
+        self, dialect: Dialect, connect: ConnectionFactory, database: str | None = None
+    ) -> None:
         self.dialect = dialect
         self._connect = connect
         # DuckDB has one writer per file and races when threads attach it at the same moment;
-        # its sessions are short, so threads of one process take turns. Snowflake needs no turn.
+        # its sessions are short, so threads of one process take turns (per file, when
+        # ``database`` names it). Snowflake needs no turn.
         self._turn: AbstractContextManager[Any] = (
-            threading.Lock() if dialect is Dialect.DUCKDB else nullcontext()
+            _duckdb_turn(database) if dialect is Dialect.DUCKDB else nullcontext()
         )
         self._schema_ready = False
         self._local = threading.local()

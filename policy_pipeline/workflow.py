@@ -18,6 +18,9 @@ circuit breaker is called only after the state row says ``policy_ready`` (the AP
 and a conditional update agreed) and after a conditional claim, and a failure in one step
 keeps the steps before it recorded. A recoverable failure is recorded so that a later run
 resumes the same execution (same ``policy_id``, same idempotency keys).
+
+A policy that has waited ``PollingPolicy.handoff_seconds`` for readiness is handed off: the
+run lets it go (waiting, not failed) and `progress.py` polls it outside any run.
 """
 
 from __future__ import annotations
@@ -119,6 +122,10 @@ class PollingPolicy:
     backoff_multiplier: float = 2.0
     max_polls: int = 60
     deadline_seconds: float = 900.0
+    # A policy still not ready after this long in the step is handed off (0: never): the
+    # run lets it go, and the progress sensor polls it every ``handoff_poll_seconds``.
+    handoff_seconds: float = 0.0
+    handoff_poll_seconds: float = 300.0
 
     def interval(self, poll_number: int) -> float:
         base = min(
@@ -131,7 +138,10 @@ class PollingPolicy:
 
 @dataclass(frozen=True)
 class LeasePolicy:
-    ttl_seconds: int = 300
+    """A run renews its leases every third of the TTL, so a crashed run's policies are free
+    within the TTL; a holder known to be gone (``holder_gone``) is taken over at once."""
+
+    ttl_seconds: int = 30
     wait_seconds: float = 60.0
 
 
@@ -165,6 +175,7 @@ class Progress:
     step: str
     outcome: StepOutcome | None = None
     error: str | None = None
+    waiting: str | None = None  # handed off: waiting for readiness outside the run
 
 
 @dataclass
@@ -175,6 +186,7 @@ class RunReport:
         default_factory=lambda: {step: {} for step in STEPS}
     )
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (step, why)
+    waiting: dict[str, str] = field(default_factory=dict)  # handed off: name -> message
 
     def step(self, step: str) -> StepReport:
         return StepReport(
@@ -183,7 +195,7 @@ class RunReport:
         )
 
 
-class _AttemptRecorder:
+class AttemptRecorder:
     """Audits every API attempt of one execution, keeps the figures for metadata, and tells
     the guard."""
 
@@ -230,7 +242,7 @@ class PolicyWorkflow:
         lease: LeasePolicy | None = None,
         concurrency: int = 16,
         flush_seconds: float = FLUSH_SECONDS,
-        owner_finished: Callable[[str], bool] = lambda owner: False,
+        holder_gone: Callable[[str], bool] = lambda owner: False,
         guard: ApiGuard | None = None,
     ) -> None:
         self.store = store
@@ -242,7 +254,9 @@ class PolicyWorkflow:
         # What a crash can lose: answers not yet written, which a re-run gets again by
         # re-sending the same idempotency keys (or polling again).
         self.flush_seconds = flush_seconds
-        self.owner_finished = owner_finished
+        # Whether a lease holder has certainly stopped (a finished run, a process gone): its
+        # policies are taken over at once rather than when its lease lapses.
+        self.holder_gone = holder_gone
         self.guard = guard
 
     def run(
@@ -319,7 +333,7 @@ class _Track:
     row: ExecutionRow | None = None
     resumed: bool = False  # it entered its current step with work already done
     body: Any = None  # the create request's body
-    recorder: _AttemptRecorder | None = None
+    recorder: AttemptRecorder | None = None
     polls: int = 0  # in this run
     polling_since: float = 0.0
     calls_before: int = 0  # API calls and latency before its current step (step figures)
@@ -339,6 +353,7 @@ class _Writes:
     polls: dict[str, list[Any]] = field(default_factory=dict)  # id -> [polls, body, message, t]
     created: list[tuple[_Track, str, Any]] = field(default_factory=list)
     ready: list[tuple[_Track, str]] = field(default_factory=list)
+    handoffs: list[tuple[_Track, float]] = field(default_factory=list)  # and next poll in
     claims: list[_Track] = field(default_factory=list)
     completed: list[tuple[_Track, Any]] = field(default_factory=list)
     kept: dict[str, list[tuple[_Track, Any]]] = field(default_factory=dict)  # column -> bodies
@@ -348,7 +363,7 @@ class _Writes:
     def __bool__(self) -> bool:
         return any(
             (self.intents, self.polls, self.created, self.ready, self.claims, self.completed)
-        ) or any((self.kept, self.failed, self.warnings))
+        ) or any((self.handoffs, self.kept, self.failed, self.warnings))
 
 
 class _Run:
@@ -525,10 +540,12 @@ class _Run:
         if writes.polls:
             store.record_polls(
                 [
-                    (t.execution, count, body, message)
+                    (t.execution, count, body, message, None)
                     for count, body, message, t in writes.polls.values()
                 ]
             )
+        if writes.handoffs:
+            self._hand_off(writes.handoffs, writes.claims)
         if writes.created:
             self._created(writes.created, writes.claims)
         if writes.ready:
@@ -591,7 +608,13 @@ class _Run:
             for track, _message in ready:
                 assert track.row is not None
                 done = after.get(track.row.execution_id)
-                if done is None or done.status is not ExecutionStatus.POLICY_READY:
+                # Already ready (or further) for the same policy_id is fine: the progress
+                # sensor may have polled a handed-off policy at the same moment.
+                if (
+                    done is None
+                    or done.status not in (ExecutionStatus.POLICY_READY, ExecutionStatus.COMPLETED)
+                    or done.policy_id != track.row.policy_id
+                ):
                     now = f"'{done.status}'" if done is not None else "gone"
                     self._fail(
                         track,
@@ -603,6 +626,40 @@ class _Run:
                 track.row = done
                 self._detail(f"policy '{track.name}': {done.policy_id} ready")
                 self._passed(track, f"ready after {done.poll_count} polls", claims)
+
+    def _hand_off(self, handoffs: list[tuple[_Track, float]], claims: list[_Track]) -> None:
+        """Let long waits go: the progress sensor polls them from now on, outside any run."""
+        after = self.store.hand_off(
+            [
+                (
+                    t.execution,
+                    delay,
+                    f"Handed off after {t.polls} polls in this run: waiting for readiness "
+                    f"outside any run (next poll in {delay:.0f}s)",
+                )
+                for t, delay in handoffs
+            ]
+        )
+        with self.changed:
+            for track, _delay in handoffs:
+                now = after.get(track.execution.execution_id)
+                if (
+                    now is not None
+                    and now.handed_off
+                    and now.status is ExecutionStatus.POLICY_CREATED
+                ):
+                    track.row = now
+                    message = f"waiting for readiness outside the run ({now.poll_count} polls)"
+                    self._detail(f"policy '{track.name}': {message}")
+                    self.report.waiting[track.name] = message
+                    self.on_progress(Progress(track.name, STEP_READY, waiting=message))
+                    self._finish(track)
+                elif now is not None:
+                    # It moved meanwhile (ready, polled by the sensor): go on from there.
+                    track.row = now
+                    self._begin(track, claims)
+                else:
+                    self._fail(track, STEP_READY, "state row is gone")
 
     def _claim(self, claims: list[_Track]) -> None:
         """The exactly-once gate: only a claimed ``policy_ready`` execution is called for."""
@@ -646,9 +703,9 @@ class _Run:
         waiting = sorted(self.waiting)
         holders = store.lease_holders(waiting)
         for previous in {holder for holder, _until in holders.values()}:
-            # A run that has already finished (failed, or crashed and marked so) holds
-            # nothing: take its policies over at once.
-            if previous != owner and self.wf.owner_finished(previous):
+            # A run that has finished, or whose process is gone, holds nothing: take its
+            # policies over at once.
+            if previous != owner and self.wf.holder_gone(previous):
                 taken = [n for n, (holder, _u) in holders.items() if holder == previous]
                 self.wf.log.warning(f"taking over {len(taken)} leases of {previous}")
                 store.take_over_leases(taken, owner, previous, ttl)
@@ -859,10 +916,10 @@ class _Run:
         except PolicyApiError as exc:
             return exc
 
-    def _recorder(self, track: _Track) -> _AttemptRecorder:
+    def _recorder(self, track: _Track) -> AttemptRecorder:
         assert track.row is not None
         if track.recorder is None or track.recorder.row.execution_id != track.row.execution_id:
-            track.recorder = _AttemptRecorder(self.store, track.row, self.wf.guard)
+            track.recorder = AttemptRecorder(self.store, track.row, self.wf.guard)
             track.calls_before, track.latency_before = 0, 0.0
         return track.recorder
 
@@ -949,6 +1006,12 @@ class _Run:
                 self._warn(track, _unknown_status(response, status))
         wait_seconds = self.polling.interval(count)
         elapsed = time.monotonic() - track.polling_since
+        handoff = self.polling.handoff_seconds
+        if handoff > 0 and elapsed >= handoff:
+            # A long wait holds no run: the progress sensor polls it from now on.
+            next_in = max(wait_seconds, self.polling.handoff_poll_seconds)
+            writes.handoffs.append((track, next_in))
+            return
         if (
             count >= self.polling.max_polls
             or elapsed + wait_seconds > self.polling.deadline_seconds

@@ -1,0 +1,361 @@
+"""Progress outside runs: nothing waits on a person.
+
+Two jobs, done by one tick of `policy_progress_sensor` (plain Python here; the sensor turns the
+reports into Dagster events and run requests):
+
+- **Waiting without a held run.** A run hands off a policy that has waited long for readiness
+  (`PollingPolicy.handoff_seconds`); from then on each tick polls the handed-off policies that
+  are due, in one batch: at most ``concurrency`` calls in flight, within a time budget, one
+  attempt per poll (a transient failure is simply polled again later), ``Retry-After`` and the
+  API guard honoured. Every poll is recorded as a run records it (``poll_count``,
+  ``last_poll_time``, the response, the audit event). A policy found ready is moved to
+  ``policy_ready`` by the same conditional update a run uses, and claimed by this tick, so that
+  exactly one tick reports it and requests its circuit-breaker run.
+- **Automatic resumption.** An execution nothing is moving (an active one whose lease lapsed:
+  its run crashed, was stopped, or failed around it; or a resumable error) is resumed with
+  exponential backoff, by a run whose request this tick claimed in the warehouse (one tick
+  wins each resumption). After ``resume_max_attempts`` automatic resumptions it ends ``error``
+  for good, and the caller raises the alert.
+
+Warehouse statements per tick are a handful whatever the number of waiting policies: the due
+ones are read with a LIMIT and each kind of write is one statement for the whole batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from policy_pipeline.api_types import ApiAttempt, ApiResponse, PolicyApiError
+from policy_pipeline.domain import ApiPolicyStatus, ExecutionStatus, classify_api_status
+from policy_pipeline.guard import ApiGuard, GuardOpen
+from policy_pipeline.state import ExecutionRow, StateStore
+from policy_pipeline.workflow import (
+    STEP_CIRCUIT,
+    STEP_CREATE,
+    STEP_READY,
+    AttemptRecorder,
+    Logger,
+    PolicyApi,
+)
+
+# The step an active execution is in, by status (where it is resumed, where it ends).
+STEP_OF_STATUS = {
+    ExecutionStatus.PENDING: STEP_CREATE,
+    ExecutionStatus.POLICY_CREATED: STEP_READY,
+    ExecutionStatus.POLICY_READY: STEP_CIRCUIT,
+}
+
+
+@dataclass(frozen=True)
+class ProgressPolicy:
+    """The progress sensor's settings (README, "Nothing waits on a person")."""
+
+    # How often a handed-off policy is polled; also how often the warehouse is touched at
+    # all while policies only wait (the warehouse-cost lever).
+    wait_poll_seconds: float = 300.0
+    # A handed-off policy not ready this long after its creation ends error for good.
+    wait_deadline_seconds: float = 86_400.0
+    poll_batch: int = 2_000  # due polls per tick at most; the rest go to the next tick
+    tick_budget_seconds: float = 20.0  # no poll starts later than this into a tick
+    concurrency: int = 16
+    resume_max_attempts: int = 5
+    resume_backoff_seconds: float = 60.0  # before the first resumption; doubles each time
+    resume_backoff_max_seconds: float = 3_600.0
+    resume_batch: int = 500  # candidates read per scan
+
+    def resume_backoff(self, count: int) -> float:
+        growth = 2.0 ** min(count, 32)
+        return min(self.resume_backoff_max_seconds, self.resume_backoff_seconds * growth)
+
+
+@dataclass
+class WaitReport:
+    due: int = 0
+    polled: int = 0
+    api_calls: int = 0
+    ready: list[ExecutionRow] = field(default_factory=list)  # claimed: report, request run
+    failed: list[tuple[ExecutionRow, str]] = field(default_factory=list)  # ended by this tick
+    cut_short: bool = False  # more were due than the batch or the budget allowed
+    retry_after: float | None = None  # the API asked us to back off this long
+    blocked: str | None = None  # why no poll was made (the guard is open)
+
+
+@dataclass
+class ResumeReport:
+    candidates: int = 0
+    backing_off: int = 0
+    unknown: list[str] = field(default_factory=list)  # not in the catalog: left alone
+    busy: int = 0  # a resumption run for it is queued or running already
+    resumed: list[tuple[ExecutionRow, str]] = field(default_factory=list)  # row, run kind
+    gave_up: list[tuple[ExecutionRow, str]] = field(default_factory=list)  # row, error
+    deferred: int = 0  # due, but no run may be launched now (queue full, guard open)
+
+
+class _NextTick(PolicyApiError):
+    """A transient answer: not retried inside the tick, polled again later."""
+
+
+class ProgressTick:
+    """One evaluation of the progress sensor."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        api: PolicyApi,
+        policy: ProgressPolicy,
+        log: Logger,
+        guard: ApiGuard | None = None,
+    ) -> None:
+        self.store = store
+        self.api = api
+        self.policy = policy
+        self.log = log
+        self.guard = guard
+        # Which tick claimed what: two ticks racing never both win an execution.
+        self.token = f"tick:{uuid.uuid4().hex}"
+
+    # --- waiting policies -----------------------------------------------------------------------
+
+    def poll_waiting(self, lead_seconds: float = 0.0) -> WaitReport:
+        """Poll the handed-off policies due now (or within ``lead_seconds``, so that one wake
+        of the warehouse serves the policies due before the next one)."""
+        report = WaitReport()
+        blocked = self.guard.blocks_calls() if self.guard is not None else None
+        if blocked is not None:
+            report.blocked = blocked
+            return report
+        due = self.store.due_waits(self.policy.poll_batch, lead_seconds)
+        report.due = len(due)
+        report.cut_short = len(due) >= self.policy.poll_batch
+        deadline = self.policy.wait_deadline_seconds
+        overdue = [(row, waited) for row, waited in due if waited > deadline]
+        if overdue:
+            ended = self.store.give_up(
+                [
+                    (
+                        row,
+                        STEP_READY,
+                        f"policy {row.policy_id} not ready after waiting {waited}s "
+                        f"(POLICY_WAIT_DEADLINE_SECONDS={deadline:.0f})",
+                    )
+                    for row, waited in overdue
+                ],
+                self.token,
+            )
+            report.failed += [
+                (row, f"not ready after waiting {waited}s")
+                for row, waited in overdue
+                if row.execution_id in ended
+            ]
+        answers = self._poll([row for row, waited in due if waited <= deadline], report)
+        report.polled = len(answers)
+        self._record(answers, report)
+        return report
+
+    def _poll(
+        self, rows: list[ExecutionRow], report: WaitReport
+    ) -> list[tuple[ExecutionRow, ApiResponse | PolicyApiError]]:
+        """One attempt per due policy, ``concurrency`` at a time, until the budget is spent or
+        the API asks us to back off."""
+        answers: list[tuple[ExecutionRow, ApiResponse | PolicyApiError]] = []
+        pending = iter(rows)
+        lock = threading.Lock()
+        stop = threading.Event()
+        deadline = time.monotonic() + self.policy.tick_budget_seconds
+
+        def one_attempt(recorder: AttemptRecorder) -> Any:
+            def on_attempt(attempt: ApiAttempt) -> None:
+                recorder(attempt)
+                with lock:
+                    report.api_calls += 1
+                if attempt.retry_after is not None:
+                    with lock:
+                        report.retry_after = max(report.retry_after or 0.0, attempt.retry_after)
+                    stop.set()
+                if attempt.outcome == "retry":
+                    raise _NextTick(
+                        f"{attempt.method} {attempt.path}: {attempt.http_status or attempt.error}"
+                        " (polled again later)",
+                        transient=True,
+                    )
+
+            return on_attempt
+
+        def work() -> None:
+            while not stop.is_set() and time.monotonic() < deadline:
+                with lock:
+                    row = next(pending, None)
+                if row is None or row.policy_id is None:
+                    return
+                try:
+                    if self.guard is not None:
+                        self.guard.before_call()
+                    recorder = AttemptRecorder(self.store, row, self.guard)
+                    answer: ApiResponse | PolicyApiError = self.api.get_policy_status(
+                        row.policy_id, one_attempt(recorder)
+                    )
+                except GuardOpen:
+                    stop.set()  # no call made: not a poll; it stays due
+                    return
+                except PolicyApiError as exc:
+                    answer = exc
+                with lock:
+                    answers.append((row, answer))
+
+        workers = [
+            threading.Thread(target=work, name=f"policy-progress-{i}", daemon=True)
+            for i in range(min(self.policy.concurrency, len(rows)))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if len(answers) < len(rows):
+            report.cut_short = True
+        return answers
+
+    def _record(
+        self, answers: list[tuple[ExecutionRow, ApiResponse | PolicyApiError]], report: WaitReport
+    ) -> None:
+        """One batch of writes for every answer: the polls, the ready moves and their claims,
+        the failures."""
+        polls: list[tuple[ExecutionRow, int, Any, str, float | None]] = []
+        ready: list[tuple[ExecutionRow, str]] = []
+        failed: list[tuple[ExecutionRow, str, str, bool]] = []
+        later = self.policy.wait_poll_seconds
+        for row, answer in answers:
+            number = row.poll_count + 1
+            if isinstance(answer, PolicyApiError):
+                # No answer is still a poll; it is polled again at its usual cadence (or after
+                # the Retry-After the API asked for).
+                next_in = max(later, report.retry_after or 0.0)
+                polls.append((row, 1, {"error": str(answer)}, f"Poll {number}: no answer", next_in))
+                continue
+            if not answer.ok:
+                # An HTTP error for a policy we created is no proof it is gone: the execution
+                # stays resumable, and a run polls the same policy_id again.
+                polls.append((row, 1, answer.recorded_body, answer.describe(), None))
+                failed.append((row, answer.describe(), STEP_READY, True))
+                continue
+            status = answer.field("status")
+            polls.append(
+                (row, 1, answer.recorded_body, f"Poll {number}: API status {status!r}", later)
+            )
+            verdict = classify_api_status(status)
+            if verdict is ApiPolicyStatus.READY:
+                ready.append((row, f"Step 2 complete: API status {status!r} after {number} polls"))
+            elif verdict is ApiPolicyStatus.FAILED:
+                error = f"Policy API reported status {status!r} for policy {row.policy_id}"
+                failed.append((row, error, STEP_READY, False))
+        with self.store.batch():
+            if polls:
+                self.store.record_polls(polls)
+            if ready:
+                after = self.store.mark_ready(ready)
+                moved = [
+                    now
+                    for now in after.values()
+                    if now.status is ExecutionStatus.POLICY_READY
+                    and not now.circuit_breaker_initiated
+                ]
+                claimed = self.store.claim_circuit_requests(moved, self.token)
+                report.ready = [row for row in moved if row.execution_id in claimed]
+            if failed:
+                after = self.store.mark_errors(failed)
+                report.failed += [
+                    (row, error)
+                    for row, error, _step, _resumable in failed
+                    if after.get(row.execution_id) is not None
+                    and after[row.execution_id].status is ExecutionStatus.ERROR
+                ]
+            self.store.flush()
+
+    # --- resumption -----------------------------------------------------------------------------
+
+    def resume_stranded(
+        self, known: Collection[str] | None, busy: Collection[str], launch: bool
+    ) -> ResumeReport:
+        """Claim the resumption of every execution that nothing moves and whose backoff has
+        passed; end for good those whose budget is spent. Policies in ``busy`` (a run that
+        resumes them has not started or finished yet) are left alone. ``launch`` false (the run
+        queue is full, the guard is open) defers the resumptions but still ends the spent
+        ones."""
+        report = ResumeReport()
+        candidates = self.store.resume_candidates(self.policy.resume_batch)
+        report.candidates = len(candidates)
+        due: list[ExecutionRow] = []
+        for row, idle in candidates:
+            if known is not None and row.policy_name not in known:
+                report.unknown.append(row.policy_name)
+            elif row.policy_name in busy:
+                report.busy += 1
+            elif idle < self.policy.resume_backoff(row.auto_resume_count):
+                report.backing_off += 1
+            else:
+                due.append(row)
+        spent = [row for row in due if row.auto_resume_count >= self.policy.resume_max_attempts]
+        if spent:
+            errors = {row.execution_id: _give_up_message(row) for row in spent}
+            ended = self.store.give_up(
+                [(row, _step(row), errors[row.execution_id]) for row in spent], self.token
+            )
+            report.gave_up = [
+                (row, errors[row.execution_id]) for row in spent if row.execution_id in ended
+            ]
+        rest = [row for row in due if row.auto_resume_count < self.policy.resume_max_attempts]
+        if not launch:
+            report.deferred = len(rest)
+            return report
+        claimed = self.store.claim_resumes(rest, self.token, "policy_progress_sensor")
+        report.resumed = [(row, run_kind(row)) for row in rest if row.execution_id in claimed]
+        return report
+
+
+def run_kind(row: ExecutionRow) -> str:
+    """What a resumption runs: only the circuit breaker for an execution that is ready (or
+    failed calling it), else the whole workflow, whose earlier steps pass at once for what
+    is already done."""
+    if row.status is ExecutionStatus.POLICY_READY:
+        return "circuit"
+    if row.status is ExecutionStatus.ERROR and row.error_step == STEP_CIRCUIT:
+        return "circuit"
+    return "workflow"
+
+
+def _step(row: ExecutionRow) -> str:
+    return row.error_step or STEP_OF_STATUS.get(row.status, STEP_CREATE)
+
+
+def _give_up_message(row: ExecutionRow) -> str:
+    where = row.error_message or f"stranded in '{row.status}'"
+    return (
+        f"gave up after {row.auto_resume_count} automatic resumptions "
+        f"(POLICY_RESUME_MAX_ATTEMPTS): {where}"
+    )
+
+
+def group_runs(
+    ordered: Sequence[str], kinds: dict[str, str]
+) -> list[tuple[str, str, str, list[str]]]:
+    """(kind, first, last, names): the policies to resume as runs. A run takes a range of
+    partitions, not an arbitrary set, so neighbours of one kind share a run and the others
+    get one each; a range never includes a policy that is not being resumed."""
+    groups: list[tuple[str, str, str, list[str]]] = []
+    current: list[str] = []
+    kind = ""
+    for name in ordered:
+        if name in kinds and (not current or kinds[name] == kind):
+            current.append(name)
+            kind = kinds[name]
+            continue
+        if current:
+            groups.append((kind, current[0], current[-1], current))
+        current, kind = ([name], kinds[name]) if name in kinds else ([], "")
+    if current:
+        groups.append((kind, current[0], current[-1], current))
+    return groups
