@@ -18,8 +18,10 @@ from policy_pipeline.failpoints import POINTS
 from policy_pipeline.settings import PROJECT_ROOT
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 
-# A killed run's lease must expire before the next run can take the policy over.
-CRASH_ENV = {"POLICY_LEASE_TTL_SECONDS": "5", "POLICY_LEASE_WAIT_SECONDS": "30"}
+# The default lease TTL (30 s), and a lease wait that covers it: a re-run never gives up on a
+# crashed run's lease, whether it sees the holder's process is gone or waits for the lapse.
+CRASH_ENV = {"POLICY_LEASE_WAIT_SECONDS": "40"}
+LEASE_TTL_SECONDS = 30
 
 
 def _job(workspace: Workspace, partition: str, **env: str) -> subprocess.Popen[str]:
@@ -64,10 +66,20 @@ def test_sigkill_at_each_point_then_rerun_completes_exactly_once(
     counts = workspace.simulator.counts()["per_policy"].get(name, {})
     assert counts.get("circuits_triggered", 0) <= 1
 
+    started = time.monotonic()
     code, output = _finish(_job(workspace, name))
+    rerun_seconds = time.monotonic() - started
     assert code == 0, output[-3000:]
     _assert_exactly_once(workspace, name)
     assert workspace.executions(name)[0]["execution_id"] == after_crash[0]["execution_id"]
+    # The killed run's process is gone from this host: the re-run takes its lease over at once
+    # (no wait for the TTL) and reports the dead run failed, so Dagster does not show it
+    # STARTED for ever.
+    assert "taking over 1 leases" in output, output[-3000:]
+    assert rerun_seconds < LEASE_TTL_SECONDS, rerun_seconds
+    with DagsterInstance.from_config(subprocess_env(workspace)["DAGSTER_HOME"]) as instance:
+        statuses = sorted(run.status.value for run in instance.get_runs())
+    assert statuses == ["FAILURE", "SUCCESS"], statuses
 
 
 @pytest.mark.both_warehouses
