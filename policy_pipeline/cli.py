@@ -249,6 +249,7 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
 
 
 def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
+    from policy_pipeline.liveness import lease_owner
     from policy_pipeline.resources import open_state, policy_api_resource
     from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, StepFailed
 
@@ -295,7 +296,7 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
             workflow = PolicyWorkflow(
                 store=store,
                 api=api,
-                owner=owner,
+                owner=lease_owner(owner),
                 log=log,
                 lease=LeasePolicy(state.lease_ttl_seconds, state.lease_wait_seconds),
                 concurrency=1,

@@ -47,6 +47,7 @@ from policy_pipeline.domain import (
 )
 from policy_pipeline.failpoints import failpoint
 from policy_pipeline.guard import ApiGuard, GuardOpen
+from policy_pipeline.liveness import Holder
 from policy_pipeline.state import AuditEvent, ExecutionRow, StateStore
 
 STEP_CREATE = "policy_created"
@@ -242,7 +243,7 @@ class PolicyWorkflow:
         lease: LeasePolicy | None = None,
         concurrency: int = 16,
         flush_seconds: float = FLUSH_SECONDS,
-        holder_gone: Callable[[str], bool] = lambda owner: False,
+        holder_gone: Callable[[str], bool] = lambda owner: Holder.parse(owner).certainly_dead(),
         guard: ApiGuard | None = None,
     ) -> None:
         self.store = store
