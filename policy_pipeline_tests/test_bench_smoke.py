@@ -18,7 +18,7 @@ import pytest
 from policy_pipeline.settings import PROJECT_ROOT
 
 BENCH = PROJECT_ROOT / "bench"
-SCRIPTS = ("throughput", "sequential", "soak", "reads")
+SCRIPTS = ("throughput", "sequential", "soak", "reads", "progress")
 
 
 def _script(name: str) -> ModuleType:
@@ -140,3 +140,18 @@ def test_a_script_runs_from_the_repository_root() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Sequential baseline" in result.stdout
+
+
+def test_progress_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run(
+        "progress",
+        ["--n=20", "--large=60", "--due=10", "--batch=40", "--window=3", "--no-targets"],
+        capsys,
+    )
+    for heading in (
+        "1. One tick of policy_progress_sensor",
+        "2-3. Retry-After and the guard",
+        "4. Snowflake warehouse awake",
+        "Targets",
+    ):
+        assert heading in out, out
