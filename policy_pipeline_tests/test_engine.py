@@ -4,6 +4,8 @@ DuckDB file."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -16,6 +18,7 @@ import pytest
 
 from policy_pipeline.api_client import PolicyApiResource
 from policy_pipeline.domain import PolicyDefinition
+from policy_pipeline.liveness import this_process
 from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.sql import Dialect
 from policy_pipeline.state import StateStore
@@ -165,3 +168,45 @@ def test_a_later_step_alone_refuses_a_policy_never_created(
         assert report.failures["never"] == (steps[0], report.failures["never"][1])
         assert "materialize policy_created first" in report.failures["never"][1]
         assert sim.counts()["requests"]["createpolicy"] == 0
+
+
+def test_a_slow_call_keeps_its_lease_alive_and_a_dead_holder_is_taken_over_at_once(
+    tmp_path: Path,
+) -> None:
+    """The lease is renewed while a call takes longer than its TTL, so a second run does not
+    take a slow run for a dead one; a holder whose process is gone is taken over at once."""
+    policies = _policies("slow")
+    lease = LeasePolicy(ttl_seconds=5, wait_seconds=1.5)
+    with _engine(tmp_path, _config(latency_ms=8_000), lease) as (workflow, sim, store):
+        stop = threading.Event()
+        slow = threading.Thread(
+            target=workflow.run,
+            args=(list(policies),),
+            kwargs={"definitions": policies, "stop": stop},
+        )
+        slow.start()
+        time.sleep(6.5)  # the create call is still in flight, past the TTL
+        other = PolicyWorkflow(store, workflow.api, owner="run:other", log=_Log(), lease=lease)
+        report = other.run(list(policies), definitions=policies, polling=FAST)
+        assert "being processed by test:" in report.failures["slow"][1]
+        stop.set()  # the slow run writes its create's answer and ends
+        slow.join()
+        assert sim.counts()["per_policy"]["slow"]["policies_created"] == 1
+
+    # A holder on this host whose process is gone: taken over without waiting for the TTL.
+    (tmp_path / "dead").mkdir()
+    with _engine(tmp_path / "dead", _config(), LeasePolicy(ttl_seconds=300, wait_seconds=10)) as (
+        workflow,
+        sim,
+        store,
+    ):
+        gone = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"])
+        gone.wait()
+        host = this_process().rsplit(":", 2)[0]
+        dead_owner = f"run:dead@{host}:{gone.pid}:1"
+        assert store.acquire_leases(["slow"], dead_owner, 300) == {"slow"}
+        started = time.monotonic()
+        report = workflow.run(list(policies), definitions=policies, polling=FAST)
+        assert not report.failures, report.failures
+        assert time.monotonic() - started < 5
+        assert sim.counts()["per_policy"]["slow"]["circuits_triggered"] == 1

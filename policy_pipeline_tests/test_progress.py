@@ -192,6 +192,7 @@ def test_resume_budget_ends_the_execution_for_good_and_alerts(
     assert _circuit_calls(workspace, name) == 0
 
 
+@pytest.mark.both_warehouses
 def test_handed_off_policy_is_polled_outside_runs_and_two_racing_ticks_request_one_run(
     workspace: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
