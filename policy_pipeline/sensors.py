@@ -168,15 +168,10 @@ def progress_tick(
     # Poll what is due before the next wake too: one wake serves a whole cadence.
     waits = tick.poll_waiting(lead_seconds=policy.wait_poll_seconds / 2)
     asset_events = [_ready_event(row) for row in waits.ready]
-    run_requests = [
-        RunRequest(
-            run_key=f"circuit:{row.execution_id}",
-            partition_key=row.policy_name,
-            asset_selection=[AssetKey(STEP_CIRCUIT)],
-            tags={SENSOR_TAG: "progress"},
-        )
-        for row in waits.ready
-    ]
+    ordered = context.instance.get_dynamic_partitions(PARTITIONS_NAME)
+    run_requests = _run_requests(
+        "circuit", [(row, "circuit", row.execution_id) for row in waits.ready], ordered
+    )
     for row, error in waits.failed:
         _alert(context, store, row, "policy_ready", error)
 
@@ -187,7 +182,6 @@ def progress_tick(
         context.log.warning(f"catalog unreadable, resuming only what it cannot judge: {exc}")
         known = None
     queue_limit = env_int("POLICY_PROGRESS_QUEUE_LIMIT", PROGRESS_QUEUE_LIMIT_DEFAULT, minimum=1)
-    ordered = context.instance.get_dynamic_partitions(PARTITIONS_NAME)
     runs = context.instance.get_runs(
         RunsFilter(tags={SENSOR_TAG: "progress"}, statuses=[*_WAITING_TO_START, _STARTED]),
         limit=1000,
@@ -200,7 +194,14 @@ def progress_tick(
     resumes = tick.resume_stranded(known, busy, launch=queued < queue_limit and blocked is None)
     for row, error in resumes.gave_up:
         _alert(context, store, row, "resume budget spent", error)
-    run_requests += _resume_requests(resumes.resumed, ordered)
+    run_requests += _run_requests(
+        "resume",
+        [
+            (row, kind, f"{row.execution_id}:{row.auto_resume_count + 1}")
+            for row, kind in resumes.resumed
+        ],
+        ordered,
+    )
     _fail_dead_runs(context)
 
     waiting, _next_due = store.wait_summary()
@@ -254,38 +255,37 @@ def _run_partitions(tags: Mapping[str, str], ordered: Sequence[str]) -> list[str
     return []
 
 
-def _resume_requests(
-    resumed: list[tuple[ExecutionRow, str]], ordered: Sequence[str]
+def _run_requests(
+    prefix: str, items: list[tuple[ExecutionRow, str, str]], ordered: Sequence[str]
 ) -> list[RunRequest]:
-    """Resumptions as runs: neighbours of one kind share a run (a run takes a range of
-    partitions); the run key names each execution and its resumption number, so the same
-    resumption is never launched twice."""
-    if not resumed:
+    """Runs for (execution, kind of run, what is asked of it): neighbours (in partition order)
+    of one kind share a run, since a run takes a range of partitions, and the others get one
+    each. The run key names what each execution is asked for (its id, and for a resumption
+    its number), so the same request is never launched twice; each was claimed in the
+    warehouse by this tick alone."""
+    if not items:
         return []
-    rows = {row.policy_name: row for row, _kind in resumed}
-    kinds = {row.policy_name: kind for row, kind in resumed}
+    rows = {row.policy_name: (row, key) for row, _kind, key in items}
+    kinds = {row.policy_name: kind for row, kind, _key in items}
+    known = set(ordered)
     requests = []
-    for kind, first, last, names in group_runs(ordered, kinds):
-        attempts = ",".join(
-            f"{rows[n].execution_id}:{rows[n].auto_resume_count + 1}" for n in names
+    groups = group_runs(ordered, kinds)
+    # A policy not registered as a partition yet (a fresh instance): a run of its own.
+    groups += [(kinds[n], n, n, [n]) for n in sorted(set(rows) - known)]
+    for kind, first, last, names in groups:
+        keys = [rows[n][1] for n in names]
+        run_key = (
+            f"{prefix}:{keys[0]}"
+            if len(keys) == 1
+            else f"{prefix}:" + hashlib.sha256(",".join(keys).encode()).hexdigest()[:40]
         )
         requests.append(
             RunRequest(
-                run_key="resume:" + hashlib.sha256(attempts.encode()).hexdigest()[:40],
+                run_key=run_key,
                 asset_selection=[AssetKey(STEP_CIRCUIT)] if kind == "circuit" else None,
                 tags={**partition_tags(first, last), SENSOR_TAG: "progress"},
             )
         )
-    missing = sorted(set(rows) - set(ordered))
-    if missing:  # not a partition yet (a fresh instance): one run each registers it
-        requests += [
-            RunRequest(
-                run_key=f"resume:{rows[n].execution_id}:{rows[n].auto_resume_count + 1}",
-                asset_selection=[AssetKey(STEP_CIRCUIT)] if kinds[n] == "circuit" else None,
-                tags={"dagster/partition": n, SENSOR_TAG: "progress"},
-            )
-            for n in missing
-        ]
     return requests
 
 
