@@ -139,6 +139,12 @@ class Monitor:
                 result.archived_ids.extend(ids)
                 if len(ids) < batch_size:
                     break
+            # The events about runs (no execution), by the same retention.
+            with self.warehouse.transaction() as session:
+                result.events += session.rowcount(
+                    sql.ARCHIVE_RUN_EVENTS, [result.archive_run_id, -retention_days]
+                )
+                session.rowcount(sql.DELETE_ARCHIVED_RUN_EVENTS, [-retention_days])
         except Exception as exc:
             self._finish_archive(result, "failed", f"{type(exc).__name__}: {exc}"[:2000])
             raise

@@ -396,13 +396,38 @@ REOPEN_EXECUTIONS = Statement(
 )
 
 # The moves below take rows of execution_id plus the columns named.
+# A policy_id already bound to another execution (live or archived) is refused: an API that
+# hands one policy_id to several creates must not get two executions completed under it.
 MARK_CREATED = _update_from_rows(
     "mark_created",
     (("policy_id", "VARCHAR"), ("response", "VARIANT"), ("message", "VARCHAR")),
     '"status" = \'policy_created\', "policy_id" = v.v_policy_id, '
     '"api_response" = v.v_response, "message" = v.v_message, '
     '"policy_created_time" = CURRENT_TIMESTAMP()',
-    f"{STATE_TABLE}.\"status\" = 'pending'",
+    f"{STATE_TABLE}.\"status\" = 'pending' "
+    f"AND NOT EXISTS (SELECT 1 FROM {STATE_TABLE} AS other "
+    f'WHERE other."policy_id" = v.v_policy_id AND other."execution_id" <> v.v_execution_id) '
+    f"AND NOT EXISTS (SELECT 1 FROM {STATE_HISTORY_TABLE} AS archived "
+    f'WHERE archived."policy_id" = v.v_policy_id)',
+)
+
+# Params: policy ids. Which executions (live or archived) hold these policy_ids.
+POLICY_ID_HOLDERS = Statement(
+    "policy_id_holders",
+    f'SELECT "policy_id", "execution_id", "policy_name" FROM {STATE_TABLE} '
+    f'WHERE "policy_id" IN (SELECT v_policy_id FROM {_rows((("policy_id", "VARCHAR"),))}) '
+    f'UNION ALL SELECT "policy_id", "execution_id", "policy_name" FROM {STATE_HISTORY_TABLE} '
+    f'WHERE "policy_id" IN (SELECT v_policy_id FROM {_rows((("policy_id", "VARCHAR"),))})',
+)
+
+# Params: names, names. The completed executions of these policies, archived ones included:
+# "the same content is one policy" holds after archiving too.
+COMPLETED_EXECUTIONS = Statement(
+    "completed_executions",
+    f"SELECT {_READ} FROM {STATE_TABLE} WHERE \"status\" = 'completed' "
+    f'AND "policy_name" IN (SELECT v_policy_name FROM {_NAMES}) '
+    f"UNION ALL SELECT {_READ} FROM {STATE_HISTORY_TABLE} WHERE \"status\" = 'completed' "
+    f'AND "policy_name" IN (SELECT v_policy_name FROM {_NAMES})',
 )
 
 # ``next_in`` (seconds) is when the progress sensor polls a handed-off policy next (NULL in a
@@ -786,6 +811,19 @@ def _archive_batch() -> tuple[Statement, Statement, Statement, Statement]:
 
 ARCHIVE_EVENTS, ARCHIVE_EXECUTIONS, DELETE_ARCHIVED_EVENTS, DELETE_ARCHIVED_EXECUTIONS = (
     _archive_batch()
+)
+
+# Events about a run rather than an execution (a failed run, the guard) have no execution_id:
+# they are archived by age. Params: archive run id, days (negative) / days (negative).
+_RUN_EVENTS = '"execution_id" IS NULL AND "event_time" < DATEADD(day, ?, CURRENT_TIMESTAMP())'
+ARCHIVE_RUN_EVENTS = Statement(
+    "archive_run_events",
+    f'INSERT INTO {EVENTS_HISTORY_TABLE} ({_names(EVENT_COLUMNS)}, "archived_time", '
+    f'"archive_run_id") SELECT {_names(EVENT_COLUMNS)}, CURRENT_TIMESTAMP(), ? '
+    f"FROM {EVENTS_TABLE} WHERE {_RUN_EVENTS}",
+)
+DELETE_ARCHIVED_RUN_EVENTS = Statement(
+    "delete_archived_run_events", f"DELETE FROM {EVENTS_TABLE} WHERE {_RUN_EVENTS}"
 )
 
 START_ARCHIVE_RUN = Statement(

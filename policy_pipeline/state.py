@@ -226,6 +226,27 @@ class StateStore:
                     data[str(execution_id)] = json.loads(value) if isinstance(value, str) else value
         return data
 
+    def completed_executions(self, names: Sequence[str]) -> list[ExecutionRow]:
+        """Every completed execution of these policies, archived ones included."""
+        found: list[ExecutionRow] = []
+        with self.warehouse.session() as session:
+            for batch in sql.bind_values("policy_name", names):
+                rows = session.rows(sql.COMPLETED_EXECUTIONS, [batch, batch])
+                found += [ExecutionRow.from_row(row) for row in rows]
+        return found
+
+    def policy_id_holders(self, policy_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """policy_id -> [(execution_id, policy_name)] of the executions (live or archived)
+        that hold it."""
+        holders: dict[str, list[tuple[str, str]]] = {}
+        with self.warehouse.session() as session:
+            for batch in sql.bind_values("policy_id", policy_ids):
+                for policy_id, execution_id, name in session.rows(
+                    sql.POLICY_ID_HOLDERS, [batch, batch]
+                ):
+                    holders.setdefault(str(policy_id), []).append((str(execution_id), str(name)))
+        return holders
+
     def executed_content(self) -> set[tuple[str, str]]:
         """(policy_name, content hash) of every content ever executed, archived ones included."""
         with self.warehouse.session() as session:

@@ -29,6 +29,7 @@ import heapq
 import itertools
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -74,6 +75,10 @@ CALL_ORDER = ("circuit", "poll", "create")
 FLUSH_SECONDS = 0.5
 # How often the writer re-reads the shared API guard (another process may have opened it).
 GUARD_REFRESH_SECONDS = 2.0
+# A policy_id goes into a URL path and into the state table: an identifier, nothing else.
+POLICY_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# The API refuses our credentials: a configuration error, the same for every policy.
+AUTH_STATUSES = frozenset({401, 403})
 
 
 class StepFailed(Exception):
@@ -417,6 +422,9 @@ class _Run:
         self.renew_at = 0.0
         self.guard_refresh_at = 0.0
         self.bodies: dict[str, Any] = {}  # stored create bodies of resumed intents
+        # Completed executions by policy and content hash, archived ones included.
+        self.completed: dict[str, dict[str, ExecutionRow]] = {}
+        self.halted: str | None = None  # why the run stopped starting calls (credentials)
 
     # --- the writer ----------------------------------------------------------------------------
 
@@ -459,6 +467,11 @@ class _Run:
                         f"the run was stopped: {self.unfinished} policies left where they are; "
                         "a later run resumes them"
                     )
+                    if self.halted is not None:
+                        with self.changed:
+                            for track in self.tracks.values():
+                                if track.steps:
+                                    self._fail(track, track.steps[0], f"not run: {self.halted}")
                     break
         finally:
             with self.changed:
@@ -580,15 +593,42 @@ class _Run:
             self.guard_refresh_at = now + GUARD_REFRESH_SECONDS
 
     def _created(self, created: list[tuple[_Track, str, Any]], claims: list[_Track]) -> None:
+        # One policy_id per execution: within this batch the first keeps it; against the
+        # table, the conditional update refuses a policy_id another execution holds.
+        first: dict[str, _Track] = {}
+        unique = [c for c in created if first.setdefault(c[1], c[0]) is c[0]]
         after = self.store.mark_created(
-            [(t.execution, policy_id, body) for t, policy_id, body in created]
+            [(t.execution, policy_id, body) for t, policy_id, body in unique]
         )
         failpoint("after_created")
+        refused = [
+            (t, p)
+            for t, p, _b in created
+            if after.get(t.execution.execution_id) is None
+            or after[t.execution.execution_id].policy_id != p
+        ]
+        holders = self.store.policy_id_holders(sorted({p for _t, p in refused})) if refused else {}
         with self.changed:
             for track, policy_id, _body in created:
                 assert track.row is not None
                 # The seed's "verify database storage" before going on.
                 stored = after.get(track.row.execution_id)
+                others = [
+                    (e, n) for e, n in holders.get(policy_id, []) if e != track.row.execution_id
+                ]
+                if first[policy_id] is not track:
+                    others.append((first[policy_id].execution.execution_id, first[policy_id].name))
+                if others and (stored is None or stored.policy_id != policy_id):
+                    execution, name = others[0]
+                    error = (
+                        f"POST /createpolicy returned policy_id {policy_id}, which is already "
+                        f"bound to execution {execution} (policy '{name}'): the Policy API "
+                        "handed one policy_id to two creates (does it ignore Idempotency-Key?); "
+                        "refused before any circuit breaker"
+                    )
+                    self.wf.log.warning(f"policy '{track.name}': {error}")
+                    self.writes.failed.append((track, error, STEP_CREATE, False))
+                    continue
                 if stored is None or stored.policy_id != policy_id:
                     self._fail(
                         track,
@@ -739,6 +779,11 @@ class _Run:
             return
         current = self.store.current_executions([t.name for t in tracks])
         current = self._resume_errors(current)
+        if STEP_CREATE in self.steps and not self.force_new:
+            for done in self.store.completed_executions([t.name for t in tracks]):
+                if done.policy_content_hash is not None:
+                    by_hash = self.completed.setdefault(done.policy_name, {})
+                    by_hash.setdefault(done.policy_content_hash, done)
         if STEP_CREATE in self.steps:
             # A resumed intent re-sends exactly the body it stored.
             pending = [
@@ -770,6 +815,19 @@ class _Run:
             ):
                 self._detail(f"policy '{track.name}': this content completed as {row.policy_id}")
                 self._passed(track, "already completed for this content", claims)
+            elif (
+                (row is None or row.status is ExecutionStatus.COMPLETED)
+                and not self.force_new
+                and definition.content_hash() in self.completed.get(track.name, {})
+            ):
+                # Completed before, and archived since (or superseded by other content that
+                # has now come back): still one policy per content.
+                track.row = self.completed[track.name][definition.content_hash()]
+                self._detail(
+                    f"policy '{track.name}': this content completed as "
+                    f"{track.row.policy_id} (archived)"
+                )
+                self._passed(track, "already completed for this content (archived)", claims)
             elif (
                 row is not None
                 and row.status is ExecutionStatus.ERROR
@@ -958,7 +1016,7 @@ class _Run:
             return
         if not response.ok:
             problem = f"{response.describe()}: {_excerpt(response)}"
-            writes.failed.append((track, problem, STEP_CREATE, False))
+            writes.failed.append((track, problem, STEP_CREATE, self._auth(response)))
             return
         policy_id = response.field("policy_id")
         if not isinstance(policy_id, str) or not policy_id.strip():
@@ -968,6 +1026,14 @@ class _Run:
             unreadable = response.data is None
             problem = _missing_field(response, "policy_id")
             writes.failed.append((track, problem, STEP_CREATE, unreadable))
+            return
+        invalid = _invalid_policy_id(policy_id)
+        if invalid is not None:
+            # Refused before it reaches a URL or the table; the whole answer stays in the
+            # audit trail (the attempt's event) and in api_response.
+            writes.kept.setdefault("api_response", []).append((track, response.recorded_body))
+            problem = f"{response.describe()} with {invalid}"
+            writes.failed.append((track, problem, STEP_CREATE, False))
             return
         writes.created.append((track, policy_id, response.recorded_body))
 
@@ -987,9 +1053,13 @@ class _Run:
             record[1] = {"error": str(response)}
             record[2] = f"Poll {count}: no answer ({response})"
         elif not response.ok:
+            # An HTTP error for a policy we created is no proof that it is gone (a 404 from
+            # a proxy, a redirect, an auth error): the execution stays resumable, and a later
+            # run polls the same policy_id rather than creating a second policy.
+            self._auth(response)
             record[1], record[2] = response.recorded_body, response.describe()
             problem = f"{response.describe()}: {_excerpt(response)}"
-            writes.failed.append((track, problem, STEP_READY, False))
+            writes.failed.append((track, problem, STEP_READY, True))
             return
         else:
             status = response.field("status")
@@ -1036,6 +1106,7 @@ class _Run:
         if isinstance(response, PolicyApiError):
             writes.failed.append((track, str(response), STEP_CIRCUIT, True))
         elif not response.ok:
+            self._auth(response)
             writes.kept.setdefault("circuit_breaker_response", []).append(
                 (track, response.recorded_body)
             )
@@ -1052,6 +1123,20 @@ class _Run:
             writes.failed.append((track, f"{problem}: {_excerpt(response)}", STEP_CIRCUIT, True))
         else:
             writes.completed.append((track, response.recorded_body))
+
+    def _auth(self, response: ApiResponse) -> bool:
+        """An answer refusing our credentials stops the run from starting calls: every other
+        policy would get the same. Returns whether it was one (the failure stays resumable)."""
+        if response.http_status not in AUTH_STATUSES:
+            return False
+        if self.halted is None:
+            self.halted = (
+                f"the Policy API refused our credentials ({response.describe()}); check "
+                "POLICY_API_KEY. The executions stay resumable"
+            )
+            self.writes.warnings.append(self.halted)
+            self.stop.set()
+        return True
 
     # --- reporting ------------------------------------------------------------------------------
 
@@ -1087,6 +1172,17 @@ class _Run:
             else 0.0,
             message=message,
         )
+
+
+def _invalid_policy_id(value: str) -> str | None:
+    """Why a policy_id is not an identifier, or None."""
+    if POLICY_ID_PATTERN.fullmatch(value) and ".." not in value:
+        return None
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return (
+        f"policy_id {shown} ({len(value)} characters), which is not an identifier: 1 to 128 "
+        "letters, digits, '.', '_', ':' or '-', starting with a letter or digit, no '..'"
+    )
 
 
 def _refusal(row: ExecutionRow, why: str) -> str:
