@@ -81,6 +81,11 @@ PROCESS_TAG = "policy_pipeline/process"
 class WorkflowConfig(Config):
     """Run config of the workflow step. The seed's polling: max_polls=3, backoff_multiplier=1."""
 
+    policies: list[str] = Field(
+        default_factory=list,
+        description="Run these catalog policies by name (any set, in any order) instead of a "
+        "partition or a partition range; the run then has no partition tags.",
+    )
     force_new_execution: bool = Field(
         default=False,
         description="Create a new policy even if this content has already completed "
@@ -216,8 +221,9 @@ def partition_tags(first: str, last: str) -> dict[str, str]:
 
 
 def register_partitions(context: AssetExecutionContext, keys: Sequence[str]) -> None:
-    """Make this run's policies known partitions of the instance (a fresh DAGSTER_HOME has
-    none until the catalog sensor's first tick)."""
+    """Make these policies known partitions of the instance (a fresh DAGSTER_HOME has none
+    until the catalog sensor's first tick), in the order given: the caller passes every
+    catalog policy in name order, so that partition ranges follow the catalog."""
     for attempt in range(3):
         known = set(context.instance.get_dynamic_partitions(PARTITIONS_NAME))
         missing = [key for key in keys if key not in known]
@@ -231,6 +237,32 @@ def register_partitions(context: AssetExecutionContext, keys: Sequence[str]) -> 
             # once on a fresh instance): read again and add what is still missing.
             if attempt == 2:
                 raise
+
+
+def _run_policies(
+    context: AssetExecutionContext, catalog: Mapping[str, CatalogEntry], config: WorkflowConfig
+) -> list[str]:
+    """The policies this run works on: its partition or partition range, or (run config
+    ``policies``) a set of catalog policies by name. A clear error for anything else."""
+    partitioned = context.has_partition_key or context.has_partition_key_range
+    if config.policies:
+        if partitioned:
+            raise Failure("give either a partition (or a range) or run config 'policies', not both")
+        unknown = sorted(set(config.policies) - set(catalog))
+        if unknown:
+            raise Failure(
+                f"run config 'policies' names {len(unknown)} policies that are not in the "
+                f"catalog: {', '.join(unknown[:20])}"
+            )
+        return list(dict.fromkeys(config.policies))
+    if not partitioned:
+        raise Failure(
+            f"{JOB_NAME} works on policies, and this run names none: give a partition "
+            '(--tags \'{"dagster/partition": "NAME"}\'), a partition range (the '
+            "dagster/asset_partition_range_start and _end tags), or run config "
+            "ops.policy_workflow.config.policies: [NAME, ...]"
+        )
+    return _partition_keys(context)
 
 
 def _partition_keys(context: AssetExecutionContext) -> list[str]:
@@ -281,9 +313,11 @@ def run_workflow(
     and materialize each (asset, partition) as its policy passes that step."""
     # Who runs this step, so that a process on this host can tell for sure it died.
     context.instance.add_run_tags(context.run.run_id, {PROCESS_TAG: this_process()})
-    keys = _partition_keys(context)
+    # Every catalog policy not yet a partition, in name order (not just this run's): a
+    # range then follows the catalog, whatever single runs came first.
+    register_partitions(context, sorted(catalog))
+    keys = _run_policies(context, catalog, config)
     runnable = [key for key in keys if key in catalog]
-    register_partitions(context, runnable)
     steps = [step for step in STEPS if AssetKey(step) in context.selected_asset_keys]
     failures = {key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog}
     failed_steps = dict.fromkeys(failures, steps[0] if steps else "")

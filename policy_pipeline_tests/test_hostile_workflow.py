@@ -247,3 +247,51 @@ def test_dbt_build_from_the_repository_root(workspace: Workspace, tmp_path: Path
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "Completed successfully" in result.stdout
+
+
+# --- which policies a run works on ---------------------------------------------------------
+
+
+def test_any_set_of_policies_by_name_and_partitions_in_catalog_order(
+    workspace: Workspace,
+) -> None:
+    first, middle, last = CATALOG_POLICIES
+    job = workspace.definitions().resolve_job_def("policy_workflow_job")
+    # A single run of the last policy first: every catalog policy becomes a partition, in
+    # name order, so a later range follows the catalog.
+    assert workspace.instance.get_dynamic_partitions("policies") == []
+    single = job.execute_in_process(
+        instance=workspace.instance, tags={"dagster/partition": last}, raise_on_error=False
+    )
+    assert single.success
+    assert workspace.instance.get_dynamic_partitions("policies") == CATALOG_POLICIES
+
+    # Two policies that are not neighbours, by name, with no partition tags.
+    chosen = job.execute_in_process(
+        instance=workspace.instance,
+        run_config={"ops": {"policy_workflow": {"config": {"policies": [first, last]}}}},
+        raise_on_error=False,
+    )
+    assert chosen.success
+    assert workspace.executions(middle) == []
+    assert [r["status"] for r in workspace.executions(first)] == ["completed"]
+    done = {
+        (e.asset_key.path[-1], e.partition)
+        for e in chosen.asset_materializations_for_node("policy_workflow")
+    }
+    assert ("circuit_breaker_activation", first) in done
+
+    # Clear errors: no policy named at all; a name not in the catalog.
+    for run_config, expected in (
+        (None, "this run names none"),
+        (
+            {"ops": {"policy_workflow": {"config": {"policies": ["nope"]}}}},
+            "not in the catalog: nope",
+        ),
+    ):
+        failed = job.execute_in_process(
+            instance=workspace.instance, run_config=run_config, raise_on_error=False
+        )
+        assert not failed.success
+        failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+        assert expected in str(failure.event_specific_data)
