@@ -54,6 +54,16 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, default=_text, indent=2)
 
@@ -249,63 +259,94 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
 
 
 def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
+    from policy_pipeline.domain import IllegalTransition
     from policy_pipeline.liveness import lease_owner
-    from policy_pipeline.resources import open_state, policy_api_resource
-    from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, StepFailed
+    from policy_pipeline.resources import open_state
 
-    owner = f"operator:{getpass.getuser()}"
+    owner = lease_owner(f"operator:{getpass.getuser()}")
     with open_state(settings) as state:
         store = state.store()
         row = store.current_execution(args.policy)
         if row is None:
-            print(f"error: no execution for policy '{args.policy}'", file=sys.stderr)
-            return 1
+            return _refuse(f"no execution for policy '{args.policy}'")
         if row.circuit_breaker_completed or row.status is ExecutionStatus.COMPLETED:
-            print(
-                f"error: execution {row.execution_id} is already completed "
-                f"(circuit breaker {'triggered' if row.circuit_breaker_completed else 'skipped'});"
-                " an override never fires it twice",
-                file=sys.stderr,
+            done = "triggered" if row.circuit_breaker_completed else "skipped"
+            return _refuse(
+                f"execution {row.execution_id} is already completed (circuit breaker {done}); "
+                "an override never fires it twice"
             )
-            return 1
         ready = row.status is ExecutionStatus.POLICY_READY
         if not ready and not args.force:
-            print(
-                f"error: execution {row.execution_id} is '{row.status}', not 'policy_ready'; "
-                "use --force to override anyway",
-                file=sys.stderr,
+            return _refuse(
+                f"execution {row.execution_id} is '{row.status}', not 'policy_ready'; "
+                "use --force to override anyway"
             )
-            return 1
-        action = (
-            "trigger_circuit_breaker" if args.trigger_circuit_breaker else "skip_circuit_breaker"
-        )
-        _audit_operator(store, row, action + (" (forced)" if args.force else ""), args.reason)
-        if args.skip_circuit_breaker:
-            message = f"Circuit breaker skipped by {owner}: {args.reason}"
-            if not store.skip_circuit_breaker(row, message, force=args.force):
-                print("error: the execution changed meanwhile; nothing done", file=sys.stderr)
-                return 1
-            print(f"Execution {row.execution_id} completed without the circuit breaker.")
-            return 0
-        if not ready:
-            if row.policy_id is None:
-                print("error: the policy was never created; nothing to trigger", file=sys.stderr)
-                return 1
-            store.force_ready(row, f"Forced to policy_ready by {owner}: {args.reason}")
-        with policy_api_resource().process_config_and_initialize_cm() as api:
-            workflow = PolicyWorkflow(
-                store=store,
-                api=api,
-                owner=lease_owner(owner),
-                log=log,
-                lease=LeasePolicy(state.lease_ttl_seconds, state.lease_wait_seconds),
-                concurrency=1,
+        if row.policy_id is None:
+            return _refuse(
+                f"execution {row.execution_id} is '{row.status}': the policy was never "
+                "created, so there is no circuit breaker to trigger or skip"
             )
+        # Hold the policy's lease through the override: no run polls it, claims it or fires
+        # its circuit breaker meanwhile, and a run holding it now is not overridden under it.
+        if args.policy not in store.acquire_leases([args.policy], owner, state.lease_ttl_seconds):
+            holder = store.lease_holders([args.policy]).get(args.policy)
+            who = f"{holder[0].split('@')[0]} (until {holder[1]})" if holder else "a run"
+            return _refuse(
+                f"policy '{args.policy}' is being processed by {who}; wait for it, or stop "
+                "that run, then override"
+            )
+        try:
             try:
-                outcome = workflow.activate_circuit_breaker(args.policy)
-            except StepFailed as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
+                code = _override(args, state, store, row, owner)
+            except IllegalTransition as exc:
+                return _refuse(f"execution {row.execution_id}: {exc}")
+        finally:
+            store.release_leases([args.policy], owner)
+    return code
+
+
+def _refuse(message: str) -> int:
+    print(f"error: {message}; nothing done", file=sys.stderr)
+    return 1
+
+
+def _override(args: argparse.Namespace, state: Any, store: Any, row: Any, owner: str) -> int:
+    """The override itself, under the policy's lease; audited only once it has happened."""
+    from policy_pipeline.resources import policy_api_resource
+    from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, StepFailed
+
+    operator = owner.split("@")[0]
+    forced = " (forced)" if args.force else ""
+    if args.skip_circuit_breaker:
+        message = f"Circuit breaker skipped by {operator}: {args.reason}"
+        if not store.skip_circuit_breaker(row, message, force=args.force):
+            return _refuse("the execution changed meanwhile")
+        _audit_operator(store, row, "skip_circuit_breaker" + forced, args.reason)
+        print(f"Execution {row.execution_id} completed without the circuit breaker.")
+        return 0
+    if row.status is not ExecutionStatus.POLICY_READY:
+        message = f"Forced to policy_ready by {operator}: {args.reason}"
+        if not store.force_ready(row, message):
+            return _refuse("the execution changed meanwhile")
+    with policy_api_resource().process_config_and_initialize_cm() as api:
+        workflow = PolicyWorkflow(
+            store=store,
+            api=api,
+            owner=owner,  # the lease this command holds
+            log=log,
+            lease=LeasePolicy(state.lease_ttl_seconds, state.lease_wait_seconds),
+            concurrency=1,
+        )
+        try:
+            outcome = workflow.activate_circuit_breaker(args.policy)
+        except StepFailed as exc:
+            undone = row.status is not ExecutionStatus.POLICY_READY and store.undo_force_ready(
+                row, f"Override by {operator} failed before the circuit breaker; put back"
+            )
+            after = " (the forced policy_ready was undone)" if undone else ""
+            print(f"error: {exc}{after}", file=sys.stderr)
+            return 1
+    _audit_operator(store, row, "trigger_circuit_breaker" + forced, args.reason)
     print(f"Circuit breaker triggered for execution {outcome.execution_id}: {outcome.status}.")
     return 0
 
@@ -317,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="recent executions")
     status.add_argument("--policy", help="only this policy")
     status.add_argument("--status", choices=[s.value for s in ExecutionStatus])
-    status.add_argument("--limit", type=int, default=20)
+    status.add_argument("--limit", type=_positive_int, default=20, help="at most this many")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
 

@@ -11,6 +11,8 @@ from dagster import (
 )
 from pydantic import Field
 
+from policy_pipeline.assets import PROCESS_TAG, report_dead_run
+from policy_pipeline.liveness import Holder, this_process
 from policy_pipeline.monitoring import Monitor
 from policy_pipeline.resources import PolicyStateResource
 from policy_pipeline.settings import env_int
@@ -33,6 +35,22 @@ def archive_terminal_executions(
     context: OpExecutionContext, config: ArchiveConfig, policy_state: PolicyStateResource
 ) -> None:
     monitor = Monitor(policy_state.warehouse())
+
+    context.instance.add_run_tags(context.run_id, {PROCESS_TAG: this_process()})
+
+    def alive(run_id: str | None) -> bool:
+        run = context.instance.get_run_by_id(run_id) if run_id else None
+        if run is None or run.is_finished or run_id == context.run_id:
+            return False
+        process = run.tags.get(PROCESS_TAG)
+        holder = Holder.parse(f"run:{run.run_id}@{process}") if process else None
+        if holder is not None and holder.certainly_dead():
+            report_dead_run(context.instance, run, holder, f"run {context.run_id}")
+            return False
+        return True
+
+    for archive_id in monitor.interrupt_dead_archive_runs(alive):
+        context.log.warning(f"archive run {archive_id} was interrupted; marked so")
     result = monitor.archive(config.retention_days, config.batch_size, run_id=context.run_id)
     context.log.info(
         f"archived {result.executions} executions and {result.events} events "

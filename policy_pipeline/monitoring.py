@@ -7,6 +7,7 @@ Every figure is computed by SQL in the warehouse; only the (limited) result rows
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,23 @@ class Monitor:
 
     # --- archiving ------------------------------------------------------------------------------
 
+    def interrupt_dead_archive_runs(self, alive: Callable[[str | None], bool]) -> list[str]:
+        """Mark 'interrupted' the archive runs still 'running' whose Dagster run is not alive
+        (killed mid-way): their row keeps the counts of the batches they committed."""
+        with self.warehouse.session() as session:
+            rows = session.rows(sql.RUNNING_ARCHIVE_RUNS)
+            dead = [str(archive_id) for archive_id, run_id in rows if not alive(run_id)]
+            for archive_id in dead:
+                session.rowcount(
+                    sql.INTERRUPT_ARCHIVE_RUN,
+                    [
+                        "its run stopped before it finished (killed?); the batches it "
+                        "committed are counted",
+                        archive_id,
+                    ],
+                )
+        return dead
+
     def archive(
         self, retention_days: int, batch_size: int = 500, run_id: str | None = None
     ) -> ArchiveResult:
@@ -137,6 +155,11 @@ class Monitor:
                         result.executions += deleted
                 result.batches += 1
                 result.archived_ids.extend(ids)
+                with self.warehouse.session() as session:
+                    session.rowcount(
+                        sql.ARCHIVE_RUN_PROGRESS,
+                        [result.batches, result.executions, result.events, result.archive_run_id],
+                    )
                 if len(ids) < batch_size:
                     break
             # The events about runs (no execution), by the same retention.

@@ -519,6 +519,17 @@ FORCE_READY = Statement(
     f'AND "policy_id" IS NOT NULL AND "circuit_breaker_completed" = FALSE',
 )
 
+# Params: status, error, step, resumable, message, id. An operator's forced policy_ready whose
+# circuit breaker never started goes back to where it was.
+UNDO_FORCE_READY = Statement(
+    "undo_force_ready",
+    f'UPDATE {STATE_TABLE} SET "status" = ?, "error_message" = ?, "error_step" = ?, '
+    f'"resumable" = ?, "requires_circuit_breaker" = FALSE, "message" = ?, '
+    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f"WHERE \"execution_id\" = ? AND \"status\" IN ('policy_ready', 'error') "
+    f'AND "circuit_breaker_initiated" = FALSE AND "circuit_breaker_completed" = FALSE',
+)
+
 SKIP_CIRCUIT_BREAKER = Statement(
     "skip_circuit_breaker",
     f'UPDATE {STATE_TABLE} SET "status" = \'completed\', "completed" = TRUE, '
@@ -831,6 +842,28 @@ START_ARCHIVE_RUN = Statement(
     f'INSERT INTO {ARCHIVE_RUNS_TABLE} ("archive_run_id", "started_time", "retention_days", '
     f'"status", "batches", "executions_archived", "events_archived", "dagster_run_id") '
     f"SELECT ?, CURRENT_TIMESTAMP(), ?, 'running', 0, 0, 0, ?",
+)
+
+# Params: batches, executions, events, archive run id. Progress after each batch: a run that
+# is killed shows how far it got.
+ARCHIVE_RUN_PROGRESS = Statement(
+    "archive_run_progress",
+    f'UPDATE {ARCHIVE_RUNS_TABLE} SET "batches" = ?, "executions_archived" = ?, '
+    f'"events_archived" = ? WHERE "archive_run_id" = ? AND "status" = \'running\'',
+)
+
+RUNNING_ARCHIVE_RUNS = Statement(
+    "running_archive_runs",
+    f'SELECT "archive_run_id", "dagster_run_id" FROM {ARCHIVE_RUNS_TABLE} '
+    f"WHERE \"status\" = 'running'",
+)
+
+# Params: error, archive run id. A run found dead while its row still says running.
+INTERRUPT_ARCHIVE_RUN = Statement(
+    "interrupt_archive_run",
+    f"UPDATE {ARCHIVE_RUNS_TABLE} SET \"status\" = 'interrupted', "
+    f'"finished_time" = CURRENT_TIMESTAMP(), "error_message" = ? '
+    f'WHERE "archive_run_id" = ? AND "status" = \'running\'',
 )
 
 FINISH_ARCHIVE_RUN = Statement(

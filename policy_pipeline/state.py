@@ -589,6 +589,33 @@ class StateStore:
                 self.flush()
         return moved
 
+    def undo_force_ready(self, before: ExecutionRow, message: str) -> bool:
+        """Put a forced ``policy_ready`` back as ``before`` was, if its circuit breaker never
+        started."""
+        params = [
+            before.status.value,
+            before.error_message,
+            before.error_step,
+            before.resumable,
+            message,
+            before.execution_id,
+        ]
+        with self.warehouse.session() as session:
+            moved = session.rowcount(sql.UNDO_FORCE_READY, params) == 1
+            if moved:
+                self.audit(
+                    AuditEvent(
+                        execution_id=before.execution_id,
+                        policy_name=before.policy_name,
+                        event_type="transition",
+                        message=message,
+                        from_status=ExecutionStatus.POLICY_READY.value,
+                        to_status=before.status.value,
+                    )
+                )
+                self.flush()
+        return moved
+
     def skip_circuit_breaker(self, row: ExecutionRow, message: str, force: bool) -> bool:
         check_transition(row.status, ExecutionStatus.COMPLETED)
         allowed = ["policy_ready", "policy_created", "error"] if force else ["policy_ready"] * 3

@@ -22,11 +22,13 @@ from typing import Any
 
 import pytest
 
+from policy_pipeline import sql
+from policy_pipeline.catalog import load_catalog
 from policy_pipeline.monitoring import Monitor
 from policy_pipeline.resources import open_state
 from policy_pipeline.settings import PROJECT_ROOT, Settings
 from policy_pipeline.state import AuditEvent
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace
+from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 
 Reply = tuple[int, Any]
 
@@ -295,3 +297,87 @@ def test_any_set_of_policies_by_name_and_partitions_in_catalog_order(
         assert not failed.success
         failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
         assert expected in str(failure.event_specific_data)
+
+
+# --- the operator CLI ------------------------------------------------------------------------
+
+
+def _cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "policy_pipeline.cli", *args],
+        cwd=PROJECT_ROOT,
+        env=subprocess_env(workspace),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def _overrides(workspace: Workspace) -> int:
+    rows = workspace.query(
+        "SELECT COUNT(*) FROM policy_execution_events WHERE \"event_type\" = 'override'"
+    )
+    return int(rows[0][0])
+
+
+def test_cli_override_refuses_clearly_and_audits_only_what_happened(
+    workspace: Workspace,
+) -> None:
+    polling, pending = CATALOG_POLICIES[0], CATALOG_POLICIES[1]
+    assert workspace.run([polling], selection=["policy_created"]).success
+    # A run is polling it (it holds the lease): a forced trigger must not go under it.
+    with open_state(Settings.from_env()) as state:
+        store = state.store()
+        assert store.acquire_leases([polling], "run:busy", 300) == {polling}
+        refused = _cli(
+            workspace, "override", polling, "--trigger-circuit-breaker", "--force", "--reason", "x"
+        )
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "being processed by run:busy" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        store.release_leases([polling], "run:busy")
+    assert [r["status"] for r in workspace.executions(polling)] == ["policy_created"]
+    assert workspace.simulator.counts()["requests"].get("circuit", 0) == 0
+
+    # Skipping the circuit breaker of a policy never created: a clear refusal, no traceback.
+    with open_state(Settings.from_env()) as state:
+        state.store().start_executions([load_catalog(workspace.catalog_dir)[pending].policy])
+    skipped = _cli(
+        workspace, "override", pending, "--skip-circuit-breaker", "--force", "--reason", "x"
+    )
+    assert skipped.returncode == 1 and "never created" in skipped.stderr, skipped.stderr
+    assert "Traceback" not in skipped.stderr
+    assert [r["status"] for r in workspace.executions(pending)] == ["pending"]
+    assert _overrides(workspace) == 0  # refusals are not audited as overrides
+
+    # What happens is audited, after it happened.
+    done = _cli(
+        workspace, "override", polling, "--skip-circuit-breaker", "--force", "--reason", "ok"
+    )
+    assert done.returncode == 0, done.stderr
+    assert _overrides(workspace) == 1
+
+    bad_limit = _cli(workspace, "status", "--limit", "-1")
+    assert bad_limit.returncode == 2 and "is not at least 1" in bad_limit.stderr
+    assert "Traceback" not in bad_limit.stderr
+
+
+def test_an_archive_run_killed_mid_way_is_marked_interrupted(workspace: Workspace) -> None:
+    with open_state(Settings.from_env()) as state:
+        state.warehouse().ensure_schema()
+        with state.warehouse().session() as session:
+            # As a killed archive run leaves it: 'running', its Dagster run gone.
+            session.rowcount(sql.START_ARCHIVE_RUN, ["killed-archive", 7, "no-such-run"])
+    defs = workspace.definitions()
+    result = defs.resolve_job_def("policy_archive_job").execute_in_process(
+        instance=workspace.instance
+    )
+    assert result.success
+    rows = workspace.query(
+        'SELECT "archive_run_id", "status", "error_message" FROM policy_archive_runs '
+        'ORDER BY "started_time"'
+    )
+    status = {str(r[0]): (str(r[1]), r[2]) for r in rows}
+    assert status["killed-archive"][0] == "interrupted"
+    assert "stopped before it finished" in str(status["killed-archive"][1])
+    assert sorted(s for s, _e in status.values()) == ["interrupted", "succeeded"]
