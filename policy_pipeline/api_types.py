@@ -34,6 +34,9 @@ class ApiResponse:
     data: Any  # parsed JSON, or None when the body was empty or not JSON
     latency_ms: float
     attempts: int
+    # A 422 to a POST with an Idempotency-Key whose body is about that key (IETF draft): we
+    # reused a key with another body, a bug on our side that must not pass as a plain 4xx.
+    idempotency_key_reused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -50,6 +53,12 @@ class ApiResponse:
         return self.data.get(name) if isinstance(self.data, dict) else None
 
     def describe(self) -> str:
+        if self.idempotency_key_reused:
+            return (
+                f"{self.method} {self.path} answered HTTP {self.http_status}: the API says this "
+                "Idempotency-Key was used with a different request body — a bug in "
+                "policy_pipeline, not retried"
+            )
         return f"{self.method} {self.path} answered HTTP {self.http_status}"
 
 
@@ -61,7 +70,30 @@ class PolicyApiError(RuntimeError):
         self.transient = transient
 
 
+class InvalidApiKeyError(ValueError):
+    """POLICY_API_KEY cannot be sent as a bearer token. The message never quotes the key."""
+
+
 AttemptCallback = Callable[[ApiAttempt], None]
+
+
+def api_key_problem(raw: str) -> str | None:
+    """What makes ``raw`` unusable as a bearer token (after stripping surrounding whitespace),
+    or None. Says where, never which character: the message ends up in logs."""
+    key = raw.strip()
+    if not key:
+        return "is empty"
+    offset = len(raw) - len(raw.lstrip())
+    for index, char in enumerate(key):
+        where = f"at position {offset + index + 1}"
+        if not char.isascii():
+            # httpx encodes header values as ASCII: it would raise UnicodeEncodeError mid-run.
+            return f"contains a non-ASCII character {where}"
+        if char.isspace():
+            return f"contains whitespace {where}"
+        if not char.isprintable():
+            return f"contains an unprintable character {where}"
+    return None
 
 
 def parse_body(text: str) -> Any:

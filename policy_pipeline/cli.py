@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from policy_pipeline.api_types import api_key_problem
 from policy_pipeline.domain import ExecutionStatus
 from policy_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, env_float, env_int
 
@@ -90,6 +91,9 @@ def _api_reachability() -> dict[str, Any]:
     if not endpoint:
         return {"ok": False, "detail": "POLICY_API_ENDPOINT is not set"}
     key = os.environ.get("POLICY_API_KEY", "").strip()
+    problem = api_key_problem(key)
+    if problem is not None:
+        return {"ok": False, "detail": f"POLICY_API_KEY {problem}"}
     try:
         # An unknown policy id: any HTTP answer proves the API is reachable; 401/403 prove the
         # key is not accepted.

@@ -5,13 +5,16 @@ Plain typed Python with no Dagster import, so the rules can be read and tested o
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import math
 import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
 
@@ -44,14 +47,86 @@ class PolicyDefinition(BaseModel):
             raise ValueError("must not contain control characters")
         return value
 
+    # Caps on parameters, the parameters mapping itself being level 1 and one value. YAML
+    # aliases repeat a value without writing it again (a value containing itself, or a "billion
+    # laughs" of millions of values in a few lines): the caps refuse them before serialisation.
+    MAX_PARAMETER_DEPTH: ClassVar[int] = 32
+    MAX_PARAMETER_VALUES: ClassVar[int] = 1_000_000
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _json_values_only(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value  # refused by the field's type
+        problem = cls._json_problem(value, (), 1, [cls.MAX_PARAMETER_VALUES])
+        if problem is not None:
+            # Raised as a ValidationError so that pydantic reports the path inside the field:
+            # 'parameters.retention.days', not 'parameters'.
+            loc, reason = problem
+            error = PydanticCustomError("json_value", "{reason}", {"reason": reason})
+            detail = InitErrorDetails(type=error, loc=loc, input=value)
+            raise ValidationError.from_exception_data(cls.__name__, [detail])
+        return value
+
+    @classmethod
+    def _json_problem(
+        cls, value: object, loc: tuple[str | int, ...], depth: int, budget: list[int]
+    ) -> tuple[tuple[str | int, ...], str] | None:
+        """Where and why ``value`` is not a JSON value, or None. Anything else has no single
+        JSON form (a set's order changes from one process to the next, a date or NaN becomes
+        whatever the serialiser chooses), so the content hash would not be stable."""
+        budget[0] -= 1
+        if budget[0] < 0:
+            return (), f"more than {cls.MAX_PARAMETER_VALUES} values"
+        if value is None or isinstance(value, str | bool | int):
+            return None
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return None
+            return loc, f"{value} is not a JSON number: numbers must be finite"
+        if isinstance(value, set | frozenset):
+            return loc, "a set is not a JSON value: write a list"
+        if isinstance(value, tuple):
+            return loc, "a tuple is not a JSON value: write a list"
+        if isinstance(value, bytes | bytearray):
+            return loc, "binary data is not a JSON value: write a string"
+        if isinstance(value, datetime.date | datetime.time):
+            return loc, f"a {type(value).__name__} ({value}) is not a JSON value: quote it"
+        if not isinstance(value, dict | list):
+            return loc, f"a {type(value).__name__} is not a JSON value"
+        if depth > cls.MAX_PARAMETER_DEPTH:
+            return loc, f"nested deeper than {cls.MAX_PARAMETER_DEPTH} levels"
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                problem = cls._json_problem(item, (*loc, index), depth + 1, budget)
+                if problem is not None:
+                    return problem
+            return None
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return loc, f"key {key!r} is not a string: JSON object keys are strings, quote it"
+            problem = cls._json_problem(item, (*loc, key), depth + 1, budget)
+            if problem is not None:
+                return problem
+        return None
+
     def payload(self) -> dict[str, Any]:
         """The JSON body of the create request, as the seed's ``policy_data``."""
         return self.model_dump(mode="json")
 
     def content_hash(self) -> str:
-        """Stable hash of the policy's content: a changed hash means a changed policy."""
-        canonical = json.dumps(self.payload(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        """Stable hash of the policy's content: a changed hash means a changed policy.
+
+        Hashes one canonical text for one content (parameters are JSON values only): sorted
+        keys, fixed separators, and non-ASCII always escaped, whatever its spelling in YAML."""
+        canonical = json.dumps(
+            self.payload(),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+            allow_nan=False,
+        )
+        return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:32]
 
 
 class ExecutionStatus(StrEnum):

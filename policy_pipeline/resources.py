@@ -6,6 +6,7 @@ so they are resolved at run time and never displayed."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from policy_pipeline.api_client import PolicyApiResource
+from policy_pipeline.api_types import InvalidApiKeyError, api_key_problem
 from policy_pipeline.progress import ProgressPolicy
 from policy_pipeline.settings import Settings, env_float, env_int
 from policy_pipeline.sql import Dialect
@@ -62,6 +64,17 @@ class DuckDBStateResource(PolicyStateResource):
 
 
 def policy_api_resource() -> PolicyApiResource:
+    """The Policy API client. POLICY_API_KEY stays an EnvVar (resolved per run), but a key that
+    is set and unusable fails here, when the code location loads, not mid-run after state was
+    written (the client checks again when it builds its HTTP client)."""
+    key = os.environ.get("POLICY_API_KEY")
+    if key is not None:
+        problem = api_key_problem(key)
+        if problem is not None:
+            raise InvalidApiKeyError(
+                f"POLICY_API_KEY {problem}; it must be printable ASCII without spaces "
+                "(the value is not shown)"
+            )
     return PolicyApiResource(
         endpoint=EnvVar("POLICY_API_ENDPOINT"),
         api_key=EnvVar("POLICY_API_KEY"),
