@@ -29,6 +29,7 @@ from policy_pipeline.resources import open_state
 from policy_pipeline.settings import PROJECT_ROOT, Settings
 from policy_pipeline.state import AuditEvent
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
+from policy_pipeline_tests.hostile_api import Behaviour, HostileApi, well_behaved
 
 Reply = tuple[int, Any]
 
@@ -381,3 +382,33 @@ def test_an_archive_run_killed_mid_way_is_marked_interrupted(workspace: Workspac
     assert status["killed-archive"][0] == "interrupted"
     assert "stopped before it finished" in str(status["killed-archive"][1])
     assert sorted(s for s, _e in status.values()) == ["interrupted", "succeeded"]
+
+
+# --- an API that echoes the key ------------------------------------------------------------
+
+
+def test_an_api_echoing_the_key_leaks_it_nowhere(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Echoed in a 500 (retried) on the poll and in a 401 on the circuit breaker: the key is in
+    no table, no Dagster event or log, no stderr and not in ``diagnose --json``."""
+    echo = Behaviour(status=500, echo_request=True)
+    routes: dict[str, Any] = {**well_behaved()}
+    routes["GET /policy/*"] = [echo, Behaviour(body={"status": "success"})]
+    routes["POST /circuit"] = Behaviour(status=401, echo_request=True)
+    monkeypatch.setenv("POLICY_API_MAX_ATTEMPTS", "2")
+    with HostileApi(routes) as api:
+        monkeypatch.setenv("POLICY_API_ENDPOINT", api.base_url)
+        workspace.env["POLICY_API_ENDPOINT"] = api.base_url
+        result = workspace.run([CATALOG_POLICIES[0]])
+        diagnose = _cli(workspace, "diagnose", "--json")
+        assert api.count("POST", "/circuit") >= 1
+    assert not result.success
+    texts = [str(event) for event in result.all_events]
+    texts += [entry.to_json() for entry in workspace.instance.all_logs(result.run_id)]
+    for table in ("policy_execution_state", "policy_execution_events"):
+        texts += [" ".join(map(str, row)) for row in workspace.query(f"SELECT * FROM {table}")]
+    texts += [diagnose.stdout, diagnose.stderr]
+    dump = "\n".join(texts)
+    assert "***" in dump  # the echo was there, scrubbed
+    assert workspace.api_key not in dump
