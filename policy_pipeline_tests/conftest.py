@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,3 +229,15 @@ def subprocess_env(workspace: Workspace, **extra: str) -> dict[str, str]:
     Path(env["DAGSTER_HOME"]).mkdir(exist_ok=True)
     env.update(extra)
     return env
+
+
+def run_cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
+    """``policy-pipeline ARGS`` as an operator types it, in the workspace's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "policy_pipeline.cli", *args],
+        cwd=PROJECT_ROOT,
+        env=subprocess_env(workspace),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

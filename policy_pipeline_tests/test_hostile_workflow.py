@@ -28,7 +28,7 @@ from policy_pipeline.monitoring import Monitor
 from policy_pipeline.resources import open_state
 from policy_pipeline.settings import PROJECT_ROOT, Settings
 from policy_pipeline.state import AuditEvent
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
+from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli
 from policy_pipeline_tests.hostile_api import Behaviour, HostileApi, well_behaved
 
 Reply = tuple[int, Any]
@@ -303,17 +303,6 @@ def test_any_set_of_policies_by_name_and_partitions_in_catalog_order(
 # --- the operator CLI ------------------------------------------------------------------------
 
 
-def _cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "policy_pipeline.cli", *args],
-        cwd=PROJECT_ROOT,
-        env=subprocess_env(workspace),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 def _overrides(workspace: Workspace) -> int:
     rows = workspace.query(
         "SELECT COUNT(*) FROM policy_execution_events WHERE \"event_type\" = 'override'"
@@ -330,7 +319,7 @@ def test_cli_override_refuses_clearly_and_audits_only_what_happened(
     with open_state(Settings.from_env()) as state:
         store = state.store()
         assert store.acquire_leases([polling], "run:busy", 300) == {polling}
-        refused = _cli(
+        refused = run_cli(
             workspace, "override", polling, "--trigger-circuit-breaker", "--force", "--reason", "x"
         )
         assert refused.returncode == 1, refused.stdout + refused.stderr
@@ -343,7 +332,7 @@ def test_cli_override_refuses_clearly_and_audits_only_what_happened(
     # Skipping the circuit breaker of a policy never created: a clear refusal, no traceback.
     with open_state(Settings.from_env()) as state:
         state.store().start_executions([load_catalog(workspace.catalog_dir)[pending].policy])
-    skipped = _cli(
+    skipped = run_cli(
         workspace, "override", pending, "--skip-circuit-breaker", "--force", "--reason", "x"
     )
     assert skipped.returncode == 1 and "never created" in skipped.stderr, skipped.stderr
@@ -352,13 +341,13 @@ def test_cli_override_refuses_clearly_and_audits_only_what_happened(
     assert _overrides(workspace) == 0  # refusals are not audited as overrides
 
     # What happens is audited, after it happened.
-    done = _cli(
+    done = run_cli(
         workspace, "override", polling, "--skip-circuit-breaker", "--force", "--reason", "ok"
     )
     assert done.returncode == 0, done.stderr
     assert _overrides(workspace) == 1
 
-    bad_limit = _cli(workspace, "status", "--limit", "-1")
+    bad_limit = run_cli(workspace, "status", "--limit", "-1")
     assert bad_limit.returncode == 2 and "is not at least 1" in bad_limit.stderr
     assert "Traceback" not in bad_limit.stderr
 
@@ -401,7 +390,7 @@ def test_an_api_echoing_the_key_leaks_it_nowhere(
         monkeypatch.setenv("POLICY_API_ENDPOINT", api.base_url)
         workspace.env["POLICY_API_ENDPOINT"] = api.base_url
         result = workspace.run([CATALOG_POLICIES[0]])
-        diagnose = _cli(workspace, "diagnose", "--json")
+        diagnose = run_cli(workspace, "diagnose", "--json")
         assert api.count("POST", "/circuit") >= 1
     assert not result.success
     texts = [str(event) for event in result.all_events]

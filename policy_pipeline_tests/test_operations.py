@@ -4,8 +4,6 @@ produced by the real workflow and the simulator."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,8 +23,7 @@ from dagster import (
     build_sensor_context,
 )
 
-from policy_pipeline.settings import PROJECT_ROOT
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
+from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli
 
 VALID = """\
 policy_name: {name}
@@ -327,30 +324,19 @@ def test_archive_moves_old_terminal_executions_and_keeps_in_progress(workspace: 
 # --- the operator CLI, as a subprocess ------------------------------------------------------------
 
 
-def _cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "policy_pipeline.cli", *args],
-        cwd=PROJECT_ROOT,
-        env=subprocess_env(workspace),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 @pytest.mark.both_warehouses
 def test_cli_status_and_diagnose(workspace: Workspace) -> None:
     assert workspace.run().success
-    table = _cli(workspace, "status")
+    table = run_cli(workspace, "status")
     assert table.returncode == 0, table.stderr
     assert all(name in table.stdout for name in CATALOG_POLICIES)
-    as_json = _cli(workspace, "status", "--json", "--policy", CATALOG_POLICIES[0])
+    as_json = run_cli(workspace, "status", "--json", "--policy", CATALOG_POLICIES[0])
     rows = json.loads(as_json.stdout)
     assert [r["policy_name"] for r in rows] == [CATALOG_POLICIES[0]]
     assert rows[0]["status"] == "completed"
-    assert json.loads(_cli(workspace, "status", "--json", "--status", "error").stdout) == []
+    assert json.loads(run_cli(workspace, "status", "--json", "--status", "error").stdout) == []
 
-    healthy = _cli(workspace, "diagnose", "--json")
+    healthy = run_cli(workspace, "diagnose", "--json")
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     report = json.loads(healthy.stdout)
     assert report["warehouse"]["ok"] and report["policy_api"]["ok"]
@@ -360,7 +346,7 @@ def test_cli_status_and_diagnose(workspace: Workspace) -> None:
     workspace.simulator.configure(fail_policies=[CATALOG_POLICIES[0]])
     force = {"ops": {"policy_workflow": {"config": {"force_new_execution": True}}}}
     workspace.run([CATALOG_POLICIES[0]], run_config=force)  # a second execution, which fails
-    unhealthy = _cli(workspace, "diagnose")
+    unhealthy = run_cli(workspace, "diagnose")
     assert unhealthy.returncode == 1
     assert "1 failed executions" in unhealthy.stdout
     assert "reported status 'failed'" in unhealthy.stdout
@@ -369,7 +355,7 @@ def test_cli_status_and_diagnose(workspace: Workspace) -> None:
 
 def test_cli_diagnose_reports_an_unreachable_api(workspace: Workspace) -> None:
     workspace.env["POLICY_API_ENDPOINT"] = "http://127.0.0.1:9"
-    result = _cli(workspace, "diagnose")
+    result = run_cli(workspace, "diagnose")
     assert result.returncode == 1
     assert "Policy API: unreachable" in result.stdout
 
@@ -379,19 +365,19 @@ def test_cli_override_trigger_is_refused_before_ready_and_never_fires_twice(
 ) -> None:
     name = CATALOG_POLICIES[0]
     assert workspace.run([name], selection=["policy_created"]).success
-    refused = _cli(workspace, "override", name, "--trigger-circuit-breaker", "--reason", "test")
+    refused = run_cli(workspace, "override", name, "--trigger-circuit-breaker", "--reason", "test")
     assert refused.returncode == 1 and "--force" in refused.stderr
     assert workspace.simulator.counts()["requests"]["circuit"] == 0
 
     workspace.simulator.configure(ready_after_polls=0)
     workspace.run([name], selection=["policy_ready"])  # ready as far as the API knows
-    forced = _cli(
+    forced = run_cli(
         workspace, "override", name, "--trigger-circuit-breaker", "--reason", "ops ticket 42"
     )
     assert forced.returncode == 0, forced.stdout + forced.stderr
     [execution] = workspace.executions(name)
     assert execution["status"] == "completed"
-    twice = _cli(workspace, "override", name, "--trigger-circuit-breaker", "--reason", "again")
+    twice = run_cli(workspace, "override", name, "--trigger-circuit-breaker", "--reason", "again")
     assert twice.returncode == 1 and "never fires it twice" in twice.stderr
     assert workspace.simulator.counts()["per_policy"][name]["circuits_triggered"] == 1
     reasons = workspace.query(
@@ -414,7 +400,7 @@ def test_cli_override_force_and_skip(workspace: Workspace) -> None:
         f"{workspace.simulator.base_url}/policy/{forced_execution['policy_id']}",
         headers={"Authorization": f"Bearer {workspace.api_key}"},
     )
-    forced = _cli(
+    forced = run_cli(
         workspace,
         "override",
         forced_name,
@@ -426,7 +412,7 @@ def test_cli_override_force_and_skip(workspace: Workspace) -> None:
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert workspace.executions(forced_name)[0]["status"] == "completed"
 
-    skipped = _cli(
+    skipped = run_cli(
         workspace,
         "override",
         skipped_name,
@@ -450,7 +436,7 @@ def test_cli_retry_runs_the_workflow(workspace: Workspace, tmp_path: Path) -> No
     workspace.run([name], run_config={"ops": {"policy_workflow": {"config": {"max_polls": 2}}}})
     assert workspace.executions(name)[0]["status"] == "error"
     workspace.simulator.configure(never_ready_policies=[])
-    result = _cli(workspace, "retry", name, "--reason", "API fixed")
+    result = run_cli(workspace, "retry", name, "--reason", "API fixed")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     [execution] = workspace.executions(name)
     assert execution["status"] == "completed"
