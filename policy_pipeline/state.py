@@ -8,6 +8,7 @@ UPDATE, re-read afterwards, so two processes racing on one execution cannot both
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import uuid
@@ -603,16 +604,8 @@ class StateStore:
         with self.warehouse.session() as session:
             moved = session.rowcount(sql.UNDO_FORCE_READY, params) == 1
             if moved:
-                self.audit(
-                    AuditEvent(
-                        execution_id=before.execution_id,
-                        policy_name=before.policy_name,
-                        event_type="transition",
-                        message=message,
-                        from_status=ExecutionStatus.POLICY_READY.value,
-                        to_status=before.status.value,
-                    )
-                )
+                forced = dataclasses.replace(before, status=ExecutionStatus.POLICY_READY)
+                self._audit_move(forced, before.status, message)
                 self.flush()
         return moved
 

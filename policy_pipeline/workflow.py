@@ -77,8 +77,9 @@ FLUSH_SECONDS = 0.5
 GUARD_REFRESH_SECONDS = 2.0
 # A policy_id goes into a URL path and into the state table: an identifier, nothing else.
 POLICY_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-# The API refuses our credentials: a configuration error, the same for every policy.
-AUTH_STATUSES = frozenset({401, 403})
+# The API refuses our credentials: a configuration error, the same for every policy. (A 403
+# may be about one policy only, so it fails just that policy, resumable like any poll error.)
+AUTH_STATUSES = frozenset({401})
 
 
 class StepFailed(Exception):

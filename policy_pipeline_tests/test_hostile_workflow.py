@@ -401,3 +401,20 @@ def test_an_api_echoing_the_key_leaks_it_nowhere(
     dump = "\n".join(texts)
     assert "***" in dump  # the echo was there, scrubbed
     assert workspace.api_key not in dump
+
+
+def test_a_403_for_one_policy_leaves_the_others_going(
+    workspace: Workspace, lying_api: LyingApi
+) -> None:
+    forbidden, *others = CATALOG_POLICIES
+    lying_api.poll = lambda policy_id: (
+        (403, {"error": "forbidden"})
+        if policy_id == f"pol_{forbidden}"
+        else (200, {"status": "success"})
+    )
+    assert not workspace.run(CATALOG_POLICIES).success
+    [row] = workspace.executions(forbidden)
+    assert row["status"] == "error" and row["resumable"], row
+    for name in others:
+        assert [r["status"] for r in workspace.executions(name)] == ["completed"]
+    assert lying_api.calls["circuit"] == len(others)
