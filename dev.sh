@@ -30,18 +30,18 @@ install() {
 case "${1:-}" in
   demo)
     install
-    .venv/bin/python -m policy_pipeline.demo
+    .venv/bin/python -m policy_devtools.demo
     ;;
   test)
     install
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
-    .venv/bin/mypy policy_pipeline
+    .venv/bin/mypy policy_pipeline policy_devtools
     .venv/bin/python -m pytest "${@:2}"
     ;;
   ui)
     install
-    exec .venv/bin/python -m policy_pipeline.dev_ui "${@:2}"
+    exec .venv/bin/python -m policy_devtools.dev_ui "${@:2}"
     ;;
   *)
     echo "usage: ./dev.sh demo | test [pytest args] | ui" >&2

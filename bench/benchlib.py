@@ -33,18 +33,18 @@ if str(REPO_ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
-from policy_pipeline.domain import PolicyDefinition  # noqa: E402
-from policy_pipeline.resources import DuckDBStateResource, open_state  # noqa: E402
-from policy_pipeline.settings import Settings  # noqa: E402
-from policy_pipeline.simulator import (  # noqa: E402
+from policy_devtools.simulator import (  # noqa: E402
     API_KEY_ENV_VAR,
     LISTENING_PREFIX,
     PolicyApiSimulator,
     SimulatorConfig,
 )
-from policy_pipeline.sql import Dialect, Statement  # noqa: E402
-from policy_pipeline.state import StateStore  # noqa: E402
-from policy_pipeline.warehouse import Params, Session, Warehouse  # noqa: E402
+from policy_pipeline.core.domain import PolicyDefinition  # noqa: E402
+from policy_pipeline.core.settings import Settings  # noqa: E402
+from policy_pipeline.core.store.connection import Params, Session, Warehouse  # noqa: E402
+from policy_pipeline.core.store.sql import Dialect, Statement  # noqa: E402
+from policy_pipeline.core.store.state_store import StateStore  # noqa: E402
+from policy_pipeline.resources import DuckDBStateResource, open_state  # noqa: E402
 
 WAREHOUSES = ("duckdb", "snowflake")
 
@@ -263,7 +263,7 @@ class SimulatorHandle:
 
 @contextmanager
 def policy_api(config: SimulatorConfig, mode: str = "process") -> Iterator[SimulatorHandle]:
-    """The simulator in its own process (``python -m policy_pipeline.simulator``), as the real
+    """The simulator in its own process (``python -m policy_devtools.simulator``), as the real
     Policy API is another service: its CPU is not the engine's. ``thread`` runs it inside this
     process instead (its request handling then competes with the engine for the GIL)."""
     if mode == "thread":
@@ -273,7 +273,7 @@ def policy_api(config: SimulatorConfig, mode: str = "process") -> Iterator[Simul
     settings = {k: v for k, v in config.to_dict().items() if k != "api_key"}
     env = {**os.environ, API_KEY_ENV_VAR: config.api_key or ""}
     process = subprocess.Popen(
-        [sys.executable, "-m", "policy_pipeline.simulator", "--config-json", json.dumps(settings)],
+        [sys.executable, "-m", "policy_devtools.simulator", "--config-json", json.dumps(settings)],
         env=env,
         stdout=subprocess.PIPE,
         text=True,

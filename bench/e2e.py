@@ -72,7 +72,7 @@ from noop_location import ASSET_KEYS
 from noop_location import JOB_NAME as NOOP_JOB
 from noop_location import PARTITIONS_NAME as NOOP_PARTITIONS
 
-from policy_pipeline.simulator import ENDPOINTS, SimulatorConfig
+from policy_devtools.simulator import ENDPOINTS, SimulatorConfig
 
 PRODUCT_JOB = "policy_workflow_job"
 PARTITIONS_NAME = "policies"

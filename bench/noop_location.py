@@ -1,7 +1,8 @@
 """A no-op twin of the policy workflow, for ``bench/e2e.py``: Dagster's own bookkeeping.
 
 The same three asset keys with the same deps, the same dynamic partitions (``policies``), a
-single-run backfill and the in-process executor, as ``policy_pipeline/assets.py``; the step
+single-run backfill and the in-process executor, as
+``policy_pipeline/defs/workflow/assets.py``; the step
 does nothing but return one ``MaterializeResult`` per asset, and Dagster records every
 partition of the run's range for each of them. Run like the product:
 

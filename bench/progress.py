@@ -61,15 +61,15 @@ from benchlib import (
 )
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.api_types import AttemptCallback
-from policy_pipeline.assets import build_workflow_assets
+from policy_devtools.simulator import SimulatorConfig
+from policy_pipeline.core.engine.workflow import STEP_READY, PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.policy_api_types import AttemptCallback
+from policy_pipeline.core.store.connection import Warehouse
+from policy_pipeline.core.store.state_store import StateStore
+from policy_pipeline.defs.workflow.assets import build_workflow_assets
+from policy_pipeline.defs.workflow.sensors import build_progress_sensor
 from policy_pipeline.resources import PolicyStateResource
-from policy_pipeline.sensors import build_progress_sensor
-from policy_pipeline.simulator import SimulatorConfig
-from policy_pipeline.state import StateStore
-from policy_pipeline.warehouse import Warehouse
-from policy_pipeline.workflow import STEP_READY, PolicyWorkflow, PollingPolicy
 
 API_KEY = "bench-progress-key"
 LATENCY_MS = 50.0

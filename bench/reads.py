@@ -46,16 +46,17 @@ from benchlib import REPO_ROOT, Targets, machine_line, make_policies, print_tabl
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
 from dagster_duckdb import DuckDBResource
 
-from policy_pipeline import catalog, cli
-from policy_pipeline.assets import PARTITIONS_NAME, build_workflow_assets
-from policy_pipeline.catalog import load_catalog
-from policy_pipeline.monitoring import Monitor
+from policy_pipeline import cli
+from policy_pipeline.core import catalog
+from policy_pipeline.core.catalog import load_catalog
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.store.connection import Warehouse
+from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.core.store.sql import Dialect
+from policy_pipeline.core.store.state_store import StateStore
+from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, build_workflow_assets
+from policy_pipeline.defs.workflow.sensors import build_catalog_sensor
 from policy_pipeline.resources import DuckDBStateResource, open_state
-from policy_pipeline.sensors import build_catalog_sensor
-from policy_pipeline.settings import Settings
-from policy_pipeline.sql import Dialect
-from policy_pipeline.state import StateStore
-from policy_pipeline.warehouse import Warehouse
 
 PREFIX = "bench"
 _PART = "  part: "  # a part of the operation above it: informational, no target

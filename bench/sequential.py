@@ -39,10 +39,10 @@ from benchlib import (
     workdir,
 )
 
-from policy_pipeline.domain import PolicyDefinition
-from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.sql import Statement
-from policy_pipeline.warehouse import Session
+from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.store.connection import Session
+from policy_pipeline.core.store.sql import Statement
 
 SEED_TABLE = "seed_policy_execution_state"
 SUCCESS = {"success", "completed", "active", "ready"}

@@ -54,12 +54,12 @@ from benchlib import (
     workdir,
 )
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.domain import PolicyDefinition
-from policy_pipeline.monitoring import Monitor
-from policy_pipeline.simulator import ENDPOINTS, PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.state import ExecutionRow
-from policy_pipeline.workflow import STEPS, LeasePolicy, PolicyWorkflow, PollingPolicy
+from policy_devtools.simulator import ENDPOINTS, PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.engine.workflow import STEPS, LeasePolicy, PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.core.store.state_store import ExecutionRow
 
 RESUMABLE_STATUSES = ("pending", "policy_created", "policy_ready")
 SHORT = dict(zip(STEPS, ("create", "ready", "circuit"), strict=True))

@@ -54,15 +54,15 @@ from benchlib import (
 )
 from sequential import SequentialResult, run_baseline
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.simulator import ENDPOINTS, SimulatorConfig
-from policy_pipeline.workflow import (
+from policy_devtools.simulator import ENDPOINTS, SimulatorConfig
+from policy_pipeline.core.engine.workflow import (
     STEPS,
     LeasePolicy,
     PolicyWorkflow,
     PollingPolicy,
     Progress,
 )
+from policy_pipeline.core.policy_api import PolicyApiResource
 
 TARGET_N = 1000  # the wall-time and memory targets are set for 1,000 policies
 PHASE = "run"  # the statement counter's phase for the engine's run

@@ -1,16 +1,18 @@
 """policy_pipeline: the policy workflow as a Dagster code location.
 
-``defs`` is loaded lazily (PEP 562) so that ``python -m policy_pipeline.simulator`` and the
-plain-Python modules do not load the catalog and the Dagster definitions on import.
+The definitions are built lazily (PEP 562): importing a plain-Python module of the package
+(``policy_pipeline.core``) does not load Dagster. ``dagster ... -m policy_pipeline`` finds them
+as ``code_location`` (not ``defs``: that name is the ``policy_pipeline/defs/`` folder, dg's
+layout); ``policy_pipeline.definitions:defs`` is the same object.
 """
 
 from typing import Any
 
-__all__ = ["defs"]
+__all__ = ["code_location"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "defs":
+    if name == "code_location":
         from policy_pipeline.definitions import defs
 
         return defs
@@ -18,4 +20,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return [*globals(), "defs"]
+    return [*globals(), "code_location"]

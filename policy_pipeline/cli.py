@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
-from policy_pipeline.api_types import api_key_problem
-from policy_pipeline.domain import ExecutionStatus
-from policy_pipeline.settings import PROJECT_ROOT, Settings, SettingsError, env_float, env_int
+from policy_pipeline.core.domain import ExecutionStatus
+from policy_pipeline.core.policy_api_types import api_key_problem
+from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError, env_float, env_int
 
 log = logging.getLogger("policy_pipeline.cli")
 
@@ -73,7 +73,7 @@ def _json(value: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from policy_pipeline.monitoring import Monitor
+    from policy_pipeline.core.store.housekeeping import Monitor
     from policy_pipeline.resources import open_state
 
     with open_state(settings) as state:
@@ -114,8 +114,8 @@ def _api_reachability() -> dict[str, Any]:
 
 def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     """The seed's diagnose_policy_execution: what needs attention, and why."""
-    from policy_pipeline.guard import read_guard
-    from policy_pipeline.monitoring import Monitor
+    from policy_pipeline.core.engine.guard import read_guard
+    from policy_pipeline.core.store.housekeeping import Monitor
     from policy_pipeline.resources import open_state
 
     report: dict[str, Any] = {"attention": []}
@@ -202,7 +202,7 @@ def _print_diagnosis(report: dict[str, Any], stuck_after: int) -> None:
 
 
 def _audit_operator(store: Any, row: Any, action: str, reason: str) -> None:
-    from policy_pipeline.state import AuditEvent
+    from policy_pipeline.core.store.state_store import AuditEvent
 
     store.audit(
         AuditEvent(
@@ -218,7 +218,7 @@ def _audit_operator(store: Any, row: Any, action: str, reason: str) -> None:
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     """Run the workflow for one policy now: it resumes the active execution, if any."""
-    from policy_pipeline.demo import workflow_command
+    from policy_devtools.demo import workflow_command
     from policy_pipeline.resources import open_state
 
     with open_state(settings) as state:
@@ -239,8 +239,8 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
     or ``dagster job execute`` with range tags) works on a new DAGSTER_HOME."""
     from dagster import DagsterInstance
 
-    from policy_pipeline.assets import PARTITIONS_NAME
-    from policy_pipeline.catalog import CatalogError, load_catalog
+    from policy_pipeline.core.catalog import CatalogError, load_catalog
+    from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME
 
     if not os.environ.get("DAGSTER_HOME"):
         print("error: DAGSTER_HOME is not set: it names the Dagster instance", file=sys.stderr)
@@ -263,8 +263,8 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
 
 
 def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
-    from policy_pipeline.domain import IllegalTransition
-    from policy_pipeline.liveness import lease_owner
+    from policy_pipeline.core.domain import IllegalTransition
+    from policy_pipeline.core.liveness import lease_owner
     from policy_pipeline.resources import open_state
 
     owner = lease_owner(f"operator:{getpass.getuser()}")
@@ -316,8 +316,8 @@ def _refuse(message: str) -> int:
 
 def _override(args: argparse.Namespace, state: Any, store: Any, row: Any, owner: str) -> int:
     """The override itself, under the policy's lease; audited only once it has happened."""
+    from policy_pipeline.core.engine.workflow import LeasePolicy, PolicyWorkflow, StepFailed
     from policy_pipeline.resources import policy_api_resource
-    from policy_pipeline.workflow import LeasePolicy, PolicyWorkflow, StepFailed
 
     operator = owner.split("@")[0]
     forced = " (forced)" if args.force else ""

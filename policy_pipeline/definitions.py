@@ -8,23 +8,23 @@ from __future__ import annotations
 
 from dagster import Definitions, in_process_executor
 
-from policy_pipeline.assets import build_workflow_assets
-from policy_pipeline.catalog import load_catalog
-from policy_pipeline.checks import CHECKS, policy_checks_job, policy_checks_schedule
-from policy_pipeline.dbt_assets import (
+from policy_pipeline.core.catalog import load_catalog
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.defs.monitoring.checks import CHECKS, policy_checks_job, policy_checks_schedule
+from policy_pipeline.defs.operations.archive import policy_archive_job, policy_archive_schedule
+from policy_pipeline.defs.reporting.dbt_assets import (
     dbt_cli_resource,
     policy_dbt_assets,
     policy_reporting_job,
     policy_reporting_schedule,
 )
-from policy_pipeline.maintenance import policy_archive_job, policy_archive_schedule
-from policy_pipeline.resources import policy_api_resource, state_resource
-from policy_pipeline.sensors import (
+from policy_pipeline.defs.workflow.assets import build_workflow_assets
+from policy_pipeline.defs.workflow.sensors import (
     build_catalog_sensor,
     build_progress_sensor,
     policy_run_failure_alert,
 )
-from policy_pipeline.settings import Settings
+from policy_pipeline.resources import policy_api_resource, state_resource
 
 
 def build_definitions(settings: Settings) -> Definitions:

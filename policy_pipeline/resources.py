@@ -15,13 +15,13 @@ from dagster import ConfigurableResource, EnvVar
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.api_types import InvalidApiKeyError, api_key_problem
-from policy_pipeline.progress import ProgressPolicy
-from policy_pipeline.settings import Settings, env_float, env_int
-from policy_pipeline.sql import Dialect
-from policy_pipeline.state import StateStore
-from policy_pipeline.warehouse import Warehouse
+from policy_pipeline.core.engine.progress import ProgressPolicy
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.policy_api_types import InvalidApiKeyError, api_key_problem
+from policy_pipeline.core.settings import Settings, env_float, env_int
+from policy_pipeline.core.store.connection import Warehouse
+from policy_pipeline.core.store.sql import Dialect
+from policy_pipeline.core.store.state_store import StateStore
 
 
 class PolicyStateResource(ConfigurableResource):

@@ -9,10 +9,10 @@ from typing import Any
 from dagster import EnvVar
 from dagster_snowflake import SnowflakeResource
 
+from policy_pipeline.core.settings import SettingsError
+from policy_pipeline.core.store.connection import Warehouse
+from policy_pipeline.core.store.sql import Dialect
 from policy_pipeline.resources import PolicyStateResource
-from policy_pipeline.settings import SettingsError
-from policy_pipeline.sql import Dialect
-from policy_pipeline.warehouse import Warehouse
 
 REQUIRED = (
     "SNOWFLAKE_ACCOUNT",

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 
-from policy_pipeline.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
-from policy_pipeline.catalog import load_catalog
+from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.catalog import load_catalog
+from policy_pipeline.core.settings import PROJECT_ROOT, Settings
+from policy_pipeline.core.store.sql import Dialect, Statement
+from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
 from policy_pipeline.resources import open_state
-from policy_pipeline.settings import PROJECT_ROOT, Settings
-from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.sql import Dialect, Statement
 from policy_pipeline_tests.fakesnow_server import FakesnowServer, fakesnow_server
 
 CATALOG = PROJECT_ROOT / "policies"
@@ -100,8 +100,8 @@ class Workspace:
         return self.env["POLICY_API_KEY"]
 
     def definitions(self) -> Any:
+        from policy_pipeline.core.settings import Settings
         from policy_pipeline.definitions import build_definitions
-        from policy_pipeline.settings import Settings
 
         return build_definitions(Settings.from_env())
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import yaml
 
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.settings import PROJECT_ROOT
 
 HOST = "127.0.0.1"
 WORKSPACE_FILE = PROJECT_ROOT / "workspace.yaml"

@@ -20,9 +20,9 @@ import httpx
 import pytest
 from dagster import build_resources
 
-from policy_pipeline.api_client import PolicyApiResource, parse_retry_after
-from policy_pipeline.api_types import ApiAttempt, ApiResponse, PolicyApiError
-from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.policy_api import PolicyApiResource, parse_retry_after
+from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
 
 API_KEY = "sk-test-S3CRET-7f3a9c1e"
 WRONG_KEY = "sk-test-WRONG-0000"

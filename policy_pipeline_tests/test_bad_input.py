@@ -11,13 +11,13 @@ from typing import Any
 import duckdb
 import pytest
 
-from policy_pipeline.api_types import ApiAttempt, ApiResponse, AttemptCallback
-from policy_pipeline.catalog import CatalogError, load_catalog
-from policy_pipeline.domain import PolicyDefinition
-from policy_pipeline.sql import Dialect
-from policy_pipeline.state import MAX_DETAIL_CHARS, StateStore
-from policy_pipeline.warehouse import Warehouse
-from policy_pipeline.workflow import PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.catalog import CatalogError, load_catalog
+from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.engine.workflow import PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, AttemptCallback
+from policy_pipeline.core.store.connection import Warehouse
+from policy_pipeline.core.store.sql import Dialect
+from policy_pipeline.core.store.state_store import MAX_DETAIL_CHARS, StateStore
 
 POLICY = PolicyDefinition(
     policy_name="bad-input", policy_type="t", description="d", priority="low", parameters={}
@@ -114,7 +114,7 @@ def test_huge_response_bodies_are_truncated_in_the_audit(store: StateStore) -> N
     report = _workflow(store, ScriptedApi(create=lambda: (200, huge))).create_policies([POLICY])
     assert report.outcomes["bad-input"].policy_id == "pol_big"
     with store.warehouse.session() as session:
-        from policy_pipeline.sql import Statement
+        from policy_pipeline.core.store.sql import Statement
 
         [(detail,)] = session.rows(
             Statement(

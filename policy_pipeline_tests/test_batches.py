@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 
-from policy_pipeline import sql
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.catalog import CatalogError, load_catalog
-from policy_pipeline.domain import PolicyDefinition
+from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.catalog import CatalogError, load_catalog
+from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.engine.workflow import FLUSH_SECONDS, PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.store import sql as sql
+from policy_pipeline.core.store.connection import Params, Session, Warehouse
+from policy_pipeline.core.store.state_store import AuditEvent, StateStore
 from policy_pipeline.resources import open_state
-from policy_pipeline.settings import Settings
-from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.state import AuditEvent, StateStore
-from policy_pipeline.warehouse import Params, Session, Warehouse
-from policy_pipeline.workflow import FLUSH_SECONDS, PolicyWorkflow, PollingPolicy
 from policy_pipeline_tests.conftest import Workspace
 
 # --- bind_rows ------------------------------------------------------------------------------

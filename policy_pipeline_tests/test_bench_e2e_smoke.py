@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.settings import PROJECT_ROOT
 
 TIMEOUT_SECONDS = 180
 

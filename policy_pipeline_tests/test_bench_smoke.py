@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.settings import PROJECT_ROOT
 
 BENCH = PROJECT_ROOT / "bench"
 SCRIPTS = ("throughput", "sequential", "soak", "reads", "progress")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from policy_pipeline.catalog import CatalogError, load_catalog
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.catalog import CatalogError, load_catalog
+from policy_pipeline.core.settings import PROJECT_ROOT
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 
 VALID = """\
@@ -181,7 +181,7 @@ def test_demo_runs_every_policy_and_prints_the_table(workspace: Workspace) -> No
     del env["POLICY_API_ENDPOINT"]  # the demo starts its own simulator
     del env["POLICY_API_KEY"]
     result = subprocess.run(
-        [sys.executable, "-m", "policy_pipeline.demo", "--log", str(workspace.root / "run.log")],
+        [sys.executable, "-m", "policy_devtools.demo", "--log", str(workspace.root / "run.log")],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,

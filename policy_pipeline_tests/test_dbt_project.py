@@ -28,8 +28,9 @@ from dagster import (
     materialize,
 )
 
-from policy_pipeline import dbt_assets, sql
-from policy_pipeline.settings import PROJECT_ROOT, Settings, SettingsError
+from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError
+from policy_pipeline.core.store import sql
+from policy_pipeline.defs.reporting import dbt_assets
 from policy_pipeline_tests.fakesnow_server import FakesnowServer
 
 DBT = str(Path(sys.executable).parent / "dbt")
@@ -192,7 +193,7 @@ def _inserts(placeholder: str) -> Iterator[tuple[str, tuple[Any, ...]]]:
 
 
 def create_duckdb_warehouse(path: Path, *, duplicate: str | None = None) -> Path:
-    """A DuckDB file with the workflow's tables (DDL from policy_pipeline.sql) and the rows."""
+    """A DuckDB file with the workflow's tables (DDL from the store) and the rows."""
     with duckdb.connect(str(path)) as con:
         for table in sql.TABLES:
             con.execute(sql.create_table(table).render(sql.Dialect.DUCKDB))
@@ -484,7 +485,7 @@ def test_concurrent_preparations_parse_once(tmp_path: Path) -> None:
         import logging
         from pathlib import Path
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        from policy_pipeline.dbt_assets import prepare_dbt_manifest
+        from policy_pipeline.defs.reporting.dbt_assets import prepare_dbt_manifest
         prepare_dbt_manifest(Path({str(project)!r}))
         """
     )

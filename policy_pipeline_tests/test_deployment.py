@@ -38,10 +38,10 @@ import pytest
 import yaml
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
-from policy_pipeline.assets import JOB_NAME, PARTITIONS_NAME
-from policy_pipeline.catalog import load_catalog
-from policy_pipeline.settings import PROJECT_ROOT
-from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.catalog import load_catalog
+from policy_pipeline.core.settings import PROJECT_ROOT
+from policy_pipeline.defs.workflow.assets import JOB_NAME, PARTITIONS_NAME
 from policy_pipeline_tests.conftest import CATALOG, FAST_ENV
 from policy_pipeline_tests.postgres_server import (
     HOST,

@@ -16,14 +16,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.domain import PolicyDefinition
-from policy_pipeline.liveness import this_process
-from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.sql import Dialect
-from policy_pipeline.state import StateStore
-from policy_pipeline.warehouse import Warehouse
-from policy_pipeline.workflow import (
+from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.engine.workflow import (
     STEP_CIRCUIT,
     STEP_CREATE,
     STEP_READY,
@@ -32,6 +27,11 @@ from policy_pipeline.workflow import (
     PollingPolicy,
     Progress,
 )
+from policy_pipeline.core.liveness import this_process
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.store.connection import Warehouse
+from policy_pipeline.core.store.sql import Dialect
+from policy_pipeline.core.store.state_store import StateStore
 
 FAST = PollingPolicy(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=400)
 

@@ -19,8 +19,8 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.api_types import (
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.policy_api_types import (
     ApiAttempt,
     ApiResponse,
     InvalidApiKeyError,

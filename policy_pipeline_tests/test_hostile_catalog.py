@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from policy_pipeline.catalog import (
+from policy_pipeline.core.catalog import (
     MAX_FILE_BYTES,
     MAX_NESTING_DEPTH,
     CatalogError,
     load_catalog,
 )
-from policy_pipeline.domain import PolicyDefinition
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.settings import PROJECT_ROOT
 
 VALID = "policy_name: {name}\npolicy_type: t\ndescription: d\npriority: low\n"
 
@@ -84,7 +84,7 @@ def test_content_hash_does_not_depend_on_how_non_ascii_is_written(tmp_path: Path
 _HASH_IN_A_PROCESS = """
 import sys
 from pathlib import Path
-from policy_pipeline.catalog import load_catalog
+from policy_pipeline.core.catalog import load_catalog
 for name, entry in sorted(load_catalog(Path(sys.argv[1])).items()):
     print(name, entry.policy.content_hash())
 """
@@ -188,7 +188,7 @@ def test_an_integer_too_long_for_python_is_refused_with_the_file_named(tmp_path:
 _LOAD_IN_A_PROCESS = """
 import sys
 from pathlib import Path
-from policy_pipeline.catalog import CatalogError, load_catalog
+from policy_pipeline.core.catalog import CatalogError, load_catalog
 try:
     load_catalog(Path(sys.argv[1]))
 except CatalogError as exc:

@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from policy_pipeline import sql
-from policy_pipeline.catalog import load_catalog
-from policy_pipeline.monitoring import Monitor
+from policy_pipeline.core.catalog import load_catalog
+from policy_pipeline.core.settings import PROJECT_ROOT, Settings
+from policy_pipeline.core.store import sql as sql
+from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.core.store.state_store import AuditEvent
 from policy_pipeline.resources import open_state
-from policy_pipeline.settings import PROJECT_ROOT, Settings
-from policy_pipeline.state import AuditEvent
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli
 from policy_pipeline_tests.hostile_api import Behaviour, HostileApi, well_behaved
 

@@ -499,8 +499,8 @@ def test_seed_monitoring_queries_run_verbatim(workspace: Workspace) -> None:
 
 
 def _verbatim(text: str) -> list[tuple[Any, ...]]:
+    from policy_pipeline.core.settings import Settings
     from policy_pipeline.resources import open_state
-    from policy_pipeline.settings import Settings
 
     with (
         open_state(Settings.from_env()) as state,

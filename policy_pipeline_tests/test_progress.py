@@ -25,7 +25,7 @@ from dagster import (
     build_sensor_context,
 )
 
-from policy_pipeline.progress import ProgressPolicy, group_runs
+from policy_pipeline.core.engine.progress import ProgressPolicy, group_runs
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace
 
 SENSOR = "policy_progress_sensor"

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from dagster import DagsterInstance
 
-from policy_pipeline.failpoints import POINTS
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.failpoints import POINTS
+from policy_pipeline.core.settings import PROJECT_ROOT
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 
 # The default lease TTL (30 s), and a lease wait that covers it: a re-run never gives up on a

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from policy_pipeline.simulator import (
+from policy_devtools.simulator import (
     API_KEY_ENV_VAR,
     LISTENING_PREFIX,
     PolicyApiSimulator,
@@ -656,7 +656,7 @@ def _spawn_cli(*args: str, env_extra: dict[str, str] | None = None) -> subproces
     env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV_VAR}
     env.update({"PYTHONPATH": str(REPO_ROOT), **(env_extra or {})})
     return subprocess.Popen(
-        [sys.executable, "-m", "policy_pipeline.simulator", *args],
+        [sys.executable, "-m", "policy_devtools.simulator", *args],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

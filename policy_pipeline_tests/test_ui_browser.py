@@ -41,8 +41,8 @@ from typing import Any, Literal
 import pytest
 from dagster import DagsterInstance
 
-from policy_pipeline.assets import PARTITIONS_NAME
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.settings import PROJECT_ROOT
+from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 from policy_pipeline_tests.dagster_dev import (
     LOCATION_NAME,

@@ -10,8 +10,8 @@ import sys
 import pytest
 from dagster import AssetKey, AssetPartitionStatus, DagsterInstance
 
-from policy_pipeline.assets import POLICY_PARTITIONS
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_pipeline.core.settings import PROJECT_ROOT
+from policy_pipeline.defs.workflow.assets import POLICY_PARTITIONS
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 
 WORKFLOW_ASSETS = ["policy_created", "policy_ready", "circuit_breaker_activation"]

@@ -38,8 +38,15 @@ from dagster import (
 )
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.assets import (
+from policy_pipeline.core.catalog import CatalogError, load_catalog
+from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
+from policy_pipeline.core.engine.progress import ProgressTick, group_runs
+from policy_pipeline.core.engine.workflow import STEP_CIRCUIT, STEP_READY
+from policy_pipeline.core.liveness import Holder
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.settings import Settings, env_int
+from policy_pipeline.core.store.state_store import AuditEvent, ExecutionRow, StateStore
+from policy_pipeline.defs.workflow.assets import (
     JOB_NAME,
     PARTITIONS_NAME,
     PROCESS_TAG,
@@ -48,14 +55,7 @@ from policy_pipeline.assets import (
     partition_tags,
     report_dead_run,
 )
-from policy_pipeline.catalog import CatalogError, load_catalog
-from policy_pipeline.guard import ApiGuard, GuardPolicy
-from policy_pipeline.liveness import Holder
-from policy_pipeline.progress import ProgressTick, group_runs
 from policy_pipeline.resources import PolicyStateResource, progress_policy
-from policy_pipeline.settings import Settings, env_int
-from policy_pipeline.state import AuditEvent, ExecutionRow, StateStore
-from policy_pipeline.workflow import STEP_CIRCUIT, STEP_READY
 
 ALERT_TIMEOUT_SECONDS = 10.0
 PROGRESS_SENSOR = "policy_progress_sensor"

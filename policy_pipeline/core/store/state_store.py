@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from policy_pipeline import sql
-from policy_pipeline.domain import (
+from policy_pipeline.core.domain import (
     ExecutionStatus,
     PolicyDefinition,
     check_transition,
     create_idempotency_key,
 )
-from policy_pipeline.warehouse import Session, Warehouse
+from policy_pipeline.core.store import sql as sql
+from policy_pipeline.core.store.connection import Session, Warehouse
 
 # Audit details are truncated so a huge or hostile response cannot bloat the table.
 MAX_DETAIL_CHARS = 4_000

@@ -1,6 +1,6 @@
 """`dagster dev` on loopback with the local Policy API simulator, for trying the UI.
 
-    python -m policy_pipeline.dev_ui [--port 3000]
+    python -m policy_devtools.dev_ui [--port 3000]
 
 If POLICY_API_ENDPOINT is set, that API is used and no simulator is started.
 """
@@ -12,8 +12,8 @@ import os
 import subprocess
 import sys
 
-from policy_pipeline.demo import policy_api
-from policy_pipeline.settings import PROJECT_ROOT
+from policy_devtools.demo import policy_api
+from policy_pipeline.core.settings import PROJECT_ROOT
 
 
 def main(argv: list[str] | None = None) -> int:

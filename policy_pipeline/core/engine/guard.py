@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from policy_pipeline import sql
-from policy_pipeline.api_types import ApiAttempt, PolicyApiError
-from policy_pipeline.state import AuditEvent, StateStore
+from policy_pipeline.core.policy_api_types import ApiAttempt, PolicyApiError
+from policy_pipeline.core.store import sql as sql
+from policy_pipeline.core.store.state_store import AuditEvent, StateStore
 
 GUARD_NAME = "policy_api"
 

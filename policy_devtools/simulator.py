@@ -20,7 +20,7 @@ client used them.
 
 Command line (the key is best passed through the environment, not the process list)::
 
-    POLICY_SIMULATOR_API_KEY=secret python -m policy_pipeline.simulator --port 0 --seed 1
+    POLICY_SIMULATOR_API_KEY=secret python -m policy_devtools.simulator --port 0 --seed 1
 
 It prints ``SIMULATOR_LISTENING http://127.0.0.1:<port>`` once, then serves until
 SIGTERM/SIGINT.  Control endpoints (never faulted, delayed or authenticated) live under
@@ -1104,7 +1104,7 @@ _CLI_FIELDS: tuple[str, ...] = (
 
 def _build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m policy_pipeline.simulator",
+        prog="python -m policy_devtools.simulator",
         description=(
             "Serve a local Policy API simulator. Prints one line "
             f"'{LISTENING_PREFIX} <base_url>' when ready; stops on SIGTERM/SIGINT. "

@@ -36,9 +36,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from policy_pipeline import sql
-from policy_pipeline.api_types import ApiAttempt, ApiResponse, AttemptCallback, PolicyApiError
-from policy_pipeline.domain import (
+from policy_pipeline.core.domain import (
     TRIGGER_REASON,
     ApiPolicyStatus,
     ExecutionStatus,
@@ -46,10 +44,17 @@ from policy_pipeline.domain import (
     circuit_idempotency_key,
     classify_api_status,
 )
-from policy_pipeline.failpoints import failpoint
-from policy_pipeline.guard import ApiGuard, GuardOpen
-from policy_pipeline.liveness import Holder
-from policy_pipeline.state import AuditEvent, ExecutionRow, StateStore
+from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
+from policy_pipeline.core.failpoints import failpoint
+from policy_pipeline.core.liveness import Holder
+from policy_pipeline.core.policy_api_types import (
+    ApiAttempt,
+    ApiResponse,
+    AttemptCallback,
+    PolicyApiError,
+)
+from policy_pipeline.core.store import sql as sql
+from policy_pipeline.core.store.state_store import AuditEvent, ExecutionRow, StateStore
 
 STEP_CREATE = "policy_created"
 STEP_READY = "policy_ready"

@@ -30,11 +30,9 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy_pipeline.api_types import ApiAttempt, ApiResponse, PolicyApiError
-from policy_pipeline.domain import ApiPolicyStatus, ExecutionStatus, classify_api_status
-from policy_pipeline.guard import ApiGuard, GuardOpen
-from policy_pipeline.state import ExecutionRow, StateStore
-from policy_pipeline.workflow import (
+from policy_pipeline.core.domain import ApiPolicyStatus, ExecutionStatus, classify_api_status
+from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
+from policy_pipeline.core.engine.workflow import (
     STEP_CIRCUIT,
     STEP_CREATE,
     STEP_READY,
@@ -42,6 +40,8 @@ from policy_pipeline.workflow import (
     Logger,
     PolicyApi,
 )
+from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
+from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
 # The step an active execution is in, by status (where it is resumed, where it ends).
 STEP_OF_STATUS = {

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from policy_pipeline.domain import PolicyDefinition
+from policy_pipeline.core.domain import PolicyDefinition
 
 CATALOG_SUFFIXES = (".yaml", ".yml")
 # A policy is a few fields; the caps refuse hostile files before they cost memory or crash the

@@ -32,7 +32,7 @@ import httpx
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
-from policy_pipeline.api_types import (
+from policy_pipeline.core.policy_api_types import (
     MAX_RECORDED_BODY,
     ApiAttempt,
     ApiResponse,

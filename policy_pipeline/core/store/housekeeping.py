@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy_pipeline import sql
-from policy_pipeline.warehouse import Warehouse
+from policy_pipeline.core.store import sql as sql
+from policy_pipeline.core.store.connection import Warehouse
 
 ROW_LIMIT = 100
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
-from policy_pipeline.sql import (
+from policy_pipeline.core.store.sql import (
     BEGIN,
     COMMIT,
     ROLLBACK,

@@ -11,11 +11,11 @@ from dagster import (
 )
 from pydantic import Field
 
-from policy_pipeline.assets import PROCESS_TAG, report_dead_run
-from policy_pipeline.liveness import Holder, this_process
-from policy_pipeline.monitoring import Monitor
+from policy_pipeline.core.liveness import Holder, this_process
+from policy_pipeline.core.settings import env_int
+from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.defs.workflow.assets import PROCESS_TAG, report_dead_run
 from policy_pipeline.resources import PolicyStateResource
-from policy_pipeline.settings import env_int
 
 
 class ArchiveConfig(Config):

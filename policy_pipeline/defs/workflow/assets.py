@@ -43,13 +43,9 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 
-from policy_pipeline.api_client import PolicyApiResource
-from policy_pipeline.catalog import CatalogEntry
-from policy_pipeline.guard import ApiGuard, GuardPolicy
-from policy_pipeline.liveness import Holder, lease_owner, this_process
-from policy_pipeline.resources import PolicyStateResource, progress_policy
-from policy_pipeline.settings import env_float, env_int
-from policy_pipeline.workflow import (
+from policy_pipeline.core.catalog import CatalogEntry
+from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
+from policy_pipeline.core.engine.workflow import (
     STEP_CIRCUIT,
     STEP_CREATE,
     STEP_READY,
@@ -61,6 +57,10 @@ from policy_pipeline.workflow import (
     RunReport,
     StepOutcome,
 )
+from policy_pipeline.core.liveness import Holder, lease_owner, this_process
+from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.settings import env_float, env_int
+from policy_pipeline.resources import PolicyStateResource, progress_policy
 
 WORKFLOW_GROUP = "policy_workflow"
 WORKFLOW_STEP = "policy_workflow"  # the op behind the three assets (its run config key)

@@ -41,7 +41,7 @@ from dagster_dbt import (
 from filelock import FileLock, Timeout
 from packaging.version import Version
 
-from policy_pipeline.settings import PROJECT_ROOT, Settings, Warehouse
+from policy_pipeline.core.settings import PROJECT_ROOT, Settings, Warehouse
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ With no POLICY_API_ENDPOINT set, the local Policy API simulator is started on a 
 port for the duration (with a random API key); the workflow itself runs through the real
 ``dagster job execute`` CLI, one run for all catalog policies.
 
-    python -m policy_pipeline.demo
+    python -m policy_devtools.demo
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from policy_pipeline.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
-from policy_pipeline.catalog import CatalogError, load_catalog
+from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.cli import print_table
-from policy_pipeline.settings import PROJECT_ROOT, Settings, SettingsError
-from policy_pipeline.simulator import PolicyApiSimulator, SimulatorConfig
+from policy_pipeline.core.catalog import CatalogError, load_catalog
+from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError
+from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
 
 JOB = "policy_workflow_job"
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 returncode = result.returncode
 
-    from policy_pipeline.monitoring import Monitor
+    from policy_pipeline.core.store.housekeeping import Monitor
     from policy_pipeline.resources import open_state
 
     with open_state(settings) as state:

@@ -17,9 +17,9 @@ from dagster import (
 )
 from pydantic import Field
 
-from policy_pipeline.monitoring import Monitor
+from policy_pipeline.core.settings import env_float, env_int
+from policy_pipeline.core.store.housekeeping import Monitor
 from policy_pipeline.resources import PolicyStateResource
-from policy_pipeline.settings import env_float, env_int
 
 RESULTS_VIEW = AssetKey("policy_execution_results")
 
