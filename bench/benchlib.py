@@ -1,12 +1,14 @@
 """Shared plumbing of the benchmark and soak scripts in ``bench/``.
 
-Nothing here changes product code: statements are counted by a `Warehouse` subclass that wraps
-each session the product opens, and the state store, API client and simulator are the
-product's own classes, built the way ``open_state`` and the resources build them.
+Nothing here changes product code: statements are counted by a `WarehouseConnection`
+subclass that wraps each session the product opens, and the state store, API client and
+simulator are the product's own classes, built the way ``open_state`` and the resources build
+them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,26 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    # policy_pipeline_tests (the fakesnow server helper) is importable from the repo root.
-    sys.path.insert(0, str(REPO_ROOT))
+import httpx
 
-import httpx  # noqa: E402
-
-from policy_devtools.simulator import (  # noqa: E402
+from policy_devtools.simulator import (
     API_KEY_ENV_VAR,
     LISTENING_PREFIX,
     PolicyApiSimulator,
     SimulatorConfig,
 )
-from policy_pipeline.core.domain import PolicyDefinition  # noqa: E402
-from policy_pipeline.core.settings import Settings  # noqa: E402
-from policy_pipeline.core.store.connection import Params, Session, Warehouse  # noqa: E402
-from policy_pipeline.core.store.sql import Dialect, Statement  # noqa: E402
-from policy_pipeline.core.store.state_store import StateStore  # noqa: E402
-from policy_pipeline.resources import DuckDBStateResource, open_state  # noqa: E402
+from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.store.connection import Params, Session, WarehouseConnection
+from policy_pipeline.core.store.dialect import SqlDialect, Statement
+from policy_pipeline.core.store.state_store import StateStore
+from policy_pipeline.resources import DuckDBStateResource, open_state
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 WAREHOUSES = ("duckdb", "snowflake")
 
 log = logging.getLogger("bench")
@@ -127,14 +125,15 @@ class CountingSession:
             self._counter.statement(statement.name, time.perf_counter() - started)
 
 
-class CountingWarehouse(Warehouse):
-    """The product's `Warehouse`, with each session (one connection each) and each statement
-    counted. ``transaction()`` and ``ensure_schema()`` go through ``session()`` too; a session
-    opened inside another on the same thread is the same connection and is not counted again."""
+class CountingWarehouse(WarehouseConnection):
+    """The product's `WarehouseConnection`, with each session (one connection each) and each
+    statement counted. ``transaction()`` and ``ensure_schema()`` go through ``session()`` too;
+    a session opened inside another on the same thread is the same connection and is not
+    counted again."""
 
     def __init__(
         self,
-        dialect: Dialect,
+        dialect: SqlDialect,
         connect: Callable[[], AbstractContextManager[Any]],
         counter: StatementCounter,
     ) -> None:
@@ -158,7 +157,7 @@ def timing_renders(counter: StatementCounter) -> Iterator[None]:
     text) for the duration, by wrapping the method; the rendered text is unchanged."""
     original = Statement.render
 
-    def render(self: Statement, dialect: Dialect) -> str:
+    def render(self: Statement, dialect: SqlDialect) -> str:
         started = time.perf_counter()
         try:
             return original(self, dialect)
@@ -210,7 +209,7 @@ def open_warehouse(
         pid: int | None = None
         duckdb_path: Path | None = None
         if kind == "snowflake":
-            from policy_pipeline.snowflake_config import SnowflakeStateResource
+            from policy_pipeline.resources.snowflake_state import SnowflakeStateResource
             from policy_pipeline_tests.fakesnow_server import fakesnow_server
 
             server = stack.enter_context(fakesnow_server())
@@ -218,18 +217,25 @@ def open_warehouse(
             env = server.env()
             env["SNOWFLAKE_SCHEMA"] = f"BENCH_{secrets.token_hex(4).upper()}"
             stack.enter_context(environ(env))
-            settings = Settings(warehouse="snowflake", duckdb_path=workdir, catalog_dir=workdir)
+            settings = dataclasses.replace(
+                Settings.from_env(), warehouse="snowflake", duckdb_path=workdir, catalog_dir=workdir
+            )
             state = stack.enter_context(open_state(settings))
             assert isinstance(state, SnowflakeStateResource)
             warehouse = CountingWarehouse(
-                Dialect.SNOWFLAKE, state.snowflake.get_connection, counter
+                SqlDialect.SNOWFLAKE, state.snowflake.get_connection, counter
             )
         else:
             duckdb_path = workdir / "state.duckdb"
-            settings = Settings(warehouse="duckdb", duckdb_path=duckdb_path, catalog_dir=workdir)
+            settings = dataclasses.replace(
+                Settings.from_env(),
+                warehouse="duckdb",
+                duckdb_path=duckdb_path,
+                catalog_dir=workdir,
+            )
             state = stack.enter_context(open_state(settings))
             assert isinstance(state, DuckDBStateResource)
-            warehouse = CountingWarehouse(Dialect.DUCKDB, state.duckdb.get_connection, counter)
+            warehouse = CountingWarehouse(SqlDialect.DUCKDB, state.duckdb.get_connection, counter)
         yield WarehouseHandle(kind, warehouse, counter, duckdb_path=duckdb_path, fakesnow_pid=pid)
 
 

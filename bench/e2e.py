@@ -25,9 +25,9 @@ the target is (wall - NOOP) <= 2 x LIMIT.
 circuit breaker time - the moment the API could first report the policy ready: its p50, p99 and
 maximum against the polling interval cap (target p99 <= cap + 1 s).
 
-    .venv/bin/python bench/e2e.py                          # N=1000, SQLite then PostgreSQL
-    .venv/bin/python bench/e2e.py --instance sqlite --event-batch-size 100
-    .venv/bin/python bench/e2e.py --uneven --instance postgres
+    .venv/bin/python -m bench.e2e                          # N=1000, SQLite then PostgreSQL
+    .venv/bin/python -m bench.e2e --instance sqlite --event-batch-size 100
+    .venv/bin/python -m bench.e2e --uneven --instance postgres
 
 Every server (the simulator, PostgreSQL) is started here on an ephemeral 127.0.0.1 port and
 stopped after; the temporary directories are removed (``--keep`` keeps them).
@@ -59,7 +59,8 @@ from typing import Any
 
 import httpx
 import yaml
-from benchlib import (
+
+from bench.benchlib import (
     REPO_ROOT,
     Targets,
     environ,
@@ -68,10 +69,9 @@ from benchlib import (
     policy_api,
     print_table,
 )
-from noop_location import ASSET_KEYS
-from noop_location import JOB_NAME as NOOP_JOB
-from noop_location import PARTITIONS_NAME as NOOP_PARTITIONS
-
+from bench.noop_location import ASSET_KEYS
+from bench.noop_location import JOB_NAME as NOOP_JOB
+from bench.noop_location import PARTITIONS_NAME as NOOP_PARTITIONS
 from policy_devtools.simulator import ENDPOINTS, SimulatorConfig
 
 PRODUCT_JOB = "policy_workflow_job"

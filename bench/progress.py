@@ -24,8 +24,8 @@ schema on a local fakesnow server) seeded with N handed-off policies created at 
      policies with the default polling settings, hand-off off, measured for ``--window``
      seconds; its statement times repeat with the same gaps for the rest of the hour).
 
-    .venv/bin/python bench/progress.py
-    .venv/bin/python bench/progress.py --warehouse snowflake --large 2000 --window 30
+    .venv/bin/python -m bench.progress
+    .venv/bin/python -m bench.progress --warehouse snowflake --large 2000 --window 30
 
 Exit status: 0 all targets met, 1 a target missed (0 with --no-targets), 2 the bench itself
 went wrong.
@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchlib import (
+from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
+
+from bench.benchlib import (
     QuietLog,
     StatementCounter,
     Targets,
@@ -59,17 +61,16 @@ from benchlib import (
     print_table,
     workdir,
 )
-from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
-
 from policy_devtools.simulator import SimulatorConfig
 from policy_pipeline.core.engine.workflow import STEP_READY, PolicyWorkflow, PollingPolicy
-from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.policy_api import PolicyApiClient
 from policy_pipeline.core.policy_api_types import AttemptCallback
-from policy_pipeline.core.store.connection import Warehouse
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.state_store import StateStore
-from policy_pipeline.defs.workflow.assets import build_workflow_assets
 from policy_pipeline.defs.workflow.sensors import build_progress_sensor
 from policy_pipeline.resources import PolicyStateResource
+from policy_pipeline.resources.policy_api import PolicyApiResource
 
 API_KEY = "bench-progress-key"
 LATENCY_MS = 50.0
@@ -108,11 +109,11 @@ class _Gauge:
 
 GAUGE = _Gauge()
 # The warehouse each bench state resource hands out, by key (resources are copied too).
-BENCH_WAREHOUSES: dict[str, Warehouse] = {}
+BENCH_WAREHOUSES: dict[str, WarehouseConnection] = {}
 
 
-class CountingApi(PolicyApiResource):
-    """The product's Policy API resource, with the status calls in flight counted."""
+class CountingClient(PolicyApiClient):
+    """The product's Policy API client, with the status calls in flight counted."""
 
     def get_policy_status(self, policy_id: str, on_attempt: AttemptCallback) -> Any:
         with GAUGE.lock:
@@ -124,6 +125,16 @@ class CountingApi(PolicyApiResource):
             with GAUGE.lock:
                 GAUGE.in_flight -= 1
 
+
+class CountingApi(PolicyApiResource):
+    """The product's Policy API resource, handing out the counting client."""
+
+    def get_client(self) -> PolicyApiClient:
+        with self._client_lock:
+            if self._client is None:
+                self._client = CountingClient(self.client_config())
+            return self._client
+
     def take_max_in_flight(self) -> int:
         return GAUGE.take_peak()
 
@@ -133,11 +144,11 @@ class BenchState(PolicyStateResource):
 
     key: str = "bench"
 
-    def _connect_warehouse(self) -> Warehouse:
+    def _connect_warehouse(self) -> WarehouseConnection:
         return BENCH_WAREHOUSES[self.key]
 
 
-def bench_state(warehouse: Warehouse) -> BenchState:
+def bench_state(warehouse: WarehouseConnection) -> BenchState:
     key = f"w{len(BENCH_WAREHOUSES)}"
     BENCH_WAREHOUSES[key] = warehouse
     return BenchState(key=key)
@@ -172,7 +183,7 @@ def seed(store: StateStore, api: PolicyApiResource, n: int, due: int, prefix: st
 
     def create(index: int) -> str:
         policy = policies[index]
-        answer = api.create_policy(
+        answer = api.get_client().create_policy(
             {**policy.payload(), "execution_id": f"seed-{prefix}-{index}"},
             f"seed-{prefix}-{index}",
             lambda attempt: None,
@@ -246,7 +257,7 @@ def scale_tick(
         seed(handle.store(), api, n, due, f"wait{n}")
         _configure(sim_url, latency_ms=LATENCY_MS)
         state = bench_state(handle.warehouse)
-        sensor = build_progress_sensor(build_workflow_assets({})[1])
+        sensor = build_progress_sensor(Settings.from_env())
         with DagsterInstance.ephemeral() as instance, sensor_env(300.0, args.batch):
             before = _status_calls(counts())
             api.take_max_in_flight()
@@ -286,7 +297,7 @@ def misbehaving_api(args: argparse.Namespace, sim_url: str, counts: Any) -> dict
         _configure(sim_url, latency_ms=0.0, rate_limit_rate=0.0, error_rate=0.0)
         seed(handle.store(), api, 500, 500, "odd")
         state = bench_state(handle.warehouse)
-        sensor = build_progress_sensor(build_workflow_assets({})[1])
+        sensor = build_progress_sensor(Settings.from_env())
         with DagsterInstance.ephemeral() as instance, sensor_env(300.0, args.batch):
             _configure(sim_url, latency_ms=LATENCY_MS, rate_limit_rate=1.0, retry_after_seconds=7)
             before = _status_calls(counts())
@@ -355,7 +366,9 @@ def in_run_polling(args: argparse.Namespace, sim_url: str) -> tuple[list[float],
         # Back in a run's hands: not handed off.
         handle.query('UPDATE policy_execution_state SET "handed_off" = FALSE')
         _configure(sim_url, latency_ms=LATENCY_MS)
-        workflow = PolicyWorkflow(store, api, "bench:inrun", QuietLog(), concurrency=CONCURRENCY)
+        workflow = PolicyWorkflow(
+            store, api.get_client(), "bench:inrun", QuietLog(), concurrency=CONCURRENCY
+        )
         stop = threading.Event()
         counter.set_phase("in_run")
         first = len(counter.sent)

@@ -9,7 +9,7 @@ files (default 1000) whose latest contents are mostly already executed. Then tim
 ``--repeat`` times (every call opens its own connection, as the product does):
 
 - ``policy-pipeline status`` (``cli.cmd_status``: default limit, ``--policy``, ``--status``);
-- each check's SQL: ``Monitor.stuck_count``, ``stuck_executions``, ``success_rate(24)``,
+- each check's SQL: ``HealthReport.stuck_count``, ``stuck_executions``, ``success_rate(24)``,
   ``consistency_violations(max_polls)``; the diagnose reads ``failed_executions`` and
   ``last_api_calls``;
 - ``StateStore.executed_content()`` and one catalog sensor tick over the catalog (without a
@@ -19,14 +19,15 @@ files (default 1000) whose latest contents are mostly already executed. Then tim
 
 Target: each below ``--max-seconds`` (1 s), worst of the repeats.
 
-    .venv/bin/python bench/reads.py
-    .venv/bin/python bench/reads.py --db /tmp/reads.duckdb   # keep (and reuse) the data
+    .venv/bin/python -m bench.reads
+    .venv/bin/python -m bench.reads --db /tmp/reads.duckdb   # keep (and reuse) the data
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -42,19 +43,19 @@ from typing import Any
 
 import duckdb
 import yaml
-from benchlib import REPO_ROOT, Targets, machine_line, make_policies, print_table, workdir
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
 from dagster_duckdb import DuckDBResource
 
+from bench.benchlib import REPO_ROOT, Targets, machine_line, make_policies, print_table, workdir
 from policy_pipeline import cli
 from policy_pipeline.core import catalog
 from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import Settings
-from policy_pipeline.core.store.connection import Warehouse
-from policy_pipeline.core.store.housekeeping import Monitor
-from policy_pipeline.core.store.sql import Dialect
+from policy_pipeline.core.store.connection import WarehouseConnection
+from policy_pipeline.core.store.dialect import SqlDialect
+from policy_pipeline.core.store.health import HealthReport
 from policy_pipeline.core.store.state_store import StateStore
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, build_workflow_assets
+from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME
 from policy_pipeline.defs.workflow.sensors import build_catalog_sensor
 from policy_pipeline.resources import DuckDBStateResource, open_state
 
@@ -240,7 +241,9 @@ FROM range({events}) t(j)
 
 
 def _settings(db: Path, catalog: Path) -> Settings:
-    return Settings(warehouse="duckdb", duckdb_path=db, catalog_dir=catalog)
+    return dataclasses.replace(
+        Settings.from_env(), warehouse="duckdb", duckdb_path=db, catalog_dir=catalog
+    )
 
 
 @contextlib.contextmanager
@@ -293,8 +296,7 @@ def _rows(text: str) -> str:
 def _sensor_tick(
     resource: DuckDBStateResource, instance: DagsterInstance, catalog_dir: Path
 ) -> Callable[[str | None], SensorResult | SkipReason]:
-    _assets, job = build_workflow_assets(load_catalog(catalog_dir))
-    sensor = build_catalog_sensor(job)
+    sensor = build_catalog_sensor(dataclasses.replace(Settings.from_env(), catalog_dir=catalog_dir))
 
     def tick(cursor: str | None) -> SensorResult | SkipReason:
         with build_sensor_context(
@@ -326,7 +328,7 @@ def run_timings(args: argparse.Namespace, db: Path, catalog_dir: Path) -> list[T
     timings: list[Timing] = []
     with _env(env), open_state(settings) as state:
         warehouse = state.warehouse()
-        monitor = Monitor(warehouse)
+        monitor = HealthReport(warehouse)
         store = StateStore(warehouse)
 
         def add(name: str, call: Callable[[], Any], describe: Callable[[Any], str]) -> None:
@@ -339,7 +341,7 @@ def run_timings(args: argparse.Namespace, db: Path, catalog_dir: Path) -> list[T
 
         add("status (limit 20)", _status(settings), _rows)
         add(_PART + "open_state (resource init)", lambda: _open_state(settings), lambda _r: "")
-        add(_PART + "Monitor() (ensure_schema)", lambda: Monitor(_fresh(settings)), lambda _r: "")
+        add(_PART + "ensure_schema()", lambda: _fresh(settings).ensure_schema(), lambda _r: "")
         add(_PART + "executions() query", lambda: monitor.executions(), count)
         add("status --policy P", _status(settings, policy=names[len(names) // 2]), _rows)
         add("status --status error", _status(settings, status="error"), _rows)
@@ -394,10 +396,10 @@ def _open_state(settings: Settings) -> None:
         state.warehouse()
 
 
-def _fresh(settings: Settings) -> Warehouse:
-    """A Warehouse whose schema check has not run yet (as in a new CLI process)."""
-    return Warehouse(
-        Dialect.DUCKDB, DuckDBResource(database=str(settings.duckdb_path)).get_connection
+def _fresh(settings: Settings) -> WarehouseConnection:
+    """A WarehouseConnection whose schema check has not run yet (as in a new CLI process)."""
+    return WarehouseConnection(
+        SqlDialect.DUCKDB, DuckDBResource(database=str(settings.duckdb_path)).get_connection
     )
 
 

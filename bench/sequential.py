@@ -9,7 +9,7 @@ HTTP calls are plain ``httpx`` calls with no retries, against the same simulator
 
 Run alone (starts its own simulator and warehouse)::
 
-    .venv/bin/python bench/sequential.py --n 20
+    .venv/bin/python -m bench.sequential --n 20
 
 ``bench/throughput.py`` runs it too, after the batch engine, and prints the speed-up.
 """
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from benchlib import (
+
+from bench.benchlib import (
     WAREHOUSES,
     StatementCounter,
     WarehouseHandle,
@@ -38,11 +39,10 @@ from benchlib import (
     stopwatch,
     workdir,
 )
-
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.domain import PolicyDefinition
 from policy_pipeline.core.store.connection import Session
-from policy_pipeline.core.store.sql import Statement
+from policy_pipeline.core.store.dialect import Statement
 
 SEED_TABLE = "seed_policy_execution_state"
 SUCCESS = {"success", "completed", "active", "ready"}

@@ -21,9 +21,9 @@ Checked afterwards (any violation exits 1, unless --no-targets):
   ``policy_execution_events`` rows with ``event_type = 'api_call'`` per endpoint (the
   simulator counts every request it receives, resets and timeouts included; an attempt that
   never reached it, e.g. connection refused, could not be counted and does not happen here);
-- the state machine's invariants (``Monitor.consistency_violations``) hold.
+- the state machine's invariants (``HealthReport.consistency_violations``) hold.
 
-    .venv/bin/python bench/soak.py                 # 500 policies, DuckDB, seed 1
+    .venv/bin/python -m bench.soak                 # 500 policies, DuckDB, seed 1
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchlib import (
+from bench.benchlib import (
     WAREHOUSES,
     QuietLog,
     StatementCounter,
@@ -53,13 +53,12 @@ from benchlib import (
     stopwatch,
     workdir,
 )
-
 from policy_devtools.simulator import ENDPOINTS, PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.domain import PolicyDefinition
 from policy_pipeline.core.engine.workflow import STEPS, LeasePolicy, PolicyWorkflow, PollingPolicy
-from policy_pipeline.core.policy_api import PolicyApiResource
-from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.core.store.health import HealthReport
 from policy_pipeline.core.store.state_store import ExecutionRow
+from policy_pipeline.resources.policy_api import PolicyApiResource
 
 RESUMABLE_STATUSES = ("pending", "policy_created", "policy_ready")
 SHORT = dict(zip(STEPS, ("create", "ready", "circuit"), strict=True))
@@ -197,7 +196,7 @@ def run_rounds(
         run_id = f"soak-round-{number}-{uuid.uuid4().hex[:8]}"
         workflow = PolicyWorkflow(
             store=handle.store(run_id=run_id),
-            api=client,
+            api=client.get_client(),
             owner=f"run:{run_id}",
             log=log,
             lease=LeasePolicy(ttl_seconds=300, wait_seconds=5.0),
@@ -305,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 'WHERE "event_type" = \'api_call\' GROUP BY "endpoint"'
             )
         }
-        violations = Monitor(handle.warehouse).consistency_violations(args.max_polls)
+        violations = HealthReport(handle.warehouse).consistency_violations(args.max_polls)
         responses = dict(
             handle.query(
                 'SELECT "execution_id", "circuit_breaker_response" FROM policy_execution_state '

@@ -14,9 +14,9 @@ connections per run, and peak memory; then runs the seeds' sequential workflow
 (``bench/sequential.py``) over a few policies against the same simulator configuration and
 prints the speed-up per policy.
 
-    .venv/bin/python bench/throughput.py                       # N=1000, DuckDB
-    .venv/bin/python bench/throughput.py --warehouse snowflake  # the same on fakesnow
-    .venv/bin/python bench/throughput.py --compare-n 100,1000   # statements per run vs N
+    .venv/bin/python -m bench.throughput                       # N=1000, DuckDB
+    .venv/bin/python -m bench.throughput --warehouse snowflake  # the same on fakesnow
+    .venv/bin/python -m bench.throughput --compare-n 100,1000   # statements per run vs N
 
 Exit status: 0 all targets met (or only printed, with --no-targets), 1 a target missed, 2 the
 run itself went wrong (a policy did not complete, or the simulator saw a duplicate create or
@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from benchlib import (
+from bench.benchlib import (
     SIMULATOR_MODES,
     WAREHOUSES,
     QuietLog,
@@ -52,8 +52,7 @@ from benchlib import (
     timing_renders,
     workdir,
 )
-from sequential import SequentialResult, run_baseline
-
+from bench.sequential import SequentialResult, run_baseline
 from policy_devtools.simulator import ENDPOINTS, SimulatorConfig
 from policy_pipeline.core.engine.workflow import (
     STEPS,
@@ -62,7 +61,7 @@ from policy_pipeline.core.engine.workflow import (
     PollingPolicy,
     Progress,
 )
-from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.resources.policy_api import PolicyApiResource
 
 TARGET_N = 1000  # the wall-time and memory targets are set for 1,000 policies
 PHASE = "run"  # the statement counter's phase for the engine's run
@@ -172,7 +171,7 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
             store = handle.store(run_id=f"bench-{uuid.uuid4()}")
             workflow = PolicyWorkflow(
                 store=store,
-                api=client,
+                api=client.get_client(),
                 owner=f"bench:{uuid.uuid4()}",
                 log=log,
                 lease=LeasePolicy(),

@@ -19,6 +19,10 @@ if [ -z "${POLICY_API_ENDPOINT:-}" ] || [ -z "${POLICY_API_KEY:-}" ]; then
   exit 2
 fi
 cd "$REPO_DIR"  # relative POLICY_* paths are read from the repository root
+# The dbt manifest the reporting assets are built from (the code location never parses dbt
+# while it loads). In a container image, run this at build time instead.
+"$DAGSTER_BIN_DIR/dagster-dbt" project prepare-and-package \
+  --file policy_pipeline/defs/reporting/project.py >/dev/null
 exec "$DAGSTER_BIN_DIR/dagster" code-server start \
   --module-name policy_pipeline \
   --location-name policy_pipeline \

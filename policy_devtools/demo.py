@@ -23,9 +23,13 @@ from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.cli import print_table
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
-
-JOB = "policy_workflow_job"
+from policy_pipeline.defs.workflow.assets import (
+    JOB_NAME,
+    PARTITIONS_NAME,
+    contiguous_ranges,
+    partition_tags,
+    register_policies,
+)
 
 
 def job_command(job: str, tags: dict[str, str] | None = None) -> list[str]:
@@ -45,7 +49,7 @@ def job_command(job: str, tags: dict[str, str] | None = None) -> list[str]:
 
 
 def workflow_command(first: str, last: str) -> list[str]:
-    return job_command(JOB, partition_tags(first, last))
+    return job_command(JOB_NAME, partition_tags(first, last))
 
 
 @contextmanager
@@ -69,10 +73,7 @@ def _register(dagster_home: str, names: list[str]) -> list[tuple[str, str]]:
 
     os.environ["DAGSTER_HOME"] = dagster_home
     with DagsterInstance.get() as instance:
-        known = instance.get_dynamic_partitions(PARTITIONS_NAME)
-        missing = [name for name in names if name not in known]
-        if missing:
-            instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
+        register_policies(instance, names)
         ordered = instance.get_dynamic_partitions(PARTITIONS_NAME)
     return contiguous_ranges(ordered, set(names))
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ranges = _register(env["DAGSTER_HOME"], names)
     with policy_api(env) as api_description:
-        print(f"Running {JOB} for {len(names)} policies against the {api_description}")
+        print(f"Running {JOB_NAME} for {len(names)} policies against the {api_description}")
         where = (
             str(settings.duckdb_path)
             if settings.warehouse == "duckdb"
@@ -132,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 returncode = result.returncode
 
-    from policy_pipeline.core.store.housekeeping import Monitor
+    from policy_pipeline.core.store.health import HealthReport
     from policy_pipeline.resources import open_state
 
     with open_state(settings) as state:
-        rows = Monitor(state.warehouse()).executions(limit=10 * len(names))
+        rows = HealthReport(state.warehouse()).executions(limit=10 * len(names))
     latest: dict[str, dict[str, object]] = {}
     for row in rows:  # newest first: keep each policy's latest execution
         if row["policy_name"] in catalog:

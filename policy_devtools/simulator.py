@@ -53,6 +53,8 @@ from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from policy_pipeline.core.domain import SUCCESS_STATUSES
+
 __all__ = [
     "API_KEY_ENV_VAR",
     "ENDPOINTS",
@@ -69,7 +71,6 @@ __all__ = [
 ENDPOINTS: tuple[str, ...] = ("createpolicy", "policy_status", "circuit")
 POST_ENDPOINTS: tuple[str, ...] = ("createpolicy", "circuit")
 FAULT_KINDS: tuple[str, ...] = ("5xx", "429", "non_json", "empty", "timeout", "reset")
-SUCCESS_STATUSES: tuple[str, ...] = ("success", "completed", "active", "ready")
 TERMINAL_STATUSES: tuple[str, ...] = (*SUCCESS_STATUSES, "failed")
 UNKNOWN_STATUS = "mystery"
 UNKNOWN_POLICY = "<unknown>"

@@ -2,7 +2,7 @@
 
     policy-pipeline status [--policy P] [--status S] [--limit N] [--json]
     policy-pipeline diagnose [--json]
-    policy-pipeline retry POLICY
+    policy-pipeline retry POLICY [--reason TEXT] [--wait]
     policy-pipeline override POLICY (--trigger-circuit-breaker | --skip-circuit-breaker)
                              --reason TEXT [--force]
     policy-pipeline register-partitions
@@ -19,15 +19,27 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+import requests
 
 from policy_pipeline.core.domain import ExecutionStatus
 from policy_pipeline.core.policy_api_types import api_key_problem
-from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError, env_float, env_int
+from policy_pipeline.core.settings import (
+    API_KEY_VAR,
+    PROJECT_ROOT,
+    Settings,
+    SettingsError,
+    dagster_home_set,
+)
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
 
 log = logging.getLogger("policy_pipeline.cli")
 
@@ -73,11 +85,11 @@ def _json(value: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from policy_pipeline.core.store.housekeeping import Monitor
+    from policy_pipeline.core.store.health import HealthReport
     from policy_pipeline.resources import open_state
 
     with open_state(settings) as state:
-        rows = Monitor(state.warehouse()).executions(args.policy, args.status, args.limit)
+        rows = HealthReport(state.warehouse()).executions(args.policy, args.status, args.limit)
     if args.json:
         print(_json(rows))
     else:
@@ -86,23 +98,24 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _api_reachability() -> dict[str, Any]:
-    endpoint = os.environ.get("POLICY_API_ENDPOINT", "").strip()
+def _api_reachability(settings: Settings) -> dict[str, Any]:
+    endpoint = settings.api.endpoint
     if not endpoint:
         return {"ok": False, "detail": "POLICY_API_ENDPOINT is not set"}
-    key = os.environ.get("POLICY_API_KEY", "").strip()
+    key = (Settings.secret_if_set(API_KEY_VAR) or "").strip()
     problem = api_key_problem(key)
     if problem is not None:
         return {"ok": False, "detail": f"POLICY_API_KEY {problem}"}
     try:
         # An unknown policy id: any HTTP answer proves the API is reachable; 401/403 prove the
         # key is not accepted.
-        response = httpx.get(
+        response = requests.get(
             endpoint.rstrip("/") + "/policy/__policy_pipeline_diagnose__",
             headers={"Authorization": f"Bearer {key}"},
-            timeout=env_float("POLICY_API_TIMEOUT_SECONDS", 30.0),
+            timeout=settings.api.timeout_seconds,
+            allow_redirects=False,  # as before: the answer itself, not where it points
         )
-    except httpx.HTTPError as exc:
+    except requests.RequestException as exc:
         return {"ok": False, "detail": f"unreachable: {type(exc).__name__}"}
     if response.status_code in (401, 403):
         return {
@@ -115,15 +128,15 @@ def _api_reachability() -> dict[str, Any]:
 def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     """The seed's diagnose_policy_execution: what needs attention, and why."""
     from policy_pipeline.core.engine.guard import read_guard
-    from policy_pipeline.core.store.housekeeping import Monitor
+    from policy_pipeline.core.store.health import HealthReport
     from policy_pipeline.resources import open_state
 
     report: dict[str, Any] = {"attention": []}
-    stuck_after = env_int("POLICY_STUCK_AFTER_MINUTES", 60, minimum=1)
-    error_below = env_float("POLICY_SUCCESS_RATE_ERROR_PERCENT", 80.0)
+    stuck_after = settings.checks.stuck_after_minutes
+    error_below = settings.checks.success_rate_error_percent
     try:
         with open_state(settings) as state:
-            monitor = Monitor(state.warehouse())
+            monitor = HealthReport(state.warehouse())
             monitor.ping()
             report["warehouse"] = {"ok": True, "detail": f"{settings.warehouse} reachable"}
             report["stuck_executions"] = monitor.stuck_executions(stuck_after, limit=20)
@@ -142,7 +155,7 @@ def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     except Exception as exc:
         report["warehouse"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
         rate = None
-    report["policy_api"] = _api_reachability()
+    report["policy_api"] = _api_reachability(settings)
 
     if not report["warehouse"]["ok"]:
         report["attention"].append("the warehouse is not reachable")
@@ -216,21 +229,146 @@ def _audit_operator(store: Any, row: Any, action: str, reason: str) -> None:
     store.flush()
 
 
+# How often ``retry --wait`` looks at the run.
+WAIT_POLL_SECONDS = 1.0
+RETRY_TRIGGER = "retry"  # the run's policy_pipeline/trigger tag
+OPERATOR_TAG = "policy_pipeline/operator"
+
+
+def launch_command(job: str, run_id: str, tags: dict[str, str]) -> list[str]:
+    """``dagster job launch``: the run is submitted to the instance's run coordinator (queued
+    with a QueuedRunCoordinator, under its limits; started at once in the background with the
+    DefaultRunCoordinator), not executed in this process."""
+    return [
+        sys.executable,
+        "-m",
+        "dagster",
+        "job",
+        "launch",
+        "-m",
+        "policy_pipeline",
+        "-j",
+        job,
+        "--run-id",
+        run_id,
+        "--tags",
+        json.dumps(tags),
+    ]
+
+
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the workflow for one policy now: it resumes the active execution, if any."""
-    from policy_devtools.demo import workflow_command
+    """Submit a run of the workflow for one policy to the Dagster instance (DAGSTER_HOME): it
+    resumes the policy's active execution, if any. With --wait, follow it to its end."""
+    from dagster import DagsterInstance
+
+    from policy_pipeline.core.catalog import CatalogError, load_catalog
+    from policy_pipeline.defs.workflow.assets import JOB_NAME, SENSOR_TAG, partition_tags
+
+    if not dagster_home_set():
+        print(
+            "error: DAGSTER_HOME is not set: it names the Dagster instance the run is submitted to",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        catalog = load_catalog(settings.catalog_dir)
+    except CatalogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.policy not in catalog:
+        return _refuse(f"policy '{args.policy}' is not in the catalog ({settings.catalog_dir})")
+    operator = getpass.getuser()
+    run_id = str(uuid.uuid4())
+    tags = {
+        **partition_tags(args.policy, args.policy),
+        SENSOR_TAG: RETRY_TRIGGER,
+        OPERATOR_TAG: operator,
+    }
+    print(f"Submitting a run of {JOB_NAME} for {args.policy} (dagster job launch)...", flush=True)
+    # Not a pipe: the run's processes started by the launch inherit its output and live on
+    # after it returns; a file lets this command return as soon as the run is submitted.
+    with tempfile.TemporaryFile(mode="w+") as output:
+        result = subprocess.run(
+            launch_command(JOB_NAME, run_id, tags),
+            cwd=PROJECT_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+        output.seek(0)
+        launch_output = output.read(200_000)
+    with DagsterInstance.get() as instance:
+        run = instance.get_run_by_id(run_id)
+        if result.returncode != 0 or run is None:
+            print(launch_output[-4000:], file=sys.stderr)
+            code = result.returncode
+            if run is None:
+                return _refuse(f"the run was not submitted (dagster job launch exit {code})")
+            print(
+                f"error: run {run_id} was created but not launched ({run.status.value}; "
+                f"dagster job launch exit {code})",
+                file=sys.stderr,
+            )
+            return 1
+        _audit_retry(settings, args.policy, f"{args.reason or 'manual retry'} (run {run_id})")
+        print(f"Submitted run {run_id} ({run.status.value}).")
+        print(
+            f"Watch it: dagster run list (DAGSTER_HOME={os.environ['DAGSTER_HOME']}), the run "
+            f"{run_id} in the Dagster UI, or policy-pipeline status --policy {args.policy}.",
+            flush=True,
+        )
+        if not args.wait:
+            return 0
+        return _wait_for_run(instance, run_id, args.policy, settings)
+
+
+def _audit_retry(settings: Settings, policy: str, reason: str) -> None:
+    """Record the retry on the policy's execution, if it has one. The run is already submitted:
+    a failure here is reported, not fatal."""
     from policy_pipeline.resources import open_state
 
+    try:
+        with open_state(settings) as state:
+            store = state.store()
+            row = store.current_execution(policy)
+            if row is not None:
+                _audit_operator(store, row, "retry", reason)
+    except Exception as exc:
+        print(f"warning: the retry was not audited: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _wait_for_run(instance: DagsterInstance, run_id: str, policy: str, settings: Settings) -> int:
+    """Poll the instance until the run has ended: 0 if it succeeded, 1 otherwise."""
+    from dagster import DagsterRunStatus
+
+    from policy_pipeline.resources import open_state
+
+    shown: DagsterRunStatus | None = None
+    try:
+        while True:
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                print(f"error: run {run_id} is no longer in the Dagster instance", file=sys.stderr)
+                return 1
+            if run.status != shown:
+                shown = run.status
+                print(f"  run {run_id}: {shown.value}", flush=True)
+            if run.is_finished:
+                break
+            time.sleep(WAIT_POLL_SECONDS)
+    except KeyboardInterrupt:
+        print(f"\nStopped waiting; run {run_id} goes on.", file=sys.stderr)
+        return 1
     with open_state(settings) as state:
-        store = state.store()
-        row = store.current_execution(args.policy)
-        if row is not None:
-            _audit_operator(store, row, "retry", args.reason or "manual retry")
-    print(f"Running the workflow for {args.policy} (dagster job execute)...", flush=True)
-    result = subprocess.run(
-        workflow_command(args.policy, args.policy), cwd=PROJECT_ROOT, check=False
-    )
-    return 0 if result.returncode == 0 else 1
+        row = state.store().current_execution(policy)
+    if row is not None:
+        detail = f": {row.error_message}" if row.error_message else ""
+        print(f"{policy}: execution {row.execution_id} is {row.status.value}{detail}")
+    if run.status is DagsterRunStatus.SUCCESS:
+        return 0
+    print(f"error: run {run_id} ended {run.status.value}", file=sys.stderr)
+    return 1
 
 
 def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int:
@@ -240,9 +378,9 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
     from dagster import DagsterInstance
 
     from policy_pipeline.core.catalog import CatalogError, load_catalog
-    from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME
+    from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, register_policies
 
-    if not os.environ.get("DAGSTER_HOME"):
+    if not dagster_home_set():
         print("error: DAGSTER_HOME is not set: it names the Dagster instance", file=sys.stderr)
         return 2
     try:
@@ -251,10 +389,7 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with DagsterInstance.get() as instance:
-        known = set(instance.get_dynamic_partitions(PARTITIONS_NAME))
-        missing = [name for name in names if name not in known]
-        if missing:
-            instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
+        missing = register_policies(instance, names)
     print(
         f"{len(missing)} partitions added, {len(names) - len(missing)} already known "
         f"({PARTITIONS_NAME}: {', '.join(names) if len(names) <= 10 else f'{len(names)} policies'})"
@@ -335,7 +470,7 @@ def _override(args: argparse.Namespace, state: Any, store: Any, row: Any, owner:
     with policy_api_resource().process_config_and_initialize_cm() as api:
         workflow = PolicyWorkflow(
             store=store,
-            api=api,
+            api=api.get_client(),
             owner=owner,  # the lease this command holds
             log=log,
             lease=LeasePolicy(state.lease_ttl_seconds, state.lease_wait_seconds),
@@ -370,9 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", action="store_true")
     diagnose.set_defaults(handler=cmd_diagnose)
 
-    retry = commands.add_parser("retry", help="run the workflow for one policy now")
+    retry = commands.add_parser(
+        "retry",
+        help="submit a run of the workflow for one policy to the Dagster instance (DAGSTER_HOME)",
+    )
     retry.add_argument("policy")
     retry.add_argument("--reason", help="recorded in the audit table")
+    retry.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the run until it ends; exit 1 if it did not succeed",
+    )
     retry.set_defaults(handler=cmd_retry)
 
     override = commands.add_parser("override", help="manual intervention on the circuit breaker")
@@ -395,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Our own messages at INFO; the libraries' (httpx, alembic) only when they matter.
+    # Our own messages at INFO; the libraries' (requests, alembic) only when they matter.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)

@@ -23,7 +23,7 @@ from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings
-from policy_pipeline.core.store.sql import Dialect, Statement
+from policy_pipeline.core.store.dialect import SqlDialect, Statement
 from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
 from policy_pipeline.resources import open_state
 from policy_pipeline_tests.fakesnow_server import FakesnowServer, fakesnow_server
@@ -84,8 +84,8 @@ class Workspace:
     instance: DagsterInstance = field(default_factory=DagsterInstance.ephemeral)
 
     @property
-    def dialect(self) -> Dialect:
-        return Dialect(self.warehouse)
+    def dialect(self) -> SqlDialect:
+        return SqlDialect(self.warehouse)
 
     @property
     def catalog_dir(self) -> Path:
@@ -207,7 +207,7 @@ def _live_schema(schema: str) -> Callable[[], None]:
     """Create the test's schema on the real account; returns the finalizer that drops it."""
 
     def connect() -> Any:
-        from policy_pipeline.snowflake_config import snowflake_resource
+        from policy_pipeline.resources.snowflake_state import snowflake_resource
 
         resource = snowflake_resource().process_config_and_initialize()
         return resource.get_connection()

@@ -61,7 +61,7 @@ class FakesnowServer:
     schema: str = "POLICY"
 
     def env(self) -> dict[str, str]:
-        """The SNOWFLAKE_* variables `policy_pipeline.snowflake_config` reads, for this server."""
+        """The SNOWFLAKE_* variables the Snowflake state resource reads, for this server."""
         return {
             "SNOWFLAKE_ACCOUNT": self.account,
             "SNOWFLAKE_USER": self.user,

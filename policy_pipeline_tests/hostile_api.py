@@ -13,7 +13,7 @@ any body and headers, reset the connection, or send raw bytes that are not HTTP 
         }
     )
     with api:
-        client = PolicyApiResource(endpoint=api.base_url, api_key=...)
+        client = PolicyApiClient(PolicyApiConfig(endpoint=api.base_url, api_key=...))
         ...
         assert api.count("POST", "/createpolicy") == 1
 

@@ -1,7 +1,9 @@
-"""Tests for the Policy API client (`PolicyApiResource`) against the real local simulator.
+"""Tests for the Policy API client (`PolicyApiClient`, and the Dagster resource
+`PolicyApiResource` that hands it out) against the real local simulator.
 
 Every test talks HTTP to a `PolicyApiSimulator` on an ephemeral loopback port. Back-off sleeps
-are recorded instead of slept (``api._sleep = sleeps.append``), so retries cost no wall time.
+are recorded instead of slept (``PolicyApiClient(..., sleep=sleeps.append)``), so retries cost
+no wall time.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
+import requests
 from dagster import build_resources
 
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.core.policy_api import PolicyApiResource, parse_retry_after
+from policy_pipeline.core import policy_api
+from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig, parse_retry_after
 from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
+from policy_pipeline.resources.policy_api import PolicyApiResource
 
 API_KEY = "sk-test-S3CRET-7f3a9c1e"
 WRONG_KEY = "sk-test-WRONG-0000"
@@ -40,7 +44,7 @@ PROXY_ENV_VARS = (
 class Rig:
     """A client under test plus everything it reported."""
 
-    api: PolicyApiResource
+    api: PolicyApiClient
     sleeps: list[float]
     attempts: list[ApiAttempt]
 
@@ -60,7 +64,7 @@ RigFactory = Callable[..., Rig]
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The resource's httpx client honours proxy variables; loopback traffic must not use one.
+    # The client's requests session honours proxy variables; loopback traffic must not use one.
     for name in PROXY_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
 
@@ -85,18 +89,16 @@ def make_rig() -> Iterator[RigFactory]:
     rigs: list[Rig] = []
 
     def _make(endpoint: str, api_key: str = API_KEY, **overrides: Any) -> Rig:
-        api = PolicyApiResource(endpoint=endpoint, api_key=api_key, **overrides)
         sleeps: list[float] = []
-        api._sleep = sleeps.append
+        config = PolicyApiConfig(endpoint=endpoint, api_key=api_key, **overrides)
+        api = PolicyApiClient(config, sleep=sleeps.append)
         rig = Rig(api=api, sleeps=sleeps, attempts=[])
         rigs.append(rig)
         return rig
 
     yield _make
     for rig in rigs:
-        # teardown_after_execution does this too, but building its context costs seconds.
-        if rig.api._client is not None:
-            rig.api._client.close()
+        rig.api.close()
 
 
 @pytest.fixture
@@ -107,8 +109,11 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"  # nothing listens there any more: connection refused
 
 
-def jitter_ceiling(api: PolicyApiResource, attempt: int) -> float:
-    return float(min(api.backoff_max_seconds, api.backoff_initial_seconds * 2 ** (attempt - 1)))
+def jitter_ceiling(api: PolicyApiClient, attempt: int) -> float:
+    config = api.config
+    return float(
+        min(config.backoff_max_seconds, config.backoff_initial_seconds * 2 ** (attempt - 1))
+    )
 
 
 def seed_for_non_json_status(status: int) -> int:
@@ -236,10 +241,13 @@ def test_works_as_a_dagster_resource(make_sim: SimFactory) -> None:
     attempts: list[ApiAttempt] = []
     with build_resources({"api": PolicyApiResource(endpoint=sim.base_url, api_key=API_KEY)}) as res:
         api: PolicyApiResource = res.api
-        resp = api.create_policy({"policy_name": "dg"}, "dg-key", attempts.append)
+        client = api.get_client()
+        assert isinstance(client, PolicyApiClient) and api.get_client() is client
+        resp = client.create_policy({"policy_name": "dg"}, "dg-key", attempts.append)
         assert resp.http_status == 200 and len(attempts) == 1
-        assert api._client is not None
+        assert api._client is client
     assert api._client is None  # teardown_after_execution closed and dropped the client
+    assert client._http is None  # ... and the client's connections are closed
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,11 +418,13 @@ def test_retry_after_above_the_cap_is_capped(
 
 
 def test_backoff_full_jitter_bounds_over_many_samples() -> None:
-    api = PolicyApiResource(
-        endpoint="http://127.0.0.1:9",
-        api_key=API_KEY,
-        backoff_initial_seconds=0.5,
-        backoff_max_seconds=10.0,
+    api = PolicyApiClient(
+        PolicyApiConfig(
+            endpoint="http://127.0.0.1:9",
+            api_key=API_KEY,
+            backoff_initial_seconds=0.5,
+            backoff_max_seconds=10.0,
+        )
     )
     for attempt in range(1, 9):
         ceiling = min(10.0, 0.5 * 2 ** (attempt - 1))
@@ -428,8 +438,10 @@ def test_backoff_full_jitter_bounds_over_many_samples() -> None:
 
 
 def test_backoff_prefers_retry_after_over_jitter() -> None:
-    api = PolicyApiResource(
-        endpoint="http://127.0.0.1:9", api_key=API_KEY, retry_after_max_seconds=20.0
+    api = PolicyApiClient(
+        PolicyApiConfig(
+            endpoint="http://127.0.0.1:9", api_key=API_KEY, retry_after_max_seconds=20.0
+        )
     )
     assert api.backoff_seconds(1, 0.0) == 0.0
     assert api.backoff_seconds(3, 4.5) == 4.5
@@ -611,6 +623,14 @@ def test_repr_of_resource_hides_the_key() -> None:
     assert "127.0.0.1:9" in repr(api)
 
 
+def test_repr_of_client_and_config_hides_the_key() -> None:
+    config = PolicyApiConfig(endpoint="http://127.0.0.1:9", api_key=API_KEY)
+    client = PolicyApiClient(config)
+    for text in (repr(client), str(client), f"{client}", repr(config), str(config)):
+        assert API_KEY not in text
+        assert "127.0.0.1:9" in text
+
+
 def test_str_of_resource_hides_the_key() -> None:
     api = PolicyApiResource(endpoint="http://127.0.0.1:9", api_key=API_KEY)
     assert API_KEY not in str(api)
@@ -668,13 +688,15 @@ def test_key_with_trailing_newline_is_stripped(make_sim: SimFactory, make_rig: R
 
 def test_unprintable_key_is_refused_without_echoing_it() -> None:
     key = "secret-\x01-key-material"
-    client = PolicyApiResource(endpoint="http://127.0.0.1:9", api_key=key)
+    resource = PolicyApiResource(endpoint="http://127.0.0.1:9", api_key=key)
+    client = resource.get_client()  # the key is checked when the client first calls the API
     attempts: list[ApiAttempt] = []
     with pytest.raises(PolicyApiError) as info:
         client.get_policy_status("pol_x", attempts.append)
     assert info.value.transient is False
     assert "unprintable" in str(info.value)
-    assert "key-material" not in str(info.value) + repr(client) + str(client)
+    shown = str(info.value) + repr(client) + str(client) + repr(client.config)
+    assert "key-material" not in shown + repr(resource) + str(resource)
     assert attempts == []  # nothing was sent
 
 
@@ -683,16 +705,16 @@ def test_concurrent_first_calls_share_one_http_client(
 ) -> None:
     sim = make_sim()
     rig = make_rig(sim.base_url)
-    built: list[httpx.Client] = []
-    real_client = httpx.Client
+    built: list[requests.Session] = []
+    real_session = policy_api._PolicySession
 
-    class SlowClient(real_client):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+    class SlowSession(real_session):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
             time.sleep(0.05)  # widen the check-then-set window deterministically
-            super().__init__(*args, **kwargs)
+            super().__init__()
             built.append(self)
 
-    monkeypatch.setattr(httpx, "Client", SlowClient)
+    monkeypatch.setattr(policy_api, "_PolicySession", SlowSession)
     barrier = threading.Barrier(4)
     lock = threading.Lock()
 
@@ -710,8 +732,63 @@ def test_concurrent_first_calls_share_one_http_client(
         t.join(timeout=10)
     try:
         assert statuses == [404] * 4
-        assert len(built) == 1, f"{len(built)} httpx clients were created"
+        assert len(built) == 1, f"{len(built)} requests sessions were created"
     finally:
-        for client in built:
-            if client is not rig.api._client:
-                client.close()
+        current = rig.api._http
+        for session in built:
+            if current is None or session is not current.session:
+                session.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Client configuration, and the resource that hands the client out
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("timeout_seconds", 0),
+        ("max_attempts", 0),
+        ("backoff_initial_seconds", -0.1),
+        ("backoff_max_seconds", -1),
+        ("retry_after_max_seconds", -1),
+        ("max_concurrent_requests", 0),
+        ("guard_failure_threshold", 0),
+        ("guard_cooldown_seconds", -1),
+    ],
+)
+def test_client_config_has_the_resource_limits(field: str, bad: float) -> None:
+    settings: dict[str, Any] = {"endpoint": "http://127.0.0.1:9", "api_key": API_KEY, field: bad}
+    with pytest.raises(ValueError, match=field):
+        PolicyApiConfig(**settings)
+    with pytest.raises(ValueError, match=field):  # pydantic's ValidationError is a ValueError
+        PolicyApiResource(**settings)
+
+
+def test_client_config_defaults_are_the_resource_defaults() -> None:
+    config = PolicyApiConfig(endpoint="http://127.0.0.1:9", api_key=API_KEY)
+    resource = PolicyApiResource(endpoint="http://127.0.0.1:9", api_key=API_KEY)
+    assert resource.client_config() == config
+    fields = [f.name for f in dataclasses.fields(config)]
+    assert fields == list(PolicyApiResource.model_fields)
+
+
+def test_resource_hands_out_one_client_to_many_threads() -> None:
+    resource = PolicyApiResource(endpoint="http://127.0.0.1:9", api_key=API_KEY)
+    barrier = threading.Barrier(8)
+    clients: list[PolicyApiClient] = []
+    lock = threading.Lock()
+
+    def get() -> None:
+        barrier.wait()
+        client = resource.get_client()
+        with lock:
+            clients.append(client)
+
+    threads = [threading.Thread(target=get) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(clients) == 8 and all(c is clients[0] for c in clients)

@@ -15,8 +15,8 @@ from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.domain import PolicyDefinition
 from policy_pipeline.core.engine.workflow import PolicyWorkflow, PollingPolicy
 from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, AttemptCallback
-from policy_pipeline.core.store.connection import Warehouse
-from policy_pipeline.core.store.sql import Dialect
+from policy_pipeline.core.store.connection import WarehouseConnection
+from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.state_store import MAX_DETAIL_CHARS, StateStore
 
 POLICY = PolicyDefinition(
@@ -79,7 +79,7 @@ class ScriptedApi:
 @pytest.fixture
 def store(tmp_path: Path) -> StateStore:
     database = str(tmp_path / "state.duckdb")
-    return StateStore(Warehouse(Dialect.DUCKDB, lambda: duckdb.connect(database)))
+    return StateStore(WarehouseConnection(SqlDialect.DUCKDB, lambda: duckdb.connect(database)))
 
 
 def _workflow(store: StateStore, api: ScriptedApi, log: _Log | None = None) -> PolicyWorkflow:
@@ -114,7 +114,7 @@ def test_huge_response_bodies_are_truncated_in_the_audit(store: StateStore) -> N
     report = _workflow(store, ScriptedApi(create=lambda: (200, huge))).create_policies([POLICY])
     assert report.outcomes["bad-input"].policy_id == "pol_big"
     with store.warehouse.session() as session:
-        from policy_pipeline.core.store.sql import Statement
+        from policy_pipeline.core.store.dialect import Statement
 
         [(detail,)] = session.rows(
             Statement(

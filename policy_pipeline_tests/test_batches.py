@@ -19,12 +19,13 @@ from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.domain import PolicyDefinition
 from policy_pipeline.core.engine.workflow import FLUSH_SECONDS, PolicyWorkflow, PollingPolicy
-from policy_pipeline.core.policy_api import PolicyApiResource
 from policy_pipeline.core.settings import Settings
-from policy_pipeline.core.store import sql as sql
-from policy_pipeline.core.store.connection import Params, Session, Warehouse
+from policy_pipeline.core.store import batches as store_batches
+from policy_pipeline.core.store.connection import Params, Session, WarehouseConnection
+from policy_pipeline.core.store.dialect import Statement
 from policy_pipeline.core.store.state_store import AuditEvent, StateStore
 from policy_pipeline.resources import open_state
+from policy_pipeline.resources.policy_api import PolicyApiResource
 from policy_pipeline_tests.conftest import Workspace
 
 # --- bind_rows ------------------------------------------------------------------------------
@@ -32,32 +33,32 @@ from policy_pipeline_tests.conftest import Workspace
 
 def test_bind_rows_packs_rows_by_count_and_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = [{"execution_id": f"e{i}", "message": "x" * 20, "policy_id": None} for i in range(7)]
-    monkeypatch.setattr(sql, "MAX_BATCH", 3)
-    batches = sql.bind_rows(rows)
+    monkeypatch.setattr(store_batches, "MAX_BATCH", 3)
+    batches = store_batches.bind_rows(rows)
     assert [len(json.loads(b)) for b in batches] == [3, 3, 1]
     # None is left out (a JSON null would be a VARIANT null on Snowflake, not NULL).
     assert all("policy_id" not in row for b in batches for row in json.loads(b))
 
-    monkeypatch.setattr(sql, "MAX_BATCH", 1000)
+    monkeypatch.setattr(store_batches, "MAX_BATCH", 1000)
     one_row = len(json.dumps(json.loads(batches[0])[0], separators=(",", ":")))
-    monkeypatch.setattr(sql, "MAX_BATCH_BYTES", 2 * one_row + 3)
-    batches = sql.bind_rows(rows)
+    monkeypatch.setattr(store_batches, "MAX_BATCH_BYTES", 2 * one_row + 3)
+    batches = store_batches.bind_rows(rows)
     assert [len(json.loads(b)) for b in batches] == [2, 2, 2, 1]
-    assert all(len(b) <= sql.MAX_BATCH_BYTES for b in batches)
+    assert all(len(b) <= store_batches.MAX_BATCH_BYTES for b in batches)
     assert [r["execution_id"] for b in batches for r in json.loads(b)] == [
         f"e{i}" for i in range(7)
     ]
 
     # A row larger than the limit still goes, alone.
-    monkeypatch.setattr(sql, "MAX_BATCH_BYTES", 10)
-    assert [len(json.loads(b)) for b in sql.bind_rows(rows[:2])] == [1, 1]
-    assert sql.bind_rows([]) == []
+    monkeypatch.setattr(store_batches, "MAX_BATCH_BYTES", 10)
+    assert [len(json.loads(b)) for b in store_batches.bind_rows(rows[:2])] == [1, 1]
+    assert store_batches.bind_rows([]) == []
 
 
-class _CountingWarehouse(Warehouse):
+class _CountingWarehouse(WarehouseConnection):
     """Counts the statements (by name) and the connections the product opens."""
 
-    def __init__(self, warehouse: Warehouse) -> None:
+    def __init__(self, warehouse: WarehouseConnection) -> None:
         super().__init__(warehouse.dialect, warehouse._connect)
         self.statements: Counter[str] = Counter()
         self.texts: dict[str, set[str]] = {}
@@ -76,17 +77,17 @@ class _CountingWarehouse(Warehouse):
         outer = self
 
         class Counting:
-            def rows(self, statement: sql.Statement, params: Params = ()) -> list[tuple[Any, ...]]:
+            def rows(self, statement: Statement, params: Params = ()) -> list[tuple[Any, ...]]:
                 outer._count(statement)
                 return session.rows(statement, params)
 
-            def rowcount(self, statement: sql.Statement, params: Params = ()) -> int:
+            def rowcount(self, statement: Statement, params: Params = ()) -> int:
                 outer._count(statement)
                 return session.rowcount(statement, params)
 
         return Counting()
 
-    def _count(self, statement: sql.Statement) -> None:
+    def _count(self, statement: Statement) -> None:
         self.statements[statement.name] += 1
         self.texts.setdefault(statement.name, set()).add(statement.render(self.dialect))
 
@@ -225,7 +226,7 @@ def _run_all(workspace: Workspace, count: int) -> tuple[Counter[str], float]:
         ).process_config_and_initialize_cm() as api,
         _store(workspace) as (store, warehouse),
     ):
-        workflow = PolicyWorkflow(store, api, owner=f"test-{count}", log=_QuietLog())
+        workflow = PolicyWorkflow(store, api.get_client(), owner=f"test-{count}", log=_QuietLog())
         polling = PollingPolicy(initial_interval_seconds=0.05, backoff_multiplier=1.0)
         before = warehouse.statements.copy()
         started = time.monotonic()

@@ -16,7 +16,7 @@ TIMEOUT_SECONDS = 180
 
 def _run(argv: Sequence[str]) -> str:
     result = subprocess.run(
-        [sys.executable, "bench/e2e.py", *argv],
+        [sys.executable, "-m", "bench.e2e", *argv],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,

@@ -17,14 +17,11 @@ import pytest
 
 from policy_pipeline.core.settings import PROJECT_ROOT
 
-BENCH = PROJECT_ROOT / "bench"
 SCRIPTS = ("throughput", "sequential", "soak", "reads", "progress")
 
 
 def _script(name: str) -> ModuleType:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    return importlib.import_module(name)
+    return importlib.import_module(f"bench.{name}")
 
 
 def _run(name: str, argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -129,7 +126,7 @@ def test_reads_tiny(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_a_script_runs_from_the_repository_root() -> None:
-    command = [sys.executable, "bench/sequential.py", "--n=1", "--latency-ms=0"]
+    command = [sys.executable, "-m", "bench.sequential", "--n=1", "--latency-ms=0"]
     result = subprocess.run(
         [*command, "--ready-seconds=0"],
         cwd=PROJECT_ROOT,

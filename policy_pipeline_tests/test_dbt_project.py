@@ -9,8 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
-import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,12 +28,14 @@ from dagster import (
 )
 
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError
-from policy_pipeline.core.store import sql
+from policy_pipeline.core.store import schema as store_schema
+from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.defs.reporting import dbt_assets
+from policy_pipeline.defs.reporting.project import DBT_PROJECT_DIR, policy_dbt_project
 from policy_pipeline_tests.fakesnow_server import FakesnowServer
 
 DBT = str(Path(sys.executable).parent / "dbt")
-PROJECT_DIR = dbt_assets.DBT_PROJECT_DIR
+PROJECT_DIR = DBT_PROJECT_DIR
 
 RESULTS = AssetKey(["policy_execution_results"])
 DAILY = AssetKey(["policy_execution_daily_stats"])
@@ -184,8 +185,8 @@ EXECUTIONS = (
 def _inserts(placeholder: str) -> Iterator[tuple[str, tuple[Any, ...]]]:
     """INSERT statements (one per row) for the test data, with the connector's placeholder."""
     for execution in EXECUTIONS:
-        for table, row in [(sql.STATE_TABLE, execution.state_row())] + [
-            (sql.EVENTS_TABLE, event) for event in execution.event_rows()
+        for table, row in [(store_schema.STATE.name, execution.state_row())] + [
+            (store_schema.EVENTS.name, event) for event in execution.event_rows()
         ]:
             columns = ", ".join(f'"{c}"' for c in row)
             values = ", ".join(placeholder for _ in row)
@@ -195,14 +196,14 @@ def _inserts(placeholder: str) -> Iterator[tuple[str, tuple[Any, ...]]]:
 def create_duckdb_warehouse(path: Path, *, duplicate: str | None = None) -> Path:
     """A DuckDB file with the workflow's tables (DDL from the store) and the rows."""
     with duckdb.connect(str(path)) as con:
-        for table in sql.TABLES:
-            con.execute(sql.create_table(table).render(sql.Dialect.DUCKDB))
+        for table in store_schema.TABLES:
+            con.execute(store_schema.create_table(table).render(SqlDialect.DUCKDB))
         for statement, params in _inserts("?"):
             con.execute(statement, params)
         if duplicate is not None:
             # The same execution recorded twice: what the unique tests are there to catch.
             con.execute(
-                f"INSERT INTO {sql.STATE_TABLE} SELECT * FROM {sql.STATE_TABLE} "
+                f"INSERT INTO {store_schema.STATE.name} SELECT * FROM {store_schema.STATE.name} "
                 f'WHERE "execution_id" = ?',
                 [duplicate],
             )
@@ -347,8 +348,9 @@ def test_dbt_build_through_dagster_on_duckdb(
 
     # With a partitioned stand-in for the workflow asset, as in the code location: the source
     # tests' observations land on it.
+    reporting = dbt_assets.build_dbt_assets(Settings.from_env())
     result = materialize(
-        [workflow_stand_in(), dbt_assets.policy_dbt_assets],
+        [workflow_stand_in(), reporting],
         selection=[RESULTS, DAILY],
         resources={"dbt": dbt_assets.dbt_cli_resource(Settings.from_env())},
         raise_on_error=False,
@@ -358,9 +360,7 @@ def test_dbt_build_through_dagster_on_duckdb(
     materialized = {m.asset_key for m in result.get_asset_materialization_events()}
     assert materialized == {RESULTS, DAILY}
     evaluations = result.get_asset_check_evaluations()
-    assert {e.asset_check_key.name for e in evaluations} == {
-        k.name for k in dbt_assets.policy_dbt_assets.check_keys
-    }
+    assert {e.asset_check_key.name for e in evaluations} == {k.name for k in reporting.check_keys}
     assert all(e.passed for e in evaluations)
     observed = [e.asset_key for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
     assert observed and set(observed) == {WORKFLOW}  # the source tests ran too
@@ -388,8 +388,10 @@ def test_duplicate_execution_id_fails_dbt_build(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "target" / "run_results.json").read_text())
     status = {r["unique_id"].split(".")[2]: r["status"] for r in results["results"]}
     failed = {name for name, s in status.items() if s in ("fail", "error")}
-    assert failed == {"source_unique_policy_state_policy_execution_state__execution_id_"}
-    unique_test = next(r for r in results["results"] if "source_unique" in r["unique_id"])
+    assert failed == {"state_execution_ids_are_unique"}
+    unique_test = next(
+        r for r in results["results"] if "state_execution_ids_are_unique" in r["unique_id"]
+    )
     assert unique_test["failures"] == 1  # one execution_id seen twice
     # A failing source test stops the models downstream of it.
     assert status["policy_execution_results"] == "skipped"
@@ -407,8 +409,8 @@ def test_dbt_build_on_snowflake_target_against_fakesnow(
     schema = "REPORTING_DBT_TEST"
     with fakesnow.connect(schema=schema) as con:
         cursor = con.cursor()
-        for table in sql.TABLES:
-            cursor.execute(sql.create_table(table).render(sql.Dialect.SNOWFLAKE))
+        for table in store_schema.TABLES:
+            cursor.execute(store_schema.create_table(table).render(SqlDialect.SNOWFLAKE))
         for statement, params in _inserts("%s"):
             cursor.execute(statement, params)
 
@@ -444,75 +446,39 @@ def _copy_project(destination: Path) -> Path:
     return destination
 
 
-def test_prepare_dbt_manifest_parses_when_missing_or_stale(tmp_path: Path) -> None:
+def test_prepare_and_package_prepares_the_manifest(tmp_path: Path) -> None:
+    """The manifest is prepared the way dagster-dbt intends (what ./dev.sh, .ci/run and
+    deploy/ run), not while the definitions load; a new model is picked up by the next one."""
     project = _copy_project(tmp_path / "dbt_project")
+    project_file = tmp_path / "project.py"
+    project_file.write_text(
+        "from dagster_dbt import DbtProject\n"
+        f"project = DbtProject(project_dir={str(project)!r}, profiles_dir={str(project)!r}, "
+        "target='duckdb')\n"
+    )
+    command = [str(Path(sys.executable).parent / "dagster-dbt"), "project"]
+    command += ["prepare-and-package", "--file", str(project_file)]
     manifest = project / "target" / "manifest.json"
-    assert not dbt_assets.manifest_is_fresh(project)
-
-    assert dbt_assets.prepare_dbt_manifest(project) == manifest
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
     nodes = json.loads(manifest.read_text())["nodes"]
     assert "model.policy_pipeline_dbt.policy_execution_results" in nodes
-    assert dbt_assets.manifest_is_fresh(project)
-    # Nothing of the temporary parse folders is left behind.
-    assert not list((project / "target").glob(".parse-*"))
 
-    # Fresh: an mtime comparison, no parse.
-    stamp = manifest.stat().st_mtime_ns
-    started = time.perf_counter()
-    dbt_assets.prepare_dbt_manifest(project)
-    assert time.perf_counter() - started < 1.0
-    assert manifest.stat().st_mtime_ns == stamp
-
-    # A new model makes it stale; the next preparation picks the model up.
     (project / "models" / "policy_names.sql").write_text(
         'select distinct "policy_name" as "policy_name" '
         "from {{ ref('policy_execution_results') }}\n"
     )
-    assert not dbt_assets.manifest_is_fresh(project)
-    dbt_assets.prepare_dbt_manifest(project)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "model.policy_pipeline_dbt.policy_names" in json.loads(manifest.read_text())["nodes"]
-
-    # So does a deleted one (the folder's mtime changes).
-    time.sleep(0.01)
-    (project / "models" / "policy_names.sql").unlink()
-    assert not dbt_assets.manifest_is_fresh(project)
-
-
-def test_concurrent_preparations_parse_once(tmp_path: Path) -> None:
-    project = _copy_project(tmp_path / "dbt_project")
-    script = textwrap.dedent(
-        f"""
-        import logging
-        from pathlib import Path
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        from policy_pipeline.defs.reporting.dbt_assets import prepare_dbt_manifest
-        prepare_dbt_manifest(Path({str(project)!r}))
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", script],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
-    parses = sum(output.count(f"parsed dbt project {project}") for output in outputs)
-    assert parses == 1, outputs
-    json.loads((project / "target" / "manifest.json").read_text())
 
 
 # --- Dagster definitions ------------------------------------------------------------------------
 
 
 def test_dbt_assets_sit_downstream_of_the_workflow() -> None:
-    assert dbt_assets.DBT_MANIFEST_PATH.exists()
-    definition = dbt_assets.policy_dbt_assets
+    assert policy_dbt_project.manifest_path.exists()
+    definition = dbt_assets.build_dbt_assets(Settings.from_env())
 
     assert set(definition.keys) == {RESULTS, DAILY}
     assert definition.asset_deps[RESULTS] == {WORKFLOW}
@@ -529,7 +495,7 @@ def test_dbt_assets_sit_downstream_of_the_workflow() -> None:
 
 def test_dbt_assets_load_with_a_partitioned_workflow_asset() -> None:
     defs = Definitions(
-        assets=[workflow_stand_in(), dbt_assets.policy_dbt_assets],
+        assets=[workflow_stand_in(), dbt_assets.build_dbt_assets(Settings.from_env())],
         resources={"dbt": dbt_assets.dbt_cli_resource(Settings.from_env())},
     )
     Definitions.validate_loadable(defs)
@@ -539,26 +505,43 @@ def test_dbt_assets_load_with_a_partitioned_workflow_asset() -> None:
 
 
 def test_dbt_tests_are_asset_checks() -> None:
-    checks = {(k.asset_key, k.name) for k in dbt_assets.policy_dbt_assets.check_keys}
-    assert (RESULTS, "unique_policy_execution_results__execution_id_") in checks
-    assert (RESULTS, "not_null_policy_execution_results__execution_id_") in checks
+    definition = dbt_assets.build_dbt_assets(Settings.from_env())
+    checks = {(k.asset_key, k.name) for k in definition.check_keys}
+    assert (RESULTS, "results_have_one_row_per_execution") in checks
+    assert (RESULTS, "results_execution_id_is_present") in checks
     assert any(
-        key == RESULTS and name.startswith("accepted_values_policy_execution_results__status_")
-        for key, name in checks
+        key == RESULTS and name.startswith("results_status_is_a_known_step") for key, name in checks
     )
-    assert (DAILY, "unique_policy_execution_daily_stats__day_") in checks
-    assert (DAILY, "not_null_policy_execution_daily_stats__day_") in checks
+    assert (DAILY, "daily_stats_have_one_row_per_day") in checks
+    assert (DAILY, "daily_stats_day_is_present") in checks
     # Source tests run in `dbt build` but are not checks on the workflow's asset.
     assert all(key in (RESULTS, DAILY) for key, _ in checks)
 
 
-def test_dbt_cli_resource_targets_the_warehouse(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POLICY_DUCKDB_PATH", "relative/warehouse.duckdb")
+def test_dbt_cli_resource_targets_the_warehouse(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    relative = f"data/test-relative-{uuid.uuid4().hex[:8]}.duckdb"
+    monkeypatch.setenv("POLICY_DUCKDB_PATH", relative)
     resource = dbt_assets.dbt_cli_resource(Settings.from_env())
     assert resource.target == "duckdb"
     assert Path(resource.project_dir) == PROJECT_DIR
-    # dbt would resolve a relative path against dbt_project/; it gets the repo-relative one.
-    assert os.environ["POLICY_DUCKDB_PATH"] == str(PROJECT_ROOT / "relative" / "warehouse.duckdb")
+    # Nothing is written to the environment: the profile itself resolves a relative path
+    # against the repository root, as the workflow does, from whatever directory dbt runs in.
+    assert os.environ["POLICY_DUCKDB_PATH"] == relative
+    assert Settings.from_env().duckdb_path == PROJECT_ROOT / relative
+    debug = subprocess.run(
+        [DBT, "debug", "--project-dir", str(PROJECT_DIR), "--profiles-dir", str(PROJECT_DIR)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        assert debug.returncode == 0, debug.stdout + debug.stderr
+        assert (PROJECT_ROOT / relative).exists()  # dbt connected to the workflow's file
+    finally:
+        (PROJECT_ROOT / relative).unlink(missing_ok=True)
 
     monkeypatch.setenv("POLICY_WAREHOUSE", "snowflake")
     assert dbt_assets.dbt_cli_resource(Settings.from_env()).target == "snowflake"

@@ -28,10 +28,10 @@ from policy_pipeline.core.engine.workflow import (
     Progress,
 )
 from policy_pipeline.core.liveness import this_process
-from policy_pipeline.core.policy_api import PolicyApiResource
-from policy_pipeline.core.store.connection import Warehouse
-from policy_pipeline.core.store.sql import Dialect
+from policy_pipeline.core.store.connection import WarehouseConnection
+from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.state_store import StateStore
+from policy_pipeline.resources.policy_api import PolicyApiResource
 
 FAST = PollingPolicy(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=400)
 
@@ -61,7 +61,7 @@ def _engine(
     tmp_path: Path, config: SimulatorConfig, lease: LeasePolicy | None = None
 ) -> Iterator[tuple[PolicyWorkflow, PolicyApiSimulator, StateStore]]:
     database = str(tmp_path / "state.duckdb")
-    store = StateStore(Warehouse(Dialect.DUCKDB, lambda: duckdb.connect(database)))
+    store = StateStore(WarehouseConnection(SqlDialect.DUCKDB, lambda: duckdb.connect(database)))
     with (
         PolicyApiSimulator(config) as sim,
         PolicyApiResource(
@@ -69,7 +69,11 @@ def _engine(
         ).process_config_and_initialize_cm() as api,
     ):
         owner = f"test:{uuid.uuid4().hex[:8]}"
-        yield PolicyWorkflow(store, api, owner=owner, log=_Log(), lease=lease), sim, store
+        yield (
+            PolicyWorkflow(store, api.get_client(), owner=owner, log=_Log(), lease=lease),
+            sim,
+            store,
+        )
 
 
 def _config(**changes: object) -> SimulatorConfig:

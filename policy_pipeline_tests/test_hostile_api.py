@@ -1,16 +1,19 @@
 """The Policy API client against a hostile API (`hostile_api.HostileApi`): an API that echoes
 the key, drips its answer one byte at a time, or answers 409/422 to an idempotent POST.
 
-Back-off sleeps are recorded instead of slept (``api._sleep = sleeps.append``); only the drip
+Back-off sleeps are recorded instead of slept (``PolicyApiClient(..., sleep=...)``); only the drip
 tests spend wall time, bounded by the client's per-attempt deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import json
+import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +21,11 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
+import requests
+import requests.adapters
+import urllib3
 
-from policy_pipeline.core.policy_api import PolicyApiResource
+from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig
 from policy_pipeline.core.policy_api_types import (
     ApiAttempt,
     ApiResponse,
@@ -27,6 +33,7 @@ from policy_pipeline.core.policy_api_types import (
     PolicyApiError,
 )
 from policy_pipeline.resources import policy_api_resource
+from policy_pipeline.resources.policy_api import PolicyApiResource
 from policy_pipeline_tests.hostile_api import (
     FIXED_POLICY_ID,
     Behaviour,
@@ -54,7 +61,7 @@ PROXY_ENV_VARS = (
 class Rig:
     """A client under test plus everything it reported."""
 
-    api: PolicyApiResource
+    api: PolicyApiClient
     sleeps: list[float]
     attempts: list[ApiAttempt]
 
@@ -71,7 +78,7 @@ RigFactory = Callable[..., Rig]
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The resource's httpx client honours proxy variables; loopback traffic must not use one.
+    # The client's requests session honours proxy variables; loopback traffic must not use one.
     for name in PROXY_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
 
@@ -96,17 +103,16 @@ def make_rig() -> Iterator[RigFactory]:
     rigs: list[Rig] = []
 
     def _make(endpoint: str, api_key: str = API_KEY, **overrides: Any) -> Rig:
-        api = PolicyApiResource(endpoint=endpoint, api_key=api_key, **overrides)
         sleeps: list[float] = []
-        api._sleep = sleeps.append
+        config = PolicyApiConfig(endpoint=endpoint, api_key=api_key, **overrides)
+        api = PolicyApiClient(config, sleep=sleeps.append)
         rig = Rig(api=api, sleeps=sleeps, attempts=[])
         rigs.append(rig)
         return rig
 
     yield _make
     for rig in rigs:
-        if rig.api._client is not None:
-            rig.api._client.close()
+        rig.api.close()
 
 
 def create(rig: Rig, key: str = "idem-1") -> ApiResponse:
@@ -525,3 +531,172 @@ def test_422_validation_error_is_not_called_a_key_reuse(
     assert resp.http_status == 422 and resp.attempts == 1
     assert resp.idempotency_key_reused is False
     assert resp.describe() == "POST /createpolicy answered HTTP 422"
+
+
+# --------------------------------------------------------------------------------------------
+# The requests transport keeps what the httpx one did
+# --------------------------------------------------------------------------------------------
+
+
+def test_key_never_reaches_the_logs(
+    hostile: ApiFactory, make_rig: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # urllib3 logs a response whose headers do not parse, offending line and all: the client
+    # refuses such an answer before urllib3 gets to log it.
+    raw = f"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nBearer {API_KEY}\r\n\r\n".encode()
+    server = hostile(
+        {
+            "GET /policy/*": Behaviour(raw=raw),
+            "POST /createpolicy": Behaviour(status=500, echo_request=True),
+        }
+    )
+    rig = make_rig(server.base_url, max_attempts=2)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(PolicyApiError):
+        rig.api.get_policy_status("pol_x", rig.record)
+    with pytest.raises(PolicyApiError):
+        create(rig)
+    assert server.count() == 4 and caplog.records  # urllib3 did log, at DEBUG
+    for form in leak_forms(API_KEY):
+        assert form not in caplog.text
+
+
+def test_redirects_are_returned_not_followed(hostile: ApiFactory, make_rig: RigFactory) -> None:
+    server = hostile()
+    target = f"{server.base_url}/policy/{FIXED_POLICY_ID}"
+    server.set(
+        "POST /createpolicy", json_answer(307, {"moved": True}, headers={"Location": target})
+    )
+    rig = make_rig(server.base_url)
+    resp = create(rig)
+    assert resp.http_status == 307 and resp.data == {"moved": True} and resp.attempts == 1
+    assert rig.outcomes() == ["ok"] and server.count() == 1  # the Location was not visited
+
+
+def test_request_bytes_and_headers(hostile: ApiFactory, make_rig: RigFactory) -> None:
+    server = hostile()
+    rig = make_rig(server.base_url)
+    rig.api.create_policy({"policy_name": "ünï", "n": 1}, "idem-bytes", rig.record)
+    rig.api.get_policy_status(FIXED_POLICY_ID, rig.record)
+    post, get = server.requests
+    # Compact UTF-8 JSON, byte for byte what httpx sent: an API that fingerprints the body of
+    # an Idempotency-Key sees a retry across the switch as the same request.
+    assert post.body == '{"policy_name":"ünï","n":1}'.encode()
+    assert post.header("Content-Type") == "application/json"
+    assert post.header("Idempotency-Key") == "idem-bytes"
+    assert post.header("Authorization") == f"Bearer {API_KEY}"
+    assert get.body == b"" and get.header("Idempotency-Key") is None
+    assert get.header("Authorization") == f"Bearer {API_KEY}"
+
+
+def test_netrc_does_not_replace_the_key(
+    hostile: ApiFactory,
+    make_rig: RigFactory,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password other-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    server = hostile()
+    assert create(make_rig(server.base_url)).ok
+    assert server.requests[0].header("Authorization") == f"Bearer {API_KEY}"
+
+
+def test_text_without_a_charset_is_utf8(hostile: ApiFactory, make_rig: RigFactory) -> None:
+    # requests would call text/* without a charset Latin-1; httpx (and the client) say UTF-8.
+    body = "état: prêt".encode()
+    server = hostile(
+        {
+            "GET /policy/*": Behaviour(body=body, content_type="text/plain"),
+            "POST /createpolicy": Behaviour(
+                body="état".encode("latin-1"), content_type="text/plain; charset=ISO-8859-1"
+            ),
+        }
+    )
+    rig = make_rig(server.base_url)
+    assert rig.api.get_policy_status(FIXED_POLICY_ID, rig.record).text == "état: prêt"
+    assert create(rig).text == "état"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "name"),
+    [("ftp://127.0.0.1:9", "UnsupportedProtocol"), ("127.0.0.1:9", "UnsupportedProtocol")],
+)
+def test_unsendable_request_is_not_retried(make_rig: RigFactory, endpoint: str, name: str) -> None:
+    rig = make_rig(endpoint)
+    with pytest.raises(PolicyApiError) as info:
+        create(rig)
+    assert info.value.transient is False
+    assert str(info.value) == f"POST /createpolicy: {name}: the request could not be sent"
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    assert rig.outcomes() == ["failed"] and rig.sleeps == []
+
+
+def test_calls_beyond_the_pool_wait_within_their_deadline(
+    hostile: ApiFactory, make_rig: RigFactory
+) -> None:
+    server = hostile()
+    rig = make_rig(
+        server.base_url, timeout_seconds=TIMEOUT, max_attempts=1, max_concurrent_requests=1
+    )
+    assert rig.api.get_policy_status(FIXED_POLICY_ID, rig.record).ok
+    # Hold the only connection, as a call in flight would: the next call waits for it, and
+    # gives up when its attempt's deadline passes instead of opening a second connection.
+    url = f"{server.base_url}/policy/{FIXED_POLICY_ID}"
+    session = rig.api._connection().session
+    verify = session.merge_environment_settings(url, {}, None, None, None)["verify"]
+    request = requests.Request("GET", url).prepare()
+    adapter = session.get_adapter(url)
+    assert isinstance(adapter, requests.adapters.HTTPAdapter)
+    pool = adapter.get_connection_with_tls_context(request, verify)
+    assert isinstance(pool, urllib3.HTTPConnectionPool)
+    held = pool._get_conn(timeout=0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PolicyApiError) as info:
+            rig.api.get_policy_status(FIXED_POLICY_ID, rig.record)
+        elapsed = time.monotonic() - started
+        assert "PoolTimeout: no complete answer within the 1s attempt limit" in str(info.value)
+        assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + MARGIN
+    finally:
+        pool._put_conn(held)
+    assert rig.api.get_policy_status(FIXED_POLICY_ID, rig.record).ok
+
+
+@contextlib.contextmanager
+def _tls_dripper() -> Iterator[str]:
+    """A TCP server that answers a TLS ClientHello with a record header, then one byte of the
+    record every 0.15 s: a handshake that never completes but is never silent either."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(bytes([0x16, 0x03, 0x03, 0x40, 0x00]))  # handshake, 16 KiB
+                while not stop.wait(0.15):
+                    conn.sendall(b"\x00")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_a_dripping_tls_handshake_ends_within_the_deadline(make_rig: RigFactory) -> None:
+    with _tls_dripper() as url:
+        rig = make_rig(url, timeout_seconds=TIMEOUT, max_attempts=1)
+        started = time.monotonic()
+        with pytest.raises(PolicyApiError) as info:
+            create(rig)
+        elapsed = time.monotonic() - started
+    assert info.value.transient is True and "Timeout" in str(info.value)
+    assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + MARGIN

@@ -24,9 +24,9 @@ import pytest
 
 from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings
-from policy_pipeline.core.store import sql as sql
-from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.core.store.archiver import Archiver
 from policy_pipeline.core.store.state_store import AuditEvent
+from policy_pipeline.core.store.statements import archive as sql_archive
 from policy_pipeline.resources import open_state
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli
 from policy_pipeline_tests.hostile_api import Behaviour, HostileApi, well_behaved
@@ -185,7 +185,7 @@ def test_archiving_does_not_undo_one_policy_per_content(
 ) -> None:
     assert workspace.run(CATALOG_POLICIES).success
     with open_state(Settings.from_env()) as state:
-        archived = Monitor(state.warehouse()).archive(retention_days=0)
+        archived = Archiver(state.warehouse()).archive(retention_days=0)
     assert archived.executions == len(CATALOG_POLICIES)
     assert workspace.run(CATALOG_POLICIES).success
     assert lying_api.calls["create"] == len(CATALOG_POLICIES)
@@ -213,7 +213,7 @@ def test_run_level_audit_events_keep_reporting_working_and_are_archived(
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks and all(checks.values()), checks
     with open_state(Settings.from_env()) as state:
-        Monitor(state.warehouse()).archive(retention_days=0)
+        Archiver(state.warehouse()).archive(retention_days=0)
     left = workspace.query(
         'SELECT COUNT(*) FROM policy_execution_events WHERE "execution_id" IS NULL'
     )
@@ -357,7 +357,7 @@ def test_an_archive_run_killed_mid_way_is_marked_interrupted(workspace: Workspac
         state.warehouse().ensure_schema()
         with state.warehouse().session() as session:
             # As a killed archive run leaves it: 'running', its Dagster run gone.
-            session.rowcount(sql.START_ARCHIVE_RUN, ["killed-archive", 7, "no-such-run"])
+            session.rowcount(sql_archive.START_ARCHIVE_RUN, ["killed-archive", 7, "no-such-run"])
     defs = workspace.definitions()
     result = defs.resolve_job_def("policy_archive_job").execute_in_process(
         instance=workspace.instance

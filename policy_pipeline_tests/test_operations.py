@@ -24,6 +24,7 @@ from dagster import (
 )
 
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli
+from policy_pipeline_tests.test_cli_retry import dagster_home
 
 VALID = """\
 policy_name: {name}
@@ -436,11 +437,15 @@ def test_cli_retry_runs_the_workflow(workspace: Workspace, tmp_path: Path) -> No
     workspace.run([name], run_config={"ops": {"policy_workflow": {"config": {"max_polls": 2}}}})
     assert workspace.executions(name)[0]["status"] == "error"
     workspace.simulator.configure(never_ready_policies=[])
-    result = run_cli(workspace, "retry", name, "--reason", "API fixed")
+    # retry submits a run to the instance in DAGSTER_HOME; --wait follows it to its end.
+    dagster_home(workspace)
+    result = run_cli(workspace, "retry", name, "--reason", "API fixed", "--wait")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "SUCCESS" in result.stdout and f"{name}: execution" in result.stdout
     [execution] = workspace.executions(name)
     assert execution["status"] == "completed"
     assert workspace.simulator.counts()["per_policy"][name]["policies_created"] == 1
+    assert workspace.simulator.counts()["per_policy"][name]["circuit_requests"] == 1
 
 
 # --- the seeds' monitoring queries, and the reporting models, on the resulting state ------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -159,6 +160,78 @@ TRANSITIONS: dict[ExecutionStatus, frozenset[ExecutionStatus]] = {
     ),
 }
 
+# The workflow's own path: each step moves an execution one status along it. The other
+# transitions are failures, resumptions and operator overrides.
+PATH: tuple[ExecutionStatus, ...] = (
+    ExecutionStatus.PENDING,
+    ExecutionStatus.POLICY_CREATED,
+    ExecutionStatus.POLICY_READY,
+    ExecutionStatus.COMPLETED,
+)
+INITIAL_STATUS = PATH[0]
+
+# The workflow's steps (the names stored in `error_step`) and the status each one reaches.
+STEP_CREATE = "policy_created"
+STEP_READY = "policy_ready"
+STEP_CIRCUIT = "circuit_breaker_activation"
+STEP_TARGETS: dict[str, ExecutionStatus] = {
+    STEP_CREATE: ExecutionStatus.POLICY_CREATED,
+    STEP_READY: ExecutionStatus.POLICY_READY,
+    STEP_CIRCUIT: ExecutionStatus.COMPLETED,
+}
+STEPS: tuple[str, ...] = tuple(STEP_TARGETS)
+
+
+def allowed_sources(target: ExecutionStatus) -> frozenset[ExecutionStatus]:
+    """Every status from which some transition reaches ``target``."""
+    return frozenset(source for source, targets in TRANSITIONS.items() if target in targets)
+
+
+def step_source(target: ExecutionStatus) -> ExecutionStatus:
+    """The status the workflow's own step to ``target`` moves from (the previous on the path)."""
+    index = PATH.index(target)
+    if index == 0:
+        raise ValueError(f"{target} is where an execution starts: no step reaches it")
+    return PATH[index - 1]
+
+
+# The statuses that end an execution: no transition leaves them.
+FINAL_STATUSES = frozenset(status for status, targets in TRANSITIONS.items() if not targets)
+# In flight: on the path and still able to move. An `error` is active too while its row is
+# resumable (a later run continues it) and terminal once it is not; see `is_active`.
+ACTIVE_STATUSES: tuple[ExecutionStatus, ...] = tuple(s for s in PATH if s not in FINAL_STATUSES)
+# Where a recoverable failure in a step goes back to when a later run resumes it: where the
+# step starts.
+RESUME_FROM: dict[str, ExecutionStatus] = {
+    step: step_source(target) for step, target in STEP_TARGETS.items()
+}
+
+
+def is_active(status: ExecutionStatus, resumable: bool) -> bool:
+    """An execution that a later run continues rather than replaces."""
+    return status in ACTIVE_STATUSES or (status is ExecutionStatus.ERROR and resumable)
+
+
+def is_terminal(status: ExecutionStatus, resumable: bool) -> bool:
+    """An execution that nothing moves any more (what archiving may take away)."""
+    return status in FINAL_STATUSES or (status is ExecutionStatus.ERROR and not resumable)
+
+
+def _check_state_machine() -> None:
+    # The declarations above must agree: a contradiction fails at import, not in a run.
+    for source, target in itertools.pairwise(PATH):
+        if target not in TRANSITIONS[source]:
+            raise AssertionError(f"the step {source} -> {target} is not a transition")
+    for status in ACTIVE_STATUSES:
+        if ExecutionStatus.ERROR not in TRANSITIONS[status]:
+            raise AssertionError(f"an active {status} execution must be able to fail")
+    for target in RESUME_FROM.values():
+        if target not in TRANSITIONS[ExecutionStatus.ERROR]:
+            raise AssertionError(f"a resumed error cannot go back to {target}")
+
+
+_check_state_machine()
+
 
 class IllegalTransition(Exception):
     pass
@@ -178,7 +251,8 @@ class ApiPolicyStatus(StrEnum):
     UNKNOWN = "unknown"
 
 
-SUCCESS_STATUSES = frozenset({"success", "completed", "active", "ready"})
+# A tuple, in this order: the simulator offers them as choices and names them in messages.
+SUCCESS_STATUSES: tuple[str, ...] = ("success", "completed", "active", "ready")
 FAILURE_STATUSES = frozenset({"failed", "failure", "error", "rejected", "cancelled", "canceled"})
 PENDING_STATUSES = frozenset({"pending", "running", "in_progress", "processing", "queued"})
 

@@ -87,7 +87,8 @@ def api_key_problem(raw: str) -> str | None:
     for index, char in enumerate(key):
         where = f"at position {offset + index + 1}"
         if not char.isascii():
-            # httpx encodes header values as ASCII: it would raise UnicodeEncodeError mid-run.
+            # Header values go out as Latin-1 (http.client): a non-ASCII key would reach the
+            # API garbled, or fail to encode (UnicodeEncodeError) mid-run.
             return f"contains a non-ASCII character {where}"
         if char.isspace():
             return f"contains whitespace {where}"

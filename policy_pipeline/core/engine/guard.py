@@ -15,8 +15,8 @@ from datetime import datetime
 from enum import StrEnum
 
 from policy_pipeline.core.policy_api_types import ApiAttempt, PolicyApiError
-from policy_pipeline.core.store import sql as sql
 from policy_pipeline.core.store.state_store import AuditEvent, StateStore
+from policy_pipeline.core.store.statements import guard as sql_guard
 
 GUARD_NAME = "policy_api"
 
@@ -51,11 +51,13 @@ class GuardPolicy:
 
 
 def read_guard(store: StateStore) -> GuardStatus:
+    """The shared state, read only: a guard whose row no writer has created yet never opened,
+    so it reads as closed."""
     with store.warehouse.session() as session:
-        session.rowcount(sql.ENSURE_GUARD, [GUARD_NAME])
-        state, failures, opened_at, probe_owner, last_error = session.rows(
-            sql.READ_GUARD, [GUARD_NAME]
-        )[0]
+        rows = session.rows(sql_guard.READ_GUARD, [GUARD_NAME])
+    if not rows:
+        return GuardStatus(GuardState.CLOSED, 0, None, None, None)
+    state, failures, opened_at, probe_owner, last_error = rows[0]
     return GuardStatus(GuardState(state), int(failures or 0), opened_at, probe_owner, last_error)
 
 
@@ -91,7 +93,7 @@ class ApiGuard:
         with self.store.warehouse.session() as session:
             claimed = (
                 session.rowcount(
-                    sql.CLAIM_GUARD_PROBE,
+                    sql_guard.CLAIM_GUARD_PROBE,
                     [
                         self.owner,
                         GUARD_NAME,
@@ -147,7 +149,10 @@ class ApiGuard:
             self._state = GuardState.OPEN
             streak, error = self._streak, self._last_error
         with self.store.warehouse.session() as session:
-            opened = session.rowcount(sql.OPEN_GUARD, [streak, error[:2000], GUARD_NAME]) == 1
+            # Opening is the one move that may find no row (the guard never left closed): the
+            # writer creates it. The others start from open or half-open, so the row exists.
+            session.rowcount(sql_guard.ENSURE_GUARD, [GUARD_NAME])
+            opened = session.rowcount(sql_guard.OPEN_GUARD, [streak, error[:2000], GUARD_NAME]) == 1
         if opened:
             self._audit(f"guard opened after {streak} consecutive transient failures ({error})")
 
@@ -176,7 +181,7 @@ class ApiGuard:
         self._probing = False
         self._state = GuardState.CLOSED if success else GuardState.OPEN
         self._settled.notify_all()
-        statement = sql.CLOSE_GUARD if success else sql.REOPEN_GUARD
+        statement = sql_guard.CLOSE_GUARD if success else sql_guard.REOPEN_GUARD
         params = (
             [GUARD_NAME, self.owner]
             if success

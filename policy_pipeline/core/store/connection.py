@@ -1,8 +1,11 @@
-"""A thin, warehouse-neutral way to run the statements of ``sql.py``.
+"""A thin, warehouse-neutral way to run the project's statements (``statements/``).
 
-A `Warehouse` opens a connection only for the statements that need it and closes it at once:
-DuckDB lets one process hold a database file, and Dagster runs steps, sensors and the UI in
-separate processes, so holding a connection would turn a brief wait into a lock failure.
+A `WarehouseConnection` opens a connection only for the statements that need it and closes it
+at once: DuckDB lets one process hold a database file, and Dagster runs steps, sensors and the
+UI in separate processes, so holding a connection would turn a brief wait into a lock failure.
+
+Constructing one does nothing. The schema (``schema.TABLES``) is created or migrated by
+``ensure_schema()``, which the first session also runs, once per database per process.
 """
 
 from __future__ import annotations
@@ -12,19 +15,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol
 
-from policy_pipeline.core.store.sql import (
-    BEGIN,
-    COMMIT,
-    ROLLBACK,
-    SCHEMA_COLUMNS,
-    TABLES,
-    Dialect,
-    Statement,
-    add_column,
-    create_table,
-)
+from policy_pipeline.core.store.dialect import SqlDialect, Statement
+from policy_pipeline.core.store.schema import SCHEMA_COLUMNS, TABLES, add_column, create_table
 
 Params = Sequence[Any]
+
+BEGIN = Statement("begin", "BEGIN")
+COMMIT = Statement("commit", "COMMIT")
+ROLLBACK = Statement("rollback", "ROLLBACK")
 
 
 class WarehouseError(RuntimeError):
@@ -42,9 +40,9 @@ class _DBAPISession:
     (outside any transaction begun on the first), so DuckDB statements run on the connection
     itself; Snowflake's run on one cursor for the session."""
 
-    def __init__(self, connection: Any, dialect: Dialect) -> None:
+    def __init__(self, connection: Any, dialect: SqlDialect) -> None:
         self._dialect = dialect
-        self._cursor = connection if dialect is Dialect.DUCKDB else connection.cursor()
+        self._cursor = connection if dialect is SqlDialect.DUCKDB else connection.cursor()
 
     def _execute(self, statement: Statement, params: Params) -> None:
         try:
@@ -63,39 +61,75 @@ class _DBAPISession:
 
     def rowcount(self, statement: Statement, params: Params = ()) -> int:
         self._execute(statement, params)
-        if self._dialect is Dialect.DUCKDB:
+        if self._dialect is SqlDialect.DUCKDB:
             # DuckDB answers DML with a one-row result holding the affected count.
             result = self._cursor.fetchall()
             return int(result[0][0]) if result else 0
         return int(self._cursor.rowcount or 0)
 
     def close(self) -> None:
-        if self._dialect is not Dialect.DUCKDB:
+        if self._dialect is not SqlDialect.DUCKDB:
             self._cursor.close()
+
+
+def _create_or_migrate(session: Session) -> None:
+    """Create the missing tables and add any missing column: one query when the schema is
+    already up to date."""
+    existing: dict[str, set[str]] = {}
+    for table, column in session.rows(SCHEMA_COLUMNS):
+        existing.setdefault(str(table), set()).add(str(column))
+    for table in TABLES:
+        if table.name not in existing:
+            session.rows(create_table(table))
+            continue
+        for column in table.columns:
+            if column.name not in existing[table.name]:
+                session.rows(add_column(table, column))
+
+
+class _SchemaCheck:
+    """Whether one database's schema is known to be up to date in this process. The lock makes
+    threads that open their first sessions together run the check once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
 
 
 ConnectionFactory = Callable[[], AbstractContextManager[Any]]
 
-# One turn per DuckDB file for the whole process: two resources (two sensor ticks, a tick and
-# a run in one process) on one file must not write at the same moment either.
+# Per DuckDB file, for the whole process: one turn (two resources - two sensor ticks, a tick and
+# a run in one process - on one file must not write at the same moment either) and one schema
+# check.
 _DUCKDB_TURNS: dict[str, threading.Lock] = {}
-_DUCKDB_TURNS_LOCK = threading.Lock()
+_SCHEMA_CHECKS: dict[tuple[SqlDialect, str], _SchemaCheck] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def _duckdb_turn(database: str | None) -> threading.Lock:
     if database is None:
         return threading.Lock()
-    with _DUCKDB_TURNS_LOCK:
+    with _SHARED_LOCK:
         return _DUCKDB_TURNS.setdefault(database, threading.Lock())
 
 
-class Warehouse:
+def _schema_check(dialect: SqlDialect, database: str | None) -> _SchemaCheck:
+    # Without a name for its database, a connection cannot share the check: it keeps its own.
+    if database is None:
+        return _SchemaCheck()
+    with _SHARED_LOCK:
+        return _SCHEMA_CHECKS.setdefault((dialect, database), _SchemaCheck())
+
+
+class WarehouseConnection:
     """Runs statements on DuckDB or Snowflake through a connection factory (a dagster-duckdb
     ``DuckDBResource.get_connection`` or a dagster-snowflake ``SnowflakeResource.get_connection``).
+    ``database`` names the database the factory connects to, so that every connection to it in
+    the process shares one DuckDB turn and one schema check.
     """
 
     def __init__(
-        self, dialect: Dialect, connect: ConnectionFactory, database: str | None = None
+        self, dialect: SqlDialect, connect: ConnectionFactory, database: str | None = None
     ) -> None:
         self.dialect = dialect
         self._connect = connect
@@ -103,9 +137,9 @@ class Warehouse:
         # its sessions are short, so threads of one process take turns (per file, when
         # ``database`` names it). Snowflake needs no turn.
         self._turn: AbstractContextManager[Any] = (
-            _duckdb_turn(database) if dialect is Dialect.DUCKDB else nullcontext()
+            _duckdb_turn(database) if dialect is SqlDialect.DUCKDB else nullcontext()
         )
-        self._schema_ready = False
+        self._schema = _schema_check(dialect, database)
         self._local = threading.local()
 
     @contextmanager
@@ -123,8 +157,11 @@ class Warehouse:
             return
         with self._turn, self._connect() as connection:
             raw = _DBAPISession(connection, self.dialect)
-            self._local.session = self._wrap(raw)
             try:
+                # On the first session's own connection, and unobserved by ``_wrap``: the
+                # schema check is not one of the statements a caller runs.
+                self._ensure_schema_on(raw)
+                self._local.session = self._wrap(raw)
                 yield self._local.session
             finally:
                 self._local.session = None
@@ -147,19 +184,17 @@ class Warehouse:
             session.rows(COMMIT)
 
     def ensure_schema(self) -> None:
-        """Create the missing tables and add any missing column; idempotent, one query when the
-        schema is already up to date, and nothing after the first call in a process."""
-        if self._schema_ready:
+        """Create the missing tables and add any missing column. Idempotent: nothing (not even
+        a connection) once this process has checked this database."""
+        if self._schema.done:
             return
-        with self.session() as session:
-            existing: dict[str, set[str]] = {}
-            for table, column in session.rows(SCHEMA_COLUMNS):
-                existing.setdefault(str(table), set()).add(str(column))
-            for table, columns in TABLES.items():
-                if table not in existing:
-                    session.rows(create_table(table))
-                    continue
-                for name, _ddl in columns:
-                    if name not in existing[table]:
-                        session.rows(add_column(table, name))
-        self._schema_ready = True
+        with self.session():
+            pass  # opening the session runs the check
+
+    def _ensure_schema_on(self, session: Session) -> None:
+        if self._schema.done:
+            return
+        with self._schema.lock:
+            if not self._schema.done:
+                _create_or_migrate(session)
+                self._schema.done = True

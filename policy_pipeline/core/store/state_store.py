@@ -1,4 +1,5 @@
-"""The execution state table, the audit trail and the per-policy leases, over any `Warehouse`.
+"""The execution state table, the audit trail and the per-policy leases, over a
+`WarehouseConnection`.
 
 Every method takes a batch: a step over a thousand policies makes a few round trips, not a few
 thousand (each costs tens of milliseconds on Snowflake). Every state change is a conditional
@@ -14,7 +15,6 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -24,99 +24,18 @@ from policy_pipeline.core.domain import (
     check_transition,
     create_idempotency_key,
 )
-from policy_pipeline.core.store import sql as sql
-from policy_pipeline.core.store.connection import Session, Warehouse
+from policy_pipeline.core.store.batches import bind_rows, bind_values
+from policy_pipeline.core.store.connection import Session, WarehouseConnection
+from policy_pipeline.core.store.dialect import Statement
+from policy_pipeline.core.store.rows import MAX_DETAIL_CHARS, AuditEvent, ExecutionRow, to_json
+from policy_pipeline.core.store.schema import STATE
+from policy_pipeline.core.store.statements import executions as sql_executions
+from policy_pipeline.core.store.statements import leases as sql_leases
+from policy_pipeline.core.store.statements import progress as sql_progress
 
-# Audit details are truncated so a huge or hostile response cannot bloat the table.
-MAX_DETAIL_CHARS = 4_000
-
-
-@dataclass(frozen=True)
-class ExecutionRow:
-    execution_id: str
-    policy_name: str
-    policy_id: str | None
-    status: ExecutionStatus
-    poll_count: int
-    completed: bool
-    requires_circuit_breaker: bool
-    circuit_breaker_initiated: bool
-    circuit_breaker_completed: bool
-    error_message: str | None
-    error_step: str | None
-    resumable: bool
-    message: str | None
-    create_idempotency_key: str | None
-    circuit_idempotency_key: str | None
-    policy_content_hash: str | None
-    start_time: datetime | None
-    last_poll_time: datetime | None
-    handed_off: bool = False  # waiting for readiness outside any run
-    auto_resume_count: int = 0
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> ExecutionRow:
-        values = dict(zip(sql.EXECUTION_READ_COLUMNS, row, strict=True))
-        values["status"] = ExecutionStatus(values["status"])
-        values["poll_count"] = int(values["poll_count"] or 0)
-        values["auto_resume_count"] = int(values["auto_resume_count"] or 0)
-        for flag in (
-            "completed",
-            "requires_circuit_breaker",
-            "circuit_breaker_initiated",
-            "circuit_breaker_completed",
-            "resumable",
-            "handed_off",
-        ):
-            values[flag] = bool(values[flag])
-        return cls(**values)
-
-
-def to_json(value: Any, limit: int | None = None) -> sql.JsonText:
-    text = json.dumps(value, default=str, ensure_ascii=False)
-    if limit is not None and len(text) > limit:
-        # Keep valid JSON: a truncated body is stored as a string with its original size.
-        text = json.dumps({"truncated": True, "size": len(text), "head": text[:limit]})
-    return sql.JsonText(text)
-
-
-@dataclass
-class AuditEvent:
-    execution_id: str | None  # None for events about a run rather than an execution
-    policy_name: str
-    # "api_call" | "transition" | "warning" | "handoff" | "resume" | "alert" | "guard" | ...
-    event_type: str
-    message: str
-    endpoint: str | None = None
-    http_method: str | None = None
-    http_status: int | None = None
-    latency_ms: float | None = None
-    attempt: int | None = None
-    outcome: str | None = None
-    from_status: str | None = None
-    to_status: str | None = None
-    detail: Any = None
-    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    def row(self, run_id: str | None) -> dict[str, Any]:
-        """The event as a row of ``sql.INSERT_EVENTS``."""
-        return {
-            "event_id": self.event_id,
-            "execution_id": self.execution_id,
-            "policy_name": self.policy_name,
-            "event_type": self.event_type,
-            "endpoint": self.endpoint,
-            "http_method": self.http_method,
-            "http_status": self.http_status,
-            "latency_ms": self.latency_ms,
-            "attempt": self.attempt,
-            "outcome": self.outcome,
-            "from_status": self.from_status,
-            "to_status": self.to_status,
-            "message": self.message[:MAX_DETAIL_CHARS],
-            "detail": None if self.detail is None else to_json(self.detail, MAX_DETAIL_CHARS),
-            "dagster_run_id": run_id,
-        }
+# The row types live in `rows` (beside the tables they are checked against); importers of the
+# store get them here.
+__all__ = ["MAX_DETAIL_CHARS", "AuditEvent", "ExecutionRow", "StateStore", "to_json"]
 
 
 class StateStore:
@@ -124,12 +43,12 @@ class StateStore:
     same connection as the state change they accompany. Every method runs in one session (one
     connection); inside ``batch()`` several methods share one."""
 
-    def __init__(self, warehouse: Warehouse, run_id: str | None = None) -> None:
+    def __init__(self, warehouse: WarehouseConnection, run_id: str | None = None) -> None:
+        # Nothing runs here: the warehouse creates the schema before its first statement.
         self.warehouse = warehouse
         self.run_id = run_id
         self._pending_events: list[AuditEvent] = []
         self._events_lock = threading.Lock()
-        warehouse.ensure_schema()
 
     def batch(self) -> AbstractContextManager[Session]:
         """One connection for every call made inside (on this thread)."""
@@ -148,17 +67,17 @@ class StateStore:
         if not events:
             return
         with self.warehouse.session() as session:
-            for rows in sql.bind_rows([event.row(self.run_id) for event in events]):
-                session.rowcount(sql.INSERT_EVENTS, [rows])
+            for rows in bind_rows([event.row(self.run_id) for event in events]):
+                session.rowcount(sql_executions.INSERT_EVENTS, [rows])
 
     # --- leases ---------------------------------------------------------------------------------
 
     def acquire_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> set[str]:
         """Claim the free (or expired, or already ours) leases; returns the names now ours."""
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("policy_name", names):
-                session.rowcount(sql.ENSURE_LOCK_ROWS, [batch])
-                session.rowcount(sql.ACQUIRE_LEASES, [owner, ttl_seconds, batch, owner])
+            for batch in bind_values("policy_name", names):
+                session.rowcount(sql_leases.ENSURE_LOCK_ROWS, [batch])
+                session.rowcount(sql_leases.ACQUIRE_LEASES, [owner, ttl_seconds, batch, owner])
             holders = self._holders(session, names)
         return {name for name, (holder, _until) in holders.items() if holder == owner}
 
@@ -168,8 +87,8 @@ class StateStore:
 
     def _holders(self, session: Session, names: Sequence[str]) -> dict[str, tuple[str, datetime]]:
         holders: dict[str, tuple[str, datetime]] = {}
-        for batch in sql.bind_values("policy_name", names):
-            for name, holder, until in session.rows(sql.LEASE_HOLDERS, [batch]):
+        for batch in bind_values("policy_name", names):
+            for name, holder, until in session.rows(sql_leases.LEASE_HOLDERS, [batch]):
                 holders[str(name)] = (str(holder), until)
         return holders
 
@@ -177,16 +96,18 @@ class StateStore:
         self, names: Sequence[str], owner: str, previous_owner: str, ttl_seconds: int
     ) -> None:
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("policy_name", names):
-                session.rowcount(sql.TAKE_OVER_LEASES, [owner, ttl_seconds, batch, previous_owner])
+            for batch in bind_values("policy_name", names):
+                session.rowcount(
+                    sql_leases.TAKE_OVER_LEASES, [owner, ttl_seconds, batch, previous_owner]
+                )
 
     def renew_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> None:
         self.acquire_leases(names, owner, ttl_seconds)
 
     def release_leases(self, names: Sequence[str], owner: str) -> None:
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("policy_name", names):
-                session.rowcount(sql.RELEASE_LEASES, [batch, owner])
+            for batch in bind_values("policy_name", names):
+                session.rowcount(sql_leases.RELEASE_LEASES, [batch, owner])
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -194,8 +115,8 @@ class StateStore:
         """Each policy's active execution, or else its latest (absent: never executed)."""
         found: dict[str, ExecutionRow] = {}
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("policy_name", names):
-                for row in session.rows(sql.CURRENT_EXECUTIONS, [batch]):
+            for batch in bind_values("policy_name", names):
+                for row in session.rows(sql_executions.CURRENT_EXECUTIONS, [batch]):
                     execution = ExecutionRow.from_row(row)
                     found[execution.policy_name] = execution
         return found
@@ -203,8 +124,8 @@ class StateStore:
     def executions(self, ids: Sequence[str]) -> dict[str, ExecutionRow]:
         found: dict[str, ExecutionRow] = {}
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("execution_id", ids):
-                for row in session.rows(sql.EXECUTIONS_BY_ID, [batch]):
+            for batch in bind_values("execution_id", ids):
+                for row in session.rows(sql_executions.EXECUTIONS_BY_ID, [batch]):
                     execution = ExecutionRow.from_row(row)
                     found[execution.execution_id] = execution
         return found
@@ -212,7 +133,7 @@ class StateStore:
     def get(self, execution_id: str) -> ExecutionRow:
         rows = self.executions([execution_id])
         if execution_id not in rows:
-            raise LookupError(f"no execution {execution_id} in {sql.STATE_TABLE}")
+            raise LookupError(f"no execution {execution_id} in {STATE.name}")
         return rows[execution_id]
 
     def current_execution(self, policy_name: str) -> ExecutionRow | None:
@@ -222,8 +143,8 @@ class StateStore:
         """The stored create bodies: a retried create re-sends exactly what was sent."""
         data: dict[str, Any] = {}
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("execution_id", ids):
-                for execution_id, value in session.rows(sql.POLICY_DATA_BY_ID, [batch]):
+            for batch in bind_values("execution_id", ids):
+                for execution_id, value in session.rows(sql_executions.POLICY_DATA_BY_ID, [batch]):
                     data[str(execution_id)] = json.loads(value) if isinstance(value, str) else value
         return data
 
@@ -231,8 +152,8 @@ class StateStore:
         """Every completed execution of these policies, archived ones included."""
         found: list[ExecutionRow] = []
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("policy_name", names):
-                rows = session.rows(sql.COMPLETED_EXECUTIONS, [batch, batch])
+            for batch in bind_values("policy_name", names):
+                rows = session.rows(sql_executions.COMPLETED_EXECUTIONS, [batch, batch])
                 found += [ExecutionRow.from_row(row) for row in rows]
         return found
 
@@ -241,9 +162,9 @@ class StateStore:
         that hold it."""
         holders: dict[str, list[tuple[str, str]]] = {}
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("policy_id", policy_ids):
+            for batch in bind_values("policy_id", policy_ids):
                 for policy_id, execution_id, name in session.rows(
-                    sql.POLICY_ID_HOLDERS, [batch, batch]
+                    sql_executions.POLICY_ID_HOLDERS, [batch, batch]
                 ):
                     holders.setdefault(str(policy_id), []).append((str(execution_id), str(name)))
         return holders
@@ -251,7 +172,7 @@ class StateStore:
     def executed_content(self) -> set[tuple[str, str]]:
         """(policy_name, content hash) of every content ever executed, archived ones included."""
         with self.warehouse.session() as session:
-            rows = session.rows(sql.EXECUTED_CONTENT)
+            rows = session.rows(sql_executions.EXECUTED_CONTENT)
         return {(str(name), str(digest)) for name, digest in rows if digest is not None}
 
     # --- writes ---------------------------------------------------------------------------------
@@ -284,41 +205,20 @@ class StateStore:
             )
         with self.warehouse.session() as session:
             inserted = sum(
-                session.rowcount(sql.INSERT_EXECUTIONS, [batch]) for batch in sql.bind_rows(rows)
+                session.rowcount(sql_executions.INSERT_EXECUTIONS, [batch])
+                for batch in bind_rows(rows)
             )
             if inserted != len(rows):
                 raise RuntimeError(
-                    f"{sql.STATE_TABLE}: {inserted} of {len(rows)} new executions were stored"
+                    f"{STATE.name}: {inserted} of {len(rows)} new executions were stored"
                 )
             self.flush()
         # The rows as just inserted: no read-back needed for what this process wrote itself.
-        return [
-            ExecutionRow(
-                execution_id=row["execution_id"],
-                policy_name=row["policy_name"],
-                policy_id=None,
-                status=ExecutionStatus.PENDING,
-                poll_count=0,
-                completed=False,
-                requires_circuit_breaker=False,
-                circuit_breaker_initiated=False,
-                circuit_breaker_completed=False,
-                error_message=None,
-                error_step=None,
-                resumable=False,
-                message=message,
-                create_idempotency_key=row["create_idempotency_key"],
-                circuit_idempotency_key=None,
-                policy_content_hash=row["policy_content_hash"],
-                start_time=None,
-                last_poll_time=None,
-            )
-            for row in rows
-        ]
+        return [ExecutionRow.new(row) for row in rows]
 
     def _move(
         self,
-        statement: sql.Statement,
+        statement: Statement,
         rows: Sequence[tuple[ExecutionRow, Mapping[str, Any]]],
         target: ExecutionStatus | None,
         messages: Sequence[str] | None = None,
@@ -331,7 +231,7 @@ class StateStore:
                 check_transition(row.status, target)
         with self.warehouse.session() as session:
             values = [{"execution_id": row.execution_id, **columns} for row, columns in rows]
-            for batch in sql.bind_rows(values):
+            for batch in bind_rows(values):
                 session.rowcount(statement, [batch])
             after = self.executions([row.execution_id for row, _ in rows])
             if target is not None:
@@ -351,8 +251,8 @@ class StateStore:
             check_transition(row.status, target)
         ids = [row.execution_id for row in rows]
         with self.warehouse.session() as session:
-            for batch in sql.bind_values("execution_id", ids):
-                session.rowcount(sql.REOPEN_EXECUTIONS, [target.value, message, batch])
+            for batch in bind_values("execution_id", ids):
+                session.rowcount(sql_executions.REOPEN_EXECUTIONS, [target.value, message, batch])
             after = self.executions(ids)
             for row in rows:
                 if after[row.execution_id].status is target:
@@ -366,7 +266,7 @@ class StateStore:
     ) -> dict[str, ExecutionRow]:
         messages = [f"Step 1 complete: policy {policy_id} created" for _r, policy_id, _ in results]
         return self._move(
-            sql.MARK_CREATED,
+            sql_executions.MARK_CREATED,
             [
                 (
                     row,
@@ -399,12 +299,12 @@ class StateStore:
             for row, count, response, message, next_in in polls
         ]
         with self.warehouse.session() as session:
-            for batch in sql.bind_rows(rows):
-                session.rowcount(sql.RECORD_POLLS, [batch])
+            for batch in bind_rows(rows):
+                session.rowcount(sql_executions.RECORD_POLLS, [batch])
 
     def mark_ready(self, rows: Sequence[tuple[ExecutionRow, str]]) -> dict[str, ExecutionRow]:
         return self._move(
-            sql.MARK_READY,
+            sql_executions.MARK_READY,
             [(row, {"policy_id": row.policy_id, "message": message}) for row, message in rows],
             ExecutionStatus.POLICY_READY,
             [message for _row, message in rows],
@@ -418,7 +318,7 @@ class StateStore:
         message = "Step 3: circuit breaker initiated"
         with self.warehouse.session():  # the claim, its read-back and its audit together
             after = self._move(
-                sql.CLAIM_CIRCUIT_BREAKERS,
+                sql_executions.CLAIM_CIRCUIT_BREAKERS,
                 [(row, {"key": key, "reason": reason, "message": message}) for row, key in rows],
                 None,
             )
@@ -435,7 +335,7 @@ class StateStore:
     ) -> dict[str, ExecutionRow]:
         message = "Workflow completed: circuit breaker triggered"
         return self._move(
-            sql.MARK_COMPLETED,
+            sql_executions.MARK_COMPLETED,
             [
                 (row, {"response": to_json(response, MAX_DETAIL_CHARS), "message": message})
                 for row, response in results
@@ -460,11 +360,11 @@ class StateStore:
             }
             rows.append((row, columns))
             messages.append(f"{message}: {error[:500]}")
-        return self._move(sql.MARK_ERRORS, rows, ExecutionStatus.ERROR, messages)
+        return self._move(sql_executions.MARK_ERRORS, rows, ExecutionStatus.ERROR, messages)
 
     def set_responses(self, column: str, responses: Sequence[tuple[ExecutionRow, Any]]) -> None:
         self._move(
-            sql.set_responses(column),
+            sql_executions.set_responses(column),
             [
                 (row, {"response": to_json(response, MAX_DETAIL_CHARS)})
                 for row, response in responses
@@ -478,7 +378,7 @@ class StateStore:
         """Per execution: seconds until its next poll, a message. Afterwards a row with
         ``handed_off`` is the progress sensor's to poll."""
         after = self._move(
-            sql.HAND_OFF,
+            sql_executions.HAND_OFF,
             [(row, {"next_in": max(0, round(delay)), "message": msg}) for row, delay, msg in rows],
             None,
         )
@@ -501,39 +401,41 @@ class StateStore:
         """Handed-off executions whose next poll is due (or due within ``lead_seconds``), with
         the seconds each has waited since it was created."""
         with self.warehouse.session() as session:
-            rows = session.rows(sql.DUE_WAITS, [round(lead_seconds), limit])
+            rows = session.rows(sql_progress.DUE_WAITS, [round(lead_seconds), limit])
         return [(ExecutionRow.from_row(row[:-1]), int(row[-1] or 0)) for row in rows]
 
     def wait_summary(self) -> tuple[int, int | None]:
         """How many executions wait outside runs, and in how many seconds the next is due."""
         with self.warehouse.session() as session:
-            [(count, next_due)] = session.rows(sql.WAIT_SUMMARY)
+            [(count, next_due)] = session.rows(sql_progress.WAIT_SUMMARY)
         return int(count or 0), None if next_due is None else int(next_due)
 
     def resume_candidates(self, limit: int) -> list[tuple[ExecutionRow, int]]:
         """Executions nothing is moving, with seconds since they last moved or were resumed."""
         with self.warehouse.session() as session:
-            rows = session.rows(sql.RESUME_CANDIDATES, [limit])
+            rows = session.rows(sql_progress.RESUME_CANDIDATES, [limit])
         return [(ExecutionRow.from_row(row[:-1]), int(row[-1] or 0)) for row in rows]
 
     def _claim(
-        self, statement: sql.Statement, rows: Sequence[Mapping[str, Any]], token: str
+        self, statement: Statement, rows: Sequence[Mapping[str, Any]], token: str
     ) -> set[str]:
         if not rows:
             return set()
         with self.warehouse.session() as session:
-            for batch in sql.bind_rows([{**row, "token": token} for row in rows]):
+            for batch in bind_rows([{**row, "token": token} for row in rows]):
                 session.rowcount(statement, [batch])
             claimed: set[str] = set()
             ids = [str(row["execution_id"]) for row in rows]
-            for batch in sql.bind_values("execution_id", ids):
-                claimed.update(str(r[0]) for r in session.rows(sql.CLAIMED_BY, [token, batch]))
+            for batch in bind_values("execution_id", ids):
+                claimed.update(
+                    str(r[0]) for r in session.rows(sql_progress.CLAIMED_BY, [token, batch])
+                )
         return claimed
 
     def claim_resumes(self, rows: Sequence[ExecutionRow], token: str, why: str) -> set[str]:
         """One tick wins each resumption (execution, count); returns the ids this one won."""
         claimed = self._claim(
-            sql.CLAIM_RESUMES,
+            sql_progress.CLAIM_RESUMES,
             [{"execution_id": r.execution_id, "count": r.auto_resume_count} for r in rows],
             token,
         )
@@ -554,14 +456,16 @@ class StateStore:
     def claim_circuit_requests(self, rows: Sequence[ExecutionRow], token: str) -> set[str]:
         """One tick wins the circuit-breaker run of an execution that turned ready."""
         return self._claim(
-            sql.CLAIM_CIRCUIT_REQUESTS, [{"execution_id": r.execution_id} for r in rows], token
+            sql_progress.CLAIM_CIRCUIT_REQUESTS,
+            [{"execution_id": r.execution_id} for r in rows],
+            token,
         )
 
     def give_up(self, failures: Sequence[tuple[ExecutionRow, str, str]], token: str) -> set[str]:
         """Per execution: the step and the error. It ends ``error`` for good; returns the ids
         this call moved (audited)."""
         claimed = self._claim(
-            sql.GIVE_UP,
+            sql_progress.GIVE_UP,
             [
                 {
                     "execution_id": row.execution_id,
@@ -584,7 +488,7 @@ class StateStore:
     def force_ready(self, row: ExecutionRow, message: str) -> bool:
         check_transition(row.status, ExecutionStatus.POLICY_READY)
         with self.warehouse.session() as session:
-            moved = session.rowcount(sql.FORCE_READY, [message, row.execution_id]) == 1
+            moved = session.rowcount(sql_executions.FORCE_READY, [message, row.execution_id]) == 1
             if moved:
                 self._audit_move(row, ExecutionStatus.POLICY_READY, message)
                 self.flush()
@@ -602,7 +506,7 @@ class StateStore:
             before.execution_id,
         ]
         with self.warehouse.session() as session:
-            moved = session.rowcount(sql.UNDO_FORCE_READY, params) == 1
+            moved = session.rowcount(sql_executions.UNDO_FORCE_READY, params) == 1
             if moved:
                 forced = dataclasses.replace(before, status=ExecutionStatus.POLICY_READY)
                 self._audit_move(forced, before.status, message)
@@ -611,12 +515,13 @@ class StateStore:
 
     def skip_circuit_breaker(self, row: ExecutionRow, message: str, force: bool) -> bool:
         check_transition(row.status, ExecutionStatus.COMPLETED)
-        allowed = ["policy_ready", "policy_created", "error"] if force else ["policy_ready"] * 3
+        statement = (
+            sql_executions.FORCE_SKIP_CIRCUIT_BREAKER
+            if force
+            else sql_executions.SKIP_CIRCUIT_BREAKER
+        )
         with self.warehouse.session() as session:
-            moved = (
-                session.rowcount(sql.SKIP_CIRCUIT_BREAKER, [message, row.execution_id, *allowed])
-                == 1
-            )
+            moved = session.rowcount(statement, [message, row.execution_id]) == 1
             if moved:
                 self._audit_move(row, ExecutionStatus.COMPLETED, message)
                 self.flush()

@@ -17,8 +17,8 @@ from dagster import (
 )
 from pydantic import Field
 
-from policy_pipeline.core.settings import env_float, env_int
-from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.store.health import HealthReport
 from policy_pipeline.resources import PolicyStateResource
 
 RESULTS_VIEW = AssetKey("policy_execution_results")
@@ -33,7 +33,7 @@ def _jsonable(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
 class StuckConfig(Config):
     older_than_minutes: int = Field(
-        default_factory=lambda: env_int("POLICY_STUCK_AFTER_MINUTES", 60, minimum=1),
+        default_factory=lambda: Settings.from_env().checks.stuck_after_minutes,
         description="An execution still in flight after this long is stuck "
         "(env POLICY_STUCK_AFTER_MINUTES, default 60: the seed's hour).",
     )
@@ -47,7 +47,7 @@ class StuckConfig(Config):
 def no_stuck_executions(
     context: AssetCheckExecutionContext, config: StuckConfig, policy_state: PolicyStateResource
 ) -> AssetCheckResult:
-    monitor = Monitor(policy_state.warehouse())
+    monitor = HealthReport(policy_state.warehouse())
     count = monitor.stuck_count(config.older_than_minutes)
     stuck = monitor.stuck_executions(config.older_than_minutes) if count else []
     return AssetCheckResult(
@@ -64,14 +64,14 @@ def no_stuck_executions(
 
 class SuccessRateConfig(Config):
     window_hours: int = Field(
-        default_factory=lambda: env_int("POLICY_SUCCESS_RATE_WINDOW_HOURS", 24, minimum=1)
+        default_factory=lambda: Settings.from_env().checks.success_rate_window_hours
     )
     warn_below_percent: float = Field(
-        default_factory=lambda: env_float("POLICY_SUCCESS_RATE_WARN_PERCENT", 95.0),
+        default_factory=lambda: Settings.from_env().checks.success_rate_warn_percent,
         description="Below this rate the check fails with WARN (env, default 95).",
     )
     error_below_percent: float = Field(
-        default_factory=lambda: env_float("POLICY_SUCCESS_RATE_ERROR_PERCENT", 80.0),
+        default_factory=lambda: Settings.from_env().checks.success_rate_error_percent,
         description="Below this rate the check fails with ERROR (env, default 80).",
     )
 
@@ -87,7 +87,7 @@ def success_rate_24h(
     config: SuccessRateConfig,
     policy_state: PolicyStateResource,
 ) -> AssetCheckResult:
-    rate = Monitor(policy_state.warehouse()).success_rate(config.window_hours)
+    rate = HealthReport(policy_state.warehouse()).success_rate(config.window_hours)
     metadata: dict[str, MetadataValue] = {
         "total": MetadataValue.int(rate.total),
         "successful": MetadataValue.int(rate.successful),
@@ -119,7 +119,7 @@ def success_rate_24h(
 
 class ConsistencyConfig(Config):
     max_polls: int = Field(
-        default_factory=lambda: env_int("POLICY_POLL_MAX_POLLS", 60, minimum=1),
+        default_factory=lambda: Settings.from_env().polling.max_polls,
         description="Polls allowed per run of policy_ready (env POLICY_POLL_MAX_POLLS).",
     )
 
@@ -135,7 +135,7 @@ def state_consistency(
     config: ConsistencyConfig,
     policy_state: PolicyStateResource,
 ) -> AssetCheckResult:
-    violations = Monitor(policy_state.warehouse()).consistency_violations(config.max_polls)
+    violations = HealthReport(policy_state.warehouse()).consistency_violations(config.max_polls)
     kinds = sorted({str(v["violation"]) for v in violations})
     return AssetCheckResult(
         passed=not violations,

@@ -12,20 +12,20 @@ from dagster import (
 from pydantic import Field
 
 from policy_pipeline.core.liveness import Holder, this_process
-from policy_pipeline.core.settings import env_int
-from policy_pipeline.core.store.housekeeping import Monitor
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.store.archiver import Archiver
 from policy_pipeline.defs.workflow.assets import PROCESS_TAG, report_dead_run
 from policy_pipeline.resources import PolicyStateResource
 
 
 class ArchiveConfig(Config):
     retention_days: int = Field(
-        default_factory=lambda: env_int("POLICY_ARCHIVE_RETENTION_DAYS", 7, minimum=0),
+        default_factory=lambda: Settings.from_env().archive.retention_days,
         description="Terminal executions older than this are archived "
         "(env POLICY_ARCHIVE_RETENTION_DAYS, default 7).",
     )
     batch_size: int = Field(
-        default_factory=lambda: env_int("POLICY_ARCHIVE_BATCH_SIZE", 500, minimum=1),
+        default_factory=lambda: Settings.from_env().archive.batch_size,
         description="Executions moved per transaction.",
     )
 
@@ -34,7 +34,7 @@ class ArchiveConfig(Config):
 def archive_terminal_executions(
     context: OpExecutionContext, config: ArchiveConfig, policy_state: PolicyStateResource
 ) -> None:
-    monitor = Monitor(policy_state.warehouse())
+    archiver = Archiver(policy_state.warehouse())
 
     context.instance.add_run_tags(context.run_id, {PROCESS_TAG: this_process()})
 
@@ -49,9 +49,9 @@ def archive_terminal_executions(
             return False
         return True
 
-    for archive_id in monitor.interrupt_dead_archive_runs(alive):
+    for archive_id in archiver.interrupt_dead_archive_runs(alive):
         context.log.warning(f"archive run {archive_id} was interrupted; marked so")
-    result = monitor.archive(config.retention_days, config.batch_size, run_id=context.run_id)
+    result = archiver.archive(config.retention_days, config.batch_size, run_id=context.run_id)
     context.log.info(
         f"archived {result.executions} executions and {result.events} events "
         f"in {result.batches} batches (archive run {result.archive_run_id})"

@@ -16,8 +16,8 @@ policies already ready). Nothing goes through an IO manager: the state lives in 
 
 import queue
 import threading
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -26,9 +26,9 @@ from dagster import (
     AssetMaterialization,
     AssetObservation,
     AssetsDefinition,
+    AssetSelection,
     AssetSpec,
     BackfillPolicy,
-    BetaWarning,
     Config,
     DagsterInstance,
     DagsterRun,
@@ -39,11 +39,10 @@ from dagster import (
     in_process_executor,
     multi_asset,
 )
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 
-from policy_pipeline.core.catalog import CatalogEntry
+from policy_pipeline.core.catalog import CatalogEntry, CatalogError, load_catalog
 from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
 from policy_pipeline.core.engine.workflow import (
     STEP_CIRCUIT,
@@ -58,9 +57,9 @@ from policy_pipeline.core.engine.workflow import (
     StepOutcome,
 )
 from policy_pipeline.core.liveness import Holder, lease_owner, this_process
-from policy_pipeline.core.policy_api import PolicyApiResource
-from policy_pipeline.core.settings import env_float, env_int
-from policy_pipeline.resources import PolicyStateResource, progress_policy
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.resources import PolicyStateResource
+from policy_pipeline.resources.policy_api import PolicyApiResource
 
 WORKFLOW_GROUP = "policy_workflow"
 WORKFLOW_STEP = "policy_workflow"  # the op behind the three assets (its run config key)
@@ -92,28 +91,28 @@ class WorkflowConfig(Config):
         "(by default the same content is one policy).",
     )
     initial_interval_seconds: float = Field(
-        default_factory=lambda: env_float("POLICY_POLL_INITIAL_SECONDS", 1.0),
+        default_factory=lambda: Settings.from_env().polling.initial_seconds,
         description="Wait before the first poll and after it (env POLICY_POLL_INITIAL_SECONDS, 1).",
     )
     max_interval_seconds: float = Field(
-        default_factory=lambda: env_float("POLICY_POLL_MAX_INTERVAL_SECONDS", 30.0),
+        default_factory=lambda: Settings.from_env().polling.max_interval_seconds,
         description="Cap on the wait between polls (env POLICY_POLL_MAX_INTERVAL_SECONDS, 30).",
     )
     backoff_multiplier: float = Field(
-        default_factory=lambda: env_float("POLICY_POLL_BACKOFF_MULTIPLIER", 2.0, minimum=1.0),
+        default_factory=lambda: Settings.from_env().polling.backoff_multiplier,
         description="Growth of the wait per poll (env POLICY_POLL_BACKOFF_MULTIPLIER, 2).",
     )
     max_polls: int = Field(
-        default_factory=lambda: env_int("POLICY_POLL_MAX_POLLS", 60, minimum=1),
+        default_factory=lambda: Settings.from_env().polling.max_polls,
         description="Polls per policy and run before giving up on it (env "
         "POLICY_POLL_MAX_POLLS, default 60).",
     )
     deadline_seconds: float = Field(
-        default_factory=lambda: env_float("POLICY_POLL_DEADLINE_SECONDS", 900.0),
+        default_factory=lambda: Settings.from_env().polling.deadline_seconds,
         description="Polling deadline per policy and run (env POLICY_POLL_DEADLINE_SECONDS, 900).",
     )
     wait_handoff_seconds: float = Field(
-        default_factory=lambda: env_float("POLICY_WAIT_HANDOFF_SECONDS", 120.0),
+        default_factory=lambda: Settings.from_env().polling.handoff_seconds,
         description="A policy still not ready after this long is handed off: the run lets it "
         "go and policy_progress_sensor polls it (env POLICY_WAIT_HANDOFF_SECONDS, 120; 0 never).",
     )
@@ -126,7 +125,7 @@ class WorkflowConfig(Config):
             max_polls=self.max_polls,
             deadline_seconds=self.deadline_seconds,
             handoff_seconds=self.wait_handoff_seconds,
-            handoff_poll_seconds=progress_policy().wait_poll_seconds,
+            handoff_poll_seconds=Settings.from_env().progress.wait_poll_seconds,
         )
 
 
@@ -145,7 +144,7 @@ def _workflow(
     )
     return PolicyWorkflow(
         store=store,
-        api=api,
+        api=api.get_client(),
         owner=owner,
         log=context.log,
         lease=LeasePolicy(
@@ -220,23 +219,26 @@ def partition_tags(first: str, last: str) -> dict[str, str]:
     }
 
 
-def register_partitions(context: AssetExecutionContext, keys: Sequence[str]) -> None:
+def register_policies(instance: DagsterInstance, names: Sequence[str]) -> list[str]:
     """Make these policies known partitions of the instance (a fresh DAGSTER_HOME has none
-    until the catalog sensor's first tick), in the order given: the caller passes every
-    catalog policy in name order, so that partition ranges follow the catalog."""
+    until the catalog sensor's first tick), in the order given, and return those it added.
+    Callers pass every catalog policy in name order, so that partition ranges follow the
+    catalog. The one place partitions are added outside the catalog sensor's own request: runs,
+    `policy-pipeline register-partitions` and the demo."""
     for attempt in range(3):
-        known = set(context.instance.get_dynamic_partitions(PARTITIONS_NAME))
-        missing = [key for key in keys if key not in known]
+        known = set(instance.get_dynamic_partitions(PARTITIONS_NAME))
+        missing = [name for name in names if name not in known]
         if not missing:
-            return
+            return []
         try:
-            context.instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
-            return
+            instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
+            return missing
         except IntegrityError:
             # Another run registered some of them at the same moment (two runs started at
             # once on a fresh instance): read again and add what is still missing.
             if attempt == 2:
                 raise
+    return []
 
 
 def _run_policies(
@@ -315,7 +317,7 @@ def run_workflow(
     context.instance.add_run_tags(context.run.run_id, {PROCESS_TAG: this_process()})
     # Every catalog policy not yet a partition, in name order (not just this run's): a
     # range then follows the catalog, whatever single runs came first.
-    register_partitions(context, sorted(catalog))
+    register_policies(context.instance, sorted(catalog))
     keys = _run_policies(context, catalog, config)
     runnable = [key for key in keys if key in catalog]
     steps = [step for step in STEPS if AssetKey(step) in context.selected_asset_keys]
@@ -378,11 +380,24 @@ def run_workflow(
         )
 
 
-def build_workflow_assets(
-    catalog: Mapping[str, CatalogEntry],
-) -> tuple[list[AssetsDefinition], UnresolvedAssetJobDefinition]:
-    # single_run() is what lets a backfill hand many policies to one run (beta in Dagster).
-    warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
+def _catalog(directory: Path) -> dict[str, CatalogEntry]:
+    """The catalog, read when a run starts (not when the definitions load)."""
+    try:
+        return load_catalog(directory)
+    except CatalogError as exc:
+        raise Failure(f"the policy catalog cannot be read: {exc}") from None
+
+
+# The pool every Policy API caller is in (the workflow step; the progress sensor is one process
+# with its own bound): its limit, set on the instance (deploy/dagster.yaml, or `dagster
+# instance concurrency set policy_api N`), holds however the assets are materialized (a job,
+# the asset graph's __ASSET_JOB, a sensor's run, a backfill).
+POLICY_API_POOL = "policy_api"
+
+
+def build_workflow_assets(settings: Settings) -> AssetsDefinition:
+    """The three workflow assets as one multi-asset step over the catalog in
+    ``settings.catalog_dir``."""
     common: dict[str, Any] = {
         "group_name": WORKFLOW_GROUP,
         "owners": OWNERS,
@@ -396,7 +411,8 @@ def build_workflow_assets(
             description="Step 1: the policy exists in the Policy API (POST /createpolicy) and "
             "its policy_id is stored and verified in policy_execution_state. Resumes an active "
             "execution instead of creating a second policy, and creates none for content that "
-            "has already completed (run config force_new_execution to override).",
+            "has already completed (run config force_new_execution to override). "
+            "Code: policy_pipeline/core/engine/policy_created.py.",
             **common,
         ),
         AssetSpec(
@@ -404,24 +420,28 @@ def build_workflow_assets(
             deps=[STEP_CREATE],
             description="Step 2: the Policy API reports the policy ready (GET "
             "/policy/{policy_id} polled with backoff and jitter) and the state row agrees "
-            "(status policy_ready).",
+            "(status policy_ready). Code: policy_pipeline/core/engine/policy_ready.py.",
             **common,
         ),
         AssetSpec(
             STEP_CIRCUIT,
             deps=[STEP_READY],
             description="Step 3: the circuit breaker was triggered exactly once (POST /circuit) "
-            "for a ready policy, and the execution is completed.",
+            "for a ready policy, and the execution is completed. "
+            "Code: policy_pipeline/core/engine/circuit_breaker_activation.py.",
             **common,
         ),
     ]
+    catalog_dir = settings.catalog_dir
 
     @multi_asset(
         name=WORKFLOW_STEP,
         specs=specs,
         partitions_def=POLICY_PARTITIONS,
+        # single_run() lets a backfill hand many policies to one run.
         backfill_policy=BackfillPolicy.single_run(),
         can_subset=True,
+        pool=POLICY_API_POOL,
         description="The policy workflow: each policy of the run goes through the selected "
         "steps on its own, and each asset partition is materialized as its policy passes it.",
     )
@@ -431,17 +451,19 @@ def build_workflow_assets(
         policy_api: PolicyApiResource,
         policy_state: PolicyStateResource,
     ) -> Iterator[AssetMaterialization | AssetObservation]:
-        yield from run_workflow(context, catalog, config, policy_api, policy_state)
+        yield from run_workflow(context, _catalog(catalog_dir), config, policy_api, policy_state)
 
-    job = define_asset_job(
-        JOB_NAME,
-        selection=[policy_workflow],
-        description="The seed's three-step policy workflow for one or more policies.",
-        # The step is I/O-bound (it fans out over threads inside), so one process per step
-        # would only add interpreter start-up to every run.
-        executor_def=in_process_executor,
-        # Every run calls the Policy API: deploy/dagster.yaml limits how many such runs are in
-        # progress at once by this tag (tag_concurrency_limits).
-        tags={"policy_pipeline/api": "true"},
-    )
-    return [policy_workflow], job
+    return policy_workflow
+
+
+policy_workflow_job = define_asset_job(
+    JOB_NAME,
+    selection=AssetSelection.assets(*STEPS),
+    description="The seed's three-step policy workflow for one or more policies.",
+    # The step is I/O-bound (it fans out over threads inside), so one process per step would
+    # only add interpreter start-up to every run.
+    executor_def=in_process_executor,
+    # deploy/dagster.yaml also limits how many such runs are in progress at once by this tag
+    # (tag_concurrency_limits); the pool limits the steps, whatever launched them.
+    tags={"policy_pipeline/api": "true"},
+)

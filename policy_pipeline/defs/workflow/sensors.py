@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import httpx
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetKey,
@@ -27,25 +26,23 @@ from dagster import (
     DagsterRunStatus,
     DefaultSensorStatus,
     MetadataValue,
-    RunFailureSensorContext,
     RunRequest,
     RunsFilter,
+    SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
-    run_failure_sensor,
     sensor,
 )
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
-from policy_pipeline.core.engine.progress import ProgressTick, group_runs
+from policy_pipeline.core.engine.progress import ProgressPolicy, ProgressTick, group_runs
 from policy_pipeline.core.engine.workflow import STEP_CIRCUIT, STEP_READY
 from policy_pipeline.core.liveness import Holder
-from policy_pipeline.core.policy_api import PolicyApiResource
-from policy_pipeline.core.settings import Settings, env_int
+from policy_pipeline.core.settings import Settings
 from policy_pipeline.core.store.state_store import AuditEvent, ExecutionRow, StateStore
+from policy_pipeline.defs.monitoring.alerts import post_alert
 from policy_pipeline.defs.workflow.assets import (
     JOB_NAME,
     PARTITIONS_NAME,
@@ -53,14 +50,13 @@ from policy_pipeline.defs.workflow.assets import (
     SENSOR_TAG,
     contiguous_ranges,
     partition_tags,
+    policy_workflow_job,
     report_dead_run,
 )
-from policy_pipeline.resources import PolicyStateResource, progress_policy
+from policy_pipeline.resources import PolicyStateResource
+from policy_pipeline.resources.policy_api import PolicyApiResource
 
-ALERT_TIMEOUT_SECONDS = 10.0
 PROGRESS_SENSOR = "policy_progress_sensor"
-# Runs launched by the progress sensor that may wait in the queue before it launches more.
-PROGRESS_QUEUE_LIMIT_DEFAULT = 20
 _WAITING_TO_START = [
     DagsterRunStatus.QUEUED,
     DagsterRunStatus.NOT_STARTED,
@@ -69,10 +65,27 @@ _WAITING_TO_START = [
 _STARTED = DagsterRunStatus.STARTED
 
 
-def build_catalog_sensor(job: UnresolvedAssetJobDefinition) -> Any:
+def progress_policy(settings: Settings) -> ProgressPolicy:
+    """`policy_progress_sensor`'s settings (README, "Nothing waits on a person")."""
+    progress = settings.progress
+    return ProgressPolicy(
+        wait_poll_seconds=progress.wait_poll_seconds,
+        wait_deadline_seconds=progress.wait_deadline_seconds,
+        poll_batch=progress.poll_batch,
+        tick_budget_seconds=progress.tick_budget_seconds,
+        concurrency=settings.api.max_concurrency,
+        resume_max_attempts=progress.resume_max_attempts,
+        resume_backoff_seconds=progress.resume_backoff_seconds,
+        resume_backoff_max_seconds=progress.resume_backoff_max_seconds,
+    )
+
+
+def build_catalog_sensor(settings: Settings) -> SensorDefinition:
+    catalog_dir = settings.catalog_dir
+
     @sensor(
         name="policy_catalog_sensor",
-        job=job,
+        job=policy_workflow_job,
         minimum_interval_seconds=30,
         default_status=DefaultSensorStatus.RUNNING,
         description="Runs the workflow for every new or changed policy file in the catalog.",
@@ -80,9 +93,8 @@ def build_catalog_sensor(job: UnresolvedAssetJobDefinition) -> Any:
     def policy_catalog_sensor(
         context: SensorEvaluationContext, policy_state: PolicyStateResource
     ) -> SensorResult | SkipReason:
-        settings = Settings.from_env()
         try:
-            catalog = load_catalog(settings.catalog_dir)
+            catalog = load_catalog(catalog_dir)
         except CatalogError as exc:
             # A broken catalog launches nothing until it is fixed.
             context.log.error(str(exc))
@@ -123,11 +135,13 @@ def build_catalog_sensor(job: UnresolvedAssetJobDefinition) -> Any:
     return policy_catalog_sensor
 
 
-def build_progress_sensor(job: UnresolvedAssetJobDefinition) -> Any:
+def build_progress_sensor(settings: Settings) -> SensorDefinition:
+    catalog_dir = settings.catalog_dir
+
     @sensor(
         name=PROGRESS_SENSOR,
-        job=job,
-        minimum_interval_seconds=env_int("POLICY_PROGRESS_TICK_SECONDS", 30, minimum=1),
+        job=policy_workflow_job,
+        minimum_interval_seconds=settings.progress.tick_seconds,
         default_status=DefaultSensorStatus.RUNNING,
         description="Polls the policies that runs handed off (reports policy_ready, requests "
         "the circuit-breaker run) and resumes, with backoff, every execution that nothing "
@@ -138,7 +152,7 @@ def build_progress_sensor(job: UnresolvedAssetJobDefinition) -> Any:
         policy_state: PolicyStateResource,
         policy_api: PolicyApiResource,
     ) -> SensorResult | SkipReason:
-        return progress_tick(context, policy_state, policy_api)
+        return progress_tick(context, policy_state, policy_api, catalog_dir)
 
     return policy_progress_sensor
 
@@ -147,10 +161,12 @@ def progress_tick(
     context: SensorEvaluationContext,
     policy_state: PolicyStateResource,
     policy_api: PolicyApiResource,
+    catalog_dir: Path,
 ) -> SensorResult | SkipReason:
     """One tick: nothing at all until the cursor says the warehouse is due (so that it can
     suspend while policies only wait), then the due polls and the resumption scan together."""
-    policy = progress_policy()
+    settings = Settings.from_env()
+    policy = progress_policy(settings)
     cursor: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
     started = time.time()
     if started < cursor.get("next_at", 0.0):
@@ -164,7 +180,7 @@ def progress_tick(
             cooldown_seconds=policy_api.guard_cooldown_seconds,
         ),
     )
-    tick = ProgressTick(store, policy_api, policy, context.log, guard)
+    tick = ProgressTick(store, policy_api.get_client(), policy, context.log, guard)
     # Poll what is due before the next wake too: one wake serves a whole cadence.
     waits = tick.poll_waiting(lead_seconds=policy.wait_poll_seconds / 2)
     asset_events = [_ready_event(row) for row in waits.ready]
@@ -175,13 +191,12 @@ def progress_tick(
     for row, error in waits.failed:
         _alert(context, store, row, "policy_ready", error)
 
-    settings = Settings.from_env()
     try:
-        known: set[str] | None = set(load_catalog(settings.catalog_dir))
+        known: set[str] | None = set(load_catalog(catalog_dir))
     except CatalogError as exc:
         context.log.warning(f"catalog unreadable, resuming only what it cannot judge: {exc}")
         known = None
-    queue_limit = env_int("POLICY_PROGRESS_QUEUE_LIMIT", PROGRESS_QUEUE_LIMIT_DEFAULT, minimum=1)
+    queue_limit = settings.progress.queue_limit
     runs = context.instance.get_runs(
         RunsFilter(tags={SENSOR_TAG: "progress"}, statuses=[*_WAITING_TO_START, _STARTED]),
         limit=1000,
@@ -326,72 +341,3 @@ def _alert(
     )
     store.flush()
     post_alert(summary, context.log)
-
-
-def _failure_summary(context: RunFailureSensorContext) -> dict[str, Any]:
-    run = context.dagster_run
-    tags = run.tags
-    steps = []
-    for event in context.get_step_failure_events():
-        data = event.step_failure_data
-        error = data.error.message.strip() if data and data.error else "unknown error"
-        metadata = data.user_failure_data.metadata if data and data.user_failure_data else {}
-        failed: Any = metadata["failed_policies"].value if "failed_policies" in metadata else None
-        # The workflow step where the (first) failed policy stopped, not the Dagster op that
-        # runs all three.
-        where: Any = metadata["failed_steps"].value if "failed_steps" in metadata else None
-        step = min(where.items())[1] if isinstance(where, dict) and where else event.step_key
-        steps.append({"step": step, "error": error[:2000], "failed_policies": failed})
-    policy = tags.get("dagster/partition") or (
-        f"{tags.get('dagster/asset_partition_range_start')}.."
-        f"{tags.get('dagster/asset_partition_range_end')}"
-        if "dagster/asset_partition_range_start" in tags
-        else None
-    )
-    return {
-        "run_id": run.run_id,
-        "job": run.job_name,
-        "policy": policy,
-        "step": steps[0]["step"] if steps else None,
-        "error": steps[0]["error"] if steps else (context.failure_event.message or ""),
-        "steps": steps,
-    }
-
-
-@run_failure_sensor(
-    name="policy_run_failure_alert",
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Records every failed run in the audit table and, when POLICY_ALERT_WEBHOOK_URL "
-    "is set, posts a JSON alert (policy, step, error) to it.",
-)
-def policy_run_failure_alert(
-    context: RunFailureSensorContext, policy_state: PolicyStateResource
-) -> None:
-    summary = _failure_summary(context)
-    store = policy_state.store(run_id=summary["run_id"])
-    store.audit(
-        AuditEvent(
-            execution_id=None,
-            policy_name=summary["policy"] or "",
-            event_type="run_failure",
-            message=f"run {summary['run_id']} of {summary['job']} failed at {summary['step']}",
-            detail=summary,
-        )
-    )
-    store.flush()
-    post_alert(summary, context.log)
-
-
-def post_alert(summary: dict[str, Any], log: Any) -> None:
-    """POST the alert to POLICY_ALERT_WEBHOOK_URL when set (best effort: it is audited)."""
-    url = os.environ.get("POLICY_ALERT_WEBHOOK_URL", "").strip()
-    if not url:
-        return
-    try:
-        response = httpx.post(url, json=summary, timeout=ALERT_TIMEOUT_SECONDS)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        # The alert is best-effort; the failure is already recorded in the audit table.
-        log.warning(f"alert webhook failed: {type(exc).__name__}: {exc}")
-    else:
-        log.info(f"alert posted for {summary['run_id'] or summary['policy']}")

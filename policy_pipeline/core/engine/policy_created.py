@@ -1,0 +1,245 @@
+"""The rules of the ``policy_created`` asset (step 1): create each policy at the Policy API.
+
+Which policies need a create (and which are done, resumed or refused), the intent committed
+before the call, the ``POST /createpolicy`` call with the execution's idempotency key, what its
+answer means, and the conditional ``policy_created`` write that binds one policy_id to one
+execution. The run (`workflow.py`) calls these; the workers (`scheduling.py`) call
+`request` and `answer` for each ``"create"`` call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from policy_pipeline.core.domain import ExecutionStatus, PolicyDefinition
+from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
+from policy_pipeline.core.engine.steps import ACTIVE_STATUSES, STEP_CREATE
+from policy_pipeline.core.failpoints import failpoint
+from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError
+from policy_pipeline.core.store.schema import STATE
+from policy_pipeline.core.store.state_store import ExecutionRow
+
+# A policy_id goes into a URL path and into the state table: an identifier, nothing else.
+POLICY_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class PolicyCreatedStep:
+    """Step 1 for every policy of one run."""
+
+    call = "create"
+
+    def __init__(
+        self,
+        run: RunContext,
+        definitions: Mapping[str, PolicyDefinition],
+        force_new: bool,
+        recreate_failed: bool,
+    ) -> None:
+        self.run = run
+        self.definitions = definitions
+        self.force_new = force_new
+        self.recreate_failed = recreate_failed
+        self.bodies: dict[str, Any] = {}  # stored create bodies of resumed intents
+        # Completed executions by policy and content hash, archived ones included.
+        self.completed: dict[str, dict[str, ExecutionRow]] = {}
+
+    def read(self, tracks: list[Track], current: dict[str, ExecutionRow]) -> None:
+        """What `begin` needs to know beyond the current executions, read by the writer as
+        the policies enter the run (without ``changed`` held)."""
+        store = self.run.store
+        if STEP_CREATE in self.run.steps and not self.force_new:
+            for done in store.completed_executions([t.name for t in tracks]):
+                if done.policy_content_hash is not None:
+                    by_hash = self.completed.setdefault(done.policy_name, {})
+                    by_hash.setdefault(done.policy_content_hash, done)
+        if STEP_CREATE in self.run.steps:
+            # A resumed intent re-sends exactly the body it stored.
+            pending = [
+                r.execution_id for r in current.values() if r.status is ExecutionStatus.PENDING
+            ]
+            self.bodies.update(store.policy_data(pending) if pending else {})
+
+    # The methods below are called with ``changed`` held, except the writes and `request`.
+
+    def begin(self, track: Track, claims: list[Track]) -> None:
+        """Pass it at once if this content already completed; refuse a failed policy to an
+        automatic retry; otherwise record an intent, or re-send a recorded one."""
+        run, step, row = self.run, track.steps[0], track.row
+        definition = self.definitions[track.name]
+        if (
+            row is not None
+            and row.status is ExecutionStatus.COMPLETED
+            and not self.force_new
+            and row.policy_content_hash == definition.content_hash()
+        ):
+            run.detail(f"policy '{track.name}': this content completed as {row.policy_id}")
+            run.passed(track, "already completed for this content", claims)
+        elif (
+            (row is None or row.status is ExecutionStatus.COMPLETED)
+            and not self.force_new
+            and definition.content_hash() in self.completed.get(track.name, {})
+        ):
+            # Completed before, and archived since (or superseded by other content that
+            # has now come back): still one policy per content.
+            track.row = self.completed[track.name][definition.content_hash()]
+            run.detail(
+                f"policy '{track.name}': this content completed as {track.row.policy_id} (archived)"
+            )
+            run.passed(track, "already completed for this content (archived)", claims)
+        elif (
+            row is not None
+            and row.status is ExecutionStatus.ERROR
+            and not self.recreate_failed
+            and not self.force_new
+            and row.policy_content_hash == definition.content_hash()
+        ):
+            run.fail(
+                track,
+                step,
+                refusal(row, "an automatic retry does not create a failed policy again"),
+            )
+        elif row is None or row.status not in ACTIVE_STATUSES:
+            track.resumed = False
+            run.writes.intents.append(track)
+        elif row.status is ExecutionStatus.PENDING:
+            # Intent recorded, create never confirmed: re-send it with the same key.
+            track.body = self.bodies.get(row.execution_id)
+            if isinstance(track.body, dict):
+                run.schedule("create", track)
+            else:
+                problem = "stored policy_data is not a JSON object"
+                run.writes.failed.append((track, problem, STEP_CREATE, False))
+        else:
+            run.detail(f"policy '{track.name}': resuming {row.execution_id} ({row.status})")
+            run.passed(track, "resumed", claims)
+
+    def write_intents(self, tracks: list[Track]) -> None:
+        """The seed's rule: the intent (a ``pending`` execution with its idempotency key) is
+        committed before the create call."""
+        run = self.run
+        started = run.store.start_executions([self.definitions[t.name] for t in tracks])
+        failpoint("after_intents")
+        with run.changed:
+            for track, row in zip(tracks, started, strict=True):
+                track.row = row
+                track.body = self.definitions[track.name].payload()
+                run.schedule("create", track)
+
+    def request(self, track: Track) -> ApiResponse:
+        assert track.row is not None and isinstance(track.body, dict)
+        key = track.row.create_idempotency_key or ""
+        response = self.run.api.create_policy(
+            {**track.body, "execution_id": track.row.execution_id},
+            key,
+            track.attempt_recorder(self.run.store, self.run.guard),
+        )
+        failpoint("after_create_call")
+        return response
+
+    def answer(self, track: Track, response: ApiResponse | PolicyApiError) -> None:
+        writes = self.run.writes
+        if isinstance(response, PolicyApiError):
+            writes.failed.append((track, str(response), STEP_CREATE, response.transient))
+            return
+        if not response.ok:
+            problem = f"{response.describe()}: {excerpt(response)}"
+            writes.failed.append(
+                (track, problem, STEP_CREATE, self.run.refused_credentials(response))
+            )
+            return
+        policy_id = response.field("policy_id")
+        if not isinstance(policy_id, str) or not policy_id.strip():
+            writes.kept.setdefault("api_response", []).append((track, response.recorded_body))
+            # An unreadable body may hide a created policy: a later run re-sends the same
+            # idempotency key and gets the original answer. JSON without the field is final.
+            unreadable = response.data is None
+            problem = _missing_field(response, "policy_id")
+            writes.failed.append((track, problem, STEP_CREATE, unreadable))
+            return
+        invalid = _invalid_policy_id(policy_id)
+        if invalid is not None:
+            # Refused before it reaches a URL or the table; the whole answer stays in the
+            # audit trail (the attempt's event) and in api_response.
+            writes.kept.setdefault("api_response", []).append((track, response.recorded_body))
+            problem = f"{response.describe()} with {invalid}"
+            writes.failed.append((track, problem, STEP_CREATE, False))
+            return
+        writes.created.append((track, policy_id, response.recorded_body))
+
+    def write_created(self, created: list[tuple[Track, str, Any]], claims: list[Track]) -> None:
+        # One policy_id per execution: within this batch the first keeps it; against the
+        # table, the conditional update refuses a policy_id another execution holds.
+        run = self.run
+        first: dict[str, Track] = {}
+        unique = [c for c in created if first.setdefault(c[1], c[0]) is c[0]]
+        after = run.store.mark_created(
+            [(t.execution, policy_id, body) for t, policy_id, body in unique]
+        )
+        failpoint("after_created")
+        refused = [
+            (t, p)
+            for t, p, _b in created
+            if after.get(t.execution.execution_id) is None
+            or after[t.execution.execution_id].policy_id != p
+        ]
+        holders = run.store.policy_id_holders(sorted({p for _t, p in refused})) if refused else {}
+        with run.changed:
+            for track, policy_id, _body in created:
+                assert track.row is not None
+                # The seed's "verify database storage" before going on.
+                stored = after.get(track.row.execution_id)
+                others = [
+                    (e, n) for e, n in holders.get(policy_id, []) if e != track.row.execution_id
+                ]
+                if first[policy_id] is not track:
+                    others.append((first[policy_id].execution.execution_id, first[policy_id].name))
+                if others and (stored is None or stored.policy_id != policy_id):
+                    execution, name = others[0]
+                    error = (
+                        f"POST /createpolicy returned policy_id {policy_id}, which is already "
+                        f"bound to execution {execution} (policy '{name}'): the Policy API "
+                        "handed one policy_id to two creates (does it ignore Idempotency-Key?); "
+                        "refused before any circuit breaker"
+                    )
+                    run.log.warning(f"policy '{track.name}': {error}")
+                    run.writes.failed.append((track, error, STEP_CREATE, False))
+                    continue
+                if stored is None or stored.policy_id != policy_id:
+                    run.fail(
+                        track,
+                        STEP_CREATE,
+                        f"state row for execution {track.row.execution_id} does not hold "
+                        f"policy_id {policy_id} after the write",
+                    )
+                    continue
+                track.row = stored
+                run.detail(f"policy '{track.name}': created {policy_id}")
+                run.passed(track, f"created {policy_id}", claims)
+
+
+def _invalid_policy_id(value: str) -> str | None:
+    """Why a policy_id is not an identifier, or None."""
+    if POLICY_ID_PATTERN.fullmatch(value) and ".." not in value:
+        return None
+    shown = repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return (
+        f"policy_id {shown} ({len(value)} characters), which is not an identifier: 1 to 128 "
+        "letters, digits, '.', '_', ':' or '-', starting with a letter or digit, no '..'"
+    )
+
+
+def _missing_field(response: ApiResponse, name: str) -> str:
+    if response.data is None:
+        what = "an empty body" if not response.text.strip() else "a body that is not JSON"
+    elif not isinstance(response.data, dict):
+        what = f"a JSON {type(response.data).__name__}, not an object"
+    elif name not in response.data:
+        what = "JSON without it"
+    else:
+        what = f"{name}={response.data[name]!r}, which is not a non-empty string"
+    return (
+        f"field '{name}' missing from the response of {response.method} {response.path} "
+        f"(HTTP {response.http_status}, {what}); raw response kept in {STATE.name}"
+    )

@@ -1,0 +1,230 @@
+"""The rules of the ``policy_ready`` asset (step 2): poll each created policy until the API
+calls it ready.
+
+How polls are paced (`PollingPolicy`), the ``GET`` status call, what each answer means (ready,
+failed, still pending, unknown, no answer), when a policy's wait ends (max polls, deadline) or
+is handed off to the progress sensor (`progress.py`), and the conditional ``policy_ready`` write.
+The run (`workflow.py`) calls these; the workers (`scheduling.py`) call `request` and `answer`
+for each ``"poll"`` call.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from policy_pipeline.core.domain import ApiPolicyStatus, ExecutionStatus, classify_api_status
+from policy_pipeline.core.engine.guard import GuardOpen
+from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
+from policy_pipeline.core.engine.steps import STEP_READY, Progress
+from policy_pipeline.core.failpoints import failpoint
+from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError
+
+
+@dataclass(frozen=True)
+class PollingPolicy:
+    """How a policy is polled until ready: the first poll one initial interval after it
+    entered the step, then growing intervals. The seed's behaviour is ``max_polls=3`` with a
+    fixed interval. The limits are per policy: one policy's exhausted polls end only its own
+    wait."""
+
+    initial_interval_seconds: float = 1.0
+    max_interval_seconds: float = 30.0
+    backoff_multiplier: float = 2.0
+    max_polls: int = 60
+    deadline_seconds: float = 900.0
+    # A policy still not ready after this long in the step is handed off (0: never): the
+    # run lets it go, and the progress sensor polls it every ``handoff_poll_seconds``.
+    handoff_seconds: float = 0.0
+    handoff_poll_seconds: float = 300.0
+
+    def interval(self, poll_number: int) -> float:
+        base = min(
+            self.max_interval_seconds,
+            self.initial_interval_seconds * self.backoff_multiplier ** min(poll_number - 1, 64),
+        )
+        # "Equal jitter": never zero, never more than the computed interval.
+        return base / 2 + random.uniform(0, base / 2)
+
+
+class PolicyReadyStep:
+    """Step 2 for every policy of one run."""
+
+    call = "poll"
+
+    def __init__(self, run: RunContext, polling: PollingPolicy) -> None:
+        self.run = run
+        self.polling = polling
+
+    # The methods below are called with ``changed`` held, except the writes and `request`.
+
+    def begin(self, track: Track, claims: list[Track]) -> None:
+        """Pass it at once if the row is already ready; otherwise start polling a created
+        policy."""
+        run, step, row = self.run, track.steps[0], track.row
+        if row is None:
+            run.fail(track, step, "no execution exists; materialize policy_created first")
+        elif row.status in (ExecutionStatus.POLICY_READY, ExecutionStatus.COMPLETED):
+            run.passed(track, "ready", claims)
+        elif row.status is not ExecutionStatus.POLICY_CREATED:
+            run.fail(track, step, refusal(row, "materialize policy_created first"))
+        else:
+            track.polls, track.polling_since = 0, time.monotonic()
+            track.resumed = False
+            # A policy just created is not ready yet: the first poll waits one interval.
+            run.schedule("poll", track, self.polling.interval(1))
+
+    def request(self, track: Track) -> ApiResponse:
+        assert track.row is not None and track.row.policy_id is not None
+        response = self.run.api.get_policy_status(
+            track.row.policy_id, track.attempt_recorder(self.run.store, self.run.guard)
+        )
+        failpoint("after_poll_call")
+        return response
+
+    def answer(self, track: Track, response: ApiResponse | PolicyApiError) -> None:
+        run = self.run
+        writes = run.writes
+        assert track.row is not None
+        if isinstance(response, GuardOpen):  # no call was made: not a poll
+            writes.failed.append((track, str(response), STEP_READY, True))
+            return
+        track.polls += 1
+        count = track.polls
+        record = writes.polls.setdefault(track.row.execution_id, [0, None, "", track])
+        record[0] += 1
+        status: object = None
+        if isinstance(response, PolicyApiError):
+            # The client already retried; a poll that got no answer is still a poll.
+            record[1] = {"error": str(response)}
+            record[2] = f"Poll {count}: no answer ({response})"
+        elif not response.ok:
+            # An HTTP error for a policy we created is no proof that it is gone (a 404 from
+            # a proxy, a redirect, an auth error): the execution stays resumable, and a later
+            # run polls the same policy_id rather than creating a second policy.
+            run.refused_credentials(response)
+            record[1], record[2] = response.recorded_body, response.describe()
+            problem = f"{response.describe()}: {excerpt(response)}"
+            writes.failed.append((track, problem, STEP_READY, True))
+            return
+        else:
+            status = response.field("status")
+            record[1], record[2] = response.recorded_body, f"Poll {count}: API status {status!r}"
+            verdict = classify_api_status(status)
+            if verdict is ApiPolicyStatus.READY:
+                message = f"Step 2 complete: API status {status!r} after {count} polls"
+                writes.ready.append((track, message))
+                return
+            if verdict is ApiPolicyStatus.FAILED:
+                error = f"Policy API reported status {status!r} for policy {track.row.policy_id}"
+                writes.failed.append((track, error, STEP_READY, False))
+                return
+            if verdict is ApiPolicyStatus.UNKNOWN:
+                run.warn(track, _unknown_status(response, status))
+        wait_seconds = self.polling.interval(count)
+        elapsed = time.monotonic() - track.polling_since
+        handoff = self.polling.handoff_seconds
+        if handoff > 0 and elapsed >= handoff:
+            # A long wait holds no run: the progress sensor polls it from now on.
+            next_in = max(wait_seconds, self.polling.handoff_poll_seconds)
+            writes.handoffs.append((track, next_in))
+            return
+        if (
+            count >= self.polling.max_polls
+            or elapsed + wait_seconds > self.polling.deadline_seconds
+        ):
+            writes.failed.append(
+                (
+                    track,
+                    f"policy {track.row.policy_id} not ready after {count} polls in "
+                    f"{elapsed:.1f}s (last status {status!r}); a later run resumes polling the "
+                    "same policy",
+                    STEP_READY,
+                    True,
+                )
+            )
+            return
+        run.schedule("poll", track, wait_seconds)
+
+    def write_polls(self, polls: dict[str, list[Any]]) -> None:
+        """Each policy's polls since the last write, as one statement."""
+        self.run.store.record_polls(
+            [
+                (t.execution, count, body, message, None)
+                for count, body, message, t in polls.values()
+            ]
+        )
+
+    def write_handoffs(self, handoffs: list[tuple[Track, float]], claims: list[Track]) -> None:
+        """Let long waits go: the progress sensor polls them from now on, outside any run."""
+        run = self.run
+        after = run.store.hand_off(
+            [
+                (
+                    t.execution,
+                    delay,
+                    f"Handed off after {t.polls} polls in this run: waiting for readiness "
+                    f"outside any run (next poll in {delay:.0f}s)",
+                )
+                for t, delay in handoffs
+            ]
+        )
+        with run.changed:
+            for track, _delay in handoffs:
+                now = after.get(track.execution.execution_id)
+                if (
+                    now is not None
+                    and now.handed_off
+                    and now.status is ExecutionStatus.POLICY_CREATED
+                ):
+                    track.row = now
+                    message = f"waiting for readiness outside the run ({now.poll_count} polls)"
+                    run.detail(f"policy '{track.name}': {message}")
+                    run.report.waiting[track.name] = message
+                    run.on_progress(Progress(track.name, STEP_READY, waiting=message))
+                    run.finish(track)
+                elif now is not None:
+                    # It moved meanwhile (ready, polled by the sensor): go on from there.
+                    track.row = now
+                    run.begin(track, claims)
+                else:
+                    run.fail(track, STEP_READY, "state row is gone")
+
+    def write_ready(self, ready: list[tuple[Track, str]], claims: list[Track]) -> None:
+        # Moves only the rows still 'policy_created' with the policy_id the API called ready.
+        run = self.run
+        after = run.store.mark_ready([(t.execution, message) for t, message in ready])
+        failpoint("after_ready")
+        with run.changed:
+            for track, _message in ready:
+                assert track.row is not None
+                done = after.get(track.row.execution_id)
+                # Already ready (or further) for the same policy_id is fine: the progress
+                # sensor may have polled a handed-off policy at the same moment.
+                if (
+                    done is None
+                    or done.status not in (ExecutionStatus.POLICY_READY, ExecutionStatus.COMPLETED)
+                    or done.policy_id != track.row.policy_id
+                ):
+                    now = f"'{done.status}'" if done is not None else "gone"
+                    run.fail(
+                        track,
+                        STEP_READY,
+                        f"state row changed while polling: execution {track.row.execution_id} "
+                        f"is {now}, not 'policy_created' with policy_id {track.row.policy_id}",
+                    )
+                    continue
+                track.row = done
+                run.detail(f"policy '{track.name}': {done.policy_id} ready")
+                run.passed(track, f"ready after {done.poll_count} polls", claims)
+
+
+def _unknown_status(response: ApiResponse, status: object) -> str:
+    if status is None:
+        return (
+            f"{response.method} {response.path} returned no 'status' field "
+            f"({excerpt(response, 120)}); still treated as pending"
+        )
+    return f"unknown status {status!r} from {response.method} {response.path}; still pending"

@@ -1,0 +1,173 @@
+"""What the parts of one engine run share: each policy's `Track`, the `Writes` the workers
+have gathered for the writer, and `RunContext`, the run as a step's rules see it (implemented
+by `workflow._Run`). Also what the engine needs from outside (`PolicyApi`, `Logger`) and the
+failure wording the steps share.
+
+Serves all three workflow assets. It imports no step module, so the step modules
+(`policy_created.py`, `policy_ready.py`, `circuit_breaker_activation.py`), `scheduling.py` and
+`leases.py` can import it without a cycle.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from policy_pipeline.core.engine.auditing import AttemptRecorder
+from policy_pipeline.core.engine.guard import ApiGuard
+from policy_pipeline.core.engine.steps import Progress, RunReport, StepOutcome
+from policy_pipeline.core.policy_api_types import ApiResponse, AttemptCallback
+from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
+
+
+class Logger(Protocol):
+    def info(self, msg: str) -> None: ...
+
+    def warning(self, msg: str) -> None: ...
+
+
+class PolicyApi(Protocol):
+    """What the engine needs from the Policy API client (`PolicyApiResource`)."""
+
+    def create_policy(
+        self, payload: dict[str, Any], idempotency_key: str, on_attempt: AttemptCallback
+    ) -> ApiResponse: ...
+
+    def get_policy_status(self, policy_id: str, on_attempt: AttemptCallback) -> ApiResponse: ...
+
+    def trigger_circuit_breaker(
+        self,
+        policy_id: str,
+        execution_id: str,
+        trigger_reason: str,
+        idempotency_key: str,
+        on_attempt: AttemptCallback,
+    ) -> ApiResponse: ...
+
+
+@dataclass(eq=False)
+class Track:
+    """One policy's way through this run."""
+
+    name: str
+    steps: list[str]  # the chosen steps still ahead of it, in order
+    row: ExecutionRow | None = None
+    resumed: bool = False  # it entered its current step with work already done
+    body: Any = None  # the create request's body
+    recorder: AttemptRecorder | None = None
+    polls: int = 0  # in this run
+    polling_since: float = 0.0
+    calls_before: int = 0  # API calls and latency before its current step (step figures)
+    latency_before: float = 0.0
+
+    @property
+    def execution(self) -> ExecutionRow:
+        assert self.row is not None, f"policy '{self.name}' has no execution yet"
+        return self.row
+
+    def attempt_recorder(self, store: StateStore, guard: ApiGuard | None) -> AttemptRecorder:
+        """The recorder of its current execution (a new execution starts new figures)."""
+        assert self.row is not None
+        if self.recorder is None or self.recorder.row.execution_id != self.row.execution_id:
+            self.recorder = AttemptRecorder(store, self.row, guard)
+            self.calls_before, self.latency_before = 0, 0.0
+        return self.recorder
+
+    def outcome(self, message: str) -> StepOutcome:
+        """What its current step did: the row as it is now, and the step's API figures."""
+        row = self.row
+        assert row is not None
+        recorder = self.recorder
+        return StepOutcome(
+            policy_name=row.policy_name,
+            execution_id=row.execution_id,
+            policy_id=row.policy_id,
+            status=row.status.value,
+            poll_count=row.poll_count,
+            resumed=self.resumed,
+            api_calls=recorder.calls - self.calls_before if recorder else 0,
+            api_latency_ms=round(recorder.latency_ms - self.latency_before, 3) if recorder else 0.0,
+            message=message,
+        )
+
+
+@dataclass
+class Writes:
+    """What the workers learnt and the writer has not written yet."""
+
+    intents: list[Track] = field(default_factory=list)
+    polls: dict[str, list[Any]] = field(default_factory=dict)  # id -> [polls, body, message, t]
+    created: list[tuple[Track, str, Any]] = field(default_factory=list)
+    ready: list[tuple[Track, str]] = field(default_factory=list)
+    handoffs: list[tuple[Track, float]] = field(default_factory=list)  # and next poll in
+    claims: list[Track] = field(default_factory=list)
+    completed: list[tuple[Track, Any]] = field(default_factory=list)
+    kept: dict[str, list[tuple[Track, Any]]] = field(default_factory=dict)  # column -> bodies
+    failed: list[tuple[Track, str, str, bool]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # logged by the writer, not the workers
+
+    def __bool__(self) -> bool:
+        return any(
+            (self.intents, self.polls, self.created, self.ready, self.claims, self.completed)
+        ) or any((self.handoffs, self.kept, self.failed, self.warnings))
+
+
+class RunContext(Protocol):
+    """The run as a step's rules see it. ``writes``, ``report``, the tracks and the methods
+    are shared with the workers: use them with ``changed`` held."""
+
+    store: StateStore
+    api: PolicyApi
+    guard: ApiGuard | None
+    log: Logger
+    steps: list[str]  # the steps chosen for this run
+    changed: threading.Condition
+    writes: Writes  # the writer swaps it for an empty one at each batch: never keep it
+    report: RunReport
+    on_progress: Callable[[Progress], None]
+
+    def schedule(self, call: str, track: Track, delay: float = 0.0) -> None:
+        """Queue an API call (``"create"``, ``"poll"``, ``"circuit"``) ``delay`` from now."""
+        ...
+
+    def begin(self, track: Track, claims: list[Track]) -> None:
+        """Start the track's next step."""
+        ...
+
+    def passed(self, track: Track, message: str, claims: list[Track]) -> None:
+        """The track passed its current step: report it and begin the next."""
+        ...
+
+    def fail(self, track: Track, step: str, error: str) -> None:
+        """The track failed at ``step`` (the state row already says so)."""
+        ...
+
+    def finish(self, track: Track) -> None:
+        """The track is done in this run, whatever its state."""
+        ...
+
+    def detail(self, message: str) -> None:
+        """A per-policy log line (small runs only)."""
+        ...
+
+    def warn(self, track: Track, message: str) -> None:
+        """A warning about one policy: logged by the writer, audited now."""
+        ...
+
+    def refused_credentials(self, response: ApiResponse) -> bool:
+        """Whether the answer refuses our credentials (then the run stops starting calls)."""
+        ...
+
+
+def refusal(row: ExecutionRow, why: str) -> str:
+    detail = f" ({row.error_message})" if row.error_message else ""
+    return f"execution {row.execution_id} is '{row.status}'{detail}: {why}"
+
+
+def excerpt(response: ApiResponse, limit: int = 300) -> str:
+    text = response.text.strip()
+    if not text:
+        return "(empty body)"
+    return text[:limit] + ("..." if len(text) > limit else "")

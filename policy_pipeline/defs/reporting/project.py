@@ -1,0 +1,23 @@
+"""The dbt project (``dbt_project/``) as dagster-dbt sees it.
+
+The manifest is prepared the way dagster-dbt intends, never while the definitions load:
+``dagster-dbt project prepare-and-package --file policy_pipeline/defs/reporting/project.py``
+(run by ``./dev.sh``, ``.ci/run`` and ``deploy/``), and again on every reload under
+``dagster dev`` / ``dg dev`` (``prepare_if_dev``). The manifest is parsed with the DuckDB
+target, which renders without any secret: its structure (nodes, tests, lineage) does not depend
+on the target, and ``dbt build`` compiles against the warehouse's own target at run time.
+"""
+
+from typing import Final
+
+from dagster_dbt import DbtProject
+
+from policy_pipeline.core.settings import PROJECT_ROOT
+
+DBT_PROJECT_DIR: Final = PROJECT_ROOT / "dbt_project"
+PARSE_TARGET: Final = "duckdb"
+
+policy_dbt_project = DbtProject(
+    project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR, target=PARSE_TARGET
+)
+policy_dbt_project.prepare_if_dev()

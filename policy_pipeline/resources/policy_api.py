@@ -1,0 +1,103 @@
+"""The Policy API as a Dagster resource: its configuration, and one plain client to call it.
+
+The client (`policy_pipeline.core.policy_api.PolicyApiClient`) knows nothing of Dagster; the
+resource only holds the configuration Dagster shows and validates, and hands out a client the
+way dagster-fivetran's resource does::
+
+    client = policy_api.get_client()
+    client.create_policy(payload, idempotency_key, on_attempt)
+"""
+
+from __future__ import annotations
+
+import threading
+
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import Field, PrivateAttr
+
+from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig
+
+# The client's defaults are the single source; the fields below repeat the limits that
+# PolicyApiConfig checks so that Dagster rejects a bad value when the run is launched.
+_DEFAULT = PolicyApiConfig
+
+
+class PolicyApiResource(ConfigurableResource):
+    """HTTP client for the Policy API (create policy, policy status, circuit breaker)."""
+
+    endpoint: str = Field(description="Base URL of the Policy API (POLICY_API_ENDPOINT).")
+    api_key: str = Field(
+        repr=False, description="Sent as 'Authorization: Bearer ...' (POLICY_API_KEY)."
+    )
+    create_path: str = _DEFAULT.create_path
+    status_path: str = _DEFAULT.status_path
+    circuit_path: str = _DEFAULT.circuit_path
+    timeout_seconds: float = Field(default=_DEFAULT.timeout_seconds, gt=0)
+    max_attempts: int = Field(
+        default=_DEFAULT.max_attempts, ge=1, description="Attempts per call, first included."
+    )
+    backoff_initial_seconds: float = Field(default=_DEFAULT.backoff_initial_seconds, ge=0)
+    backoff_max_seconds: float = Field(default=_DEFAULT.backoff_max_seconds, ge=0)
+    retry_after_max_seconds: float = Field(
+        default=_DEFAULT.retry_after_max_seconds,
+        ge=0,
+        description="Cap on a server-requested Retry-After wait.",
+    )
+    max_concurrent_requests: int = Field(
+        default=_DEFAULT.max_concurrent_requests,
+        ge=1,
+        description="Policies a step works on at once (API calls in flight).",
+    )
+    guard_failure_threshold: int = Field(
+        default=_DEFAULT.guard_failure_threshold,
+        ge=1,
+        description="Consecutive transient failures that open the guard.",
+    )
+    guard_cooldown_seconds: int = Field(
+        default=_DEFAULT.guard_cooldown_seconds,
+        ge=0,
+        description="How long the guard stays open before one probe call.",
+    )
+
+    _client: PolicyApiClient | None = PrivateAttr(default=None)
+    _client_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        self._client = None
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def __repr__(self) -> str:
+        return f"PolicyApiResource(endpoint={self.endpoint!r})"
+
+    __str__ = __repr__
+
+    def client_config(self) -> PolicyApiConfig:
+        return PolicyApiConfig(
+            endpoint=self.endpoint,
+            api_key=self.api_key,
+            create_path=self.create_path,
+            status_path=self.status_path,
+            circuit_path=self.circuit_path,
+            timeout_seconds=self.timeout_seconds,
+            max_attempts=self.max_attempts,
+            backoff_initial_seconds=self.backoff_initial_seconds,
+            backoff_max_seconds=self.backoff_max_seconds,
+            retry_after_max_seconds=self.retry_after_max_seconds,
+            max_concurrent_requests=self.max_concurrent_requests,
+            guard_failure_threshold=self.guard_failure_threshold,
+            guard_cooldown_seconds=self.guard_cooldown_seconds,
+        )
+
+    def get_client(self) -> PolicyApiClient:
+        """The client of this resource instance: one, created on first use (steps call from
+        many threads), so all calls share its connection pool; closed at teardown. The key is
+        checked when the client first calls the API, as before the split."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = PolicyApiClient(self.client_config())
+            return self._client

@@ -1,0 +1,57 @@
+"""The state resource: the state table, audit trail and per-policy leases in one warehouse.
+
+A Dagster resource that holds configuration and hands out the plain store
+(`policy_pipeline.core.store`), which knows nothing of Dagster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import ConfigurableResource
+from dagster_duckdb import DuckDBResource
+from pydantic import Field, PrivateAttr
+
+from policy_pipeline.core.store.connection import WarehouseConnection
+from policy_pipeline.core.store.dialect import SqlDialect
+from policy_pipeline.core.store.state_store import StateStore
+
+
+class PolicyStateResource(ConfigurableResource):
+    """The state table, audit trail and per-policy leases, in one warehouse."""
+
+    lease_ttl_seconds: int = Field(
+        default=30,
+        ge=5,
+        description="How long a run's claim on a policy lasts without renewal (renewed every "
+        "third of it; a crashed run's policies are free again within it).",
+    )
+    lease_wait_seconds: float = Field(
+        default=60.0, ge=0, description="How long a step waits for another run's claim."
+    )
+
+    _warehouse: WarehouseConnection | None = PrivateAttr(default=None)
+
+    def _connect_warehouse(self) -> WarehouseConnection:
+        raise NotImplementedError  # each warehouse's resource says how it connects
+
+    def warehouse(self) -> WarehouseConnection:
+        # One connection wrapper per resource instance, so the schema check runs once.
+        if self._warehouse is None:
+            self._warehouse = self._connect_warehouse()
+        return self._warehouse
+
+    def store(self, run_id: str | None = None) -> StateStore:
+        return StateStore(self.warehouse(), run_id=run_id)
+
+
+class DuckDBStateResource(PolicyStateResource):
+    """State in a DuckDB file: the embedded default."""
+
+    duckdb: DuckDBResource
+
+    def _connect_warehouse(self) -> WarehouseConnection:
+        # The folder is made when the first run connects, not when the definitions load.
+        Path(self.duckdb.database).parent.mkdir(parents=True, exist_ok=True)
+        database = str(Path(self.duckdb.database).resolve())
+        return WarehouseConnection(SqlDialect.DUCKDB, self.duckdb.get_connection, database)

@@ -1,0 +1,87 @@
+"""Loading is pure and the core is plain Python.
+
+Loading the code location (what every Dagster process does) starts no subprocess, writes no
+environment variable, runs no DDL (the DuckDB file is not even created), reads no catalog file
+and does not parse dbt (the prepared manifest is left as it is). The core imports no Dagster.
+"""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import policy_pipeline.core
+from policy_pipeline.core.settings import PROJECT_ROOT
+from policy_pipeline.defs.reporting.project import policy_dbt_project
+
+_LOAD_PROBE = """
+import json, os, subprocess, sys
+import dagster, dagster_dbt  # their own imports may start helper processes; ours may not
+spawned, written = [], []
+original_popen = subprocess.Popen.__init__
+def spy(self, *args, **kwargs):
+    spawned.append(str(args[0] if args else kwargs.get("args")))
+    return original_popen(self, *args, **kwargs)
+subprocess.Popen.__init__ = spy
+environ_class = type(os.environ)
+original_set = environ_class.__setitem__
+def track(self, key, value):
+    written.append(key)
+    original_set(self, key, value)
+environ_class.__setitem__ = track
+import policy_pipeline.definitions as location
+keys = sorted(k.to_user_string() for k in location.defs.resolve_asset_graph().get_all_asset_keys())
+print(json.dumps({"spawned": spawned, "written": written, "keys": keys}))
+"""
+
+
+def test_loading_the_definitions_is_pure(tmp_path: Path) -> None:
+    manifest = policy_dbt_project.manifest_path
+    stamp = manifest.stat().st_mtime_ns
+    database = tmp_path / "state" / "never.duckdb"
+    env = {
+        "PATH": str(Path(sys.executable).parent),
+        "HOME": str(tmp_path),
+        "POLICY_CATALOG_DIR": str(tmp_path / "no-catalog-here"),  # read by runs, not loads
+        "POLICY_DUCKDB_PATH": str(database),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_PROBE],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["spawned"] == []
+    assert loaded["written"] == []
+    assert {"policy_created", "policy_ready", "circuit_breaker_activation"} <= set(loaded["keys"])
+    assert "policy_execution_results" in loaded["keys"]
+    assert not database.parent.exists()  # no connection, no DDL
+    assert manifest.stat().st_mtime_ns == stamp  # no dbt parse
+
+
+def test_the_core_imports_no_dagster() -> None:
+    modules = [
+        info.name
+        for info in pkgutil.walk_packages(policy_pipeline.core.__path__, "policy_pipeline.core.")
+    ]
+    assert len(modules) > 10
+    probe = (
+        "import importlib, json, sys, time\n"
+        "started = time.perf_counter()\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(json.dumps({'seconds': time.perf_counter() - started,\n"
+        "  'dagster': sorted(m for m in sys.modules if m.split('.')[0].startswith('dagster'))}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["dagster"] == []
