@@ -18,6 +18,10 @@ find_python() {
   exit 2
 }
 
+# The virtual environment's tools first on PATH, as if it were active: dagster-dbt runs the
+# `dbt` it finds there (to prepare the manifest, and under `dagster dev`).
+export PATH="$PWD/.venv/bin:$PATH"
+
 install() {
   if [ ! -x .venv/bin/python ]; then
     "$(find_python)" -m venv .venv

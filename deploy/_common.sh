@@ -9,6 +9,8 @@ REPO_DIR="$(dirname "$DEPLOY_DIR")"
 # Where dagster, dagster-webserver and dagster-daemon are installed: the repository's .venv
 # unless DAGSTER_BIN_DIR says otherwise (e.g. /usr/local/bin in a container image).
 DAGSTER_BIN_DIR="${DAGSTER_BIN_DIR:-$REPO_DIR/.venv/bin}"
+# dagster-dbt runs the `dbt` on PATH to prepare the manifest: the one installed beside Dagster.
+export PATH="$DAGSTER_BIN_DIR:$PATH"
 
 : "${DAGSTER_HOME:?DAGSTER_HOME must be set: the directory holding the production dagster.yaml (deploy/README.md)}"
 if [ ! -f "$DAGSTER_HOME/dagster.yaml" ]; then

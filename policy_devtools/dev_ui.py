@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=3000, help="webserver port on 127.0.0.1")
     args = parser.parse_args(argv)
     env = dict(os.environ)
+    # `dagster dev` prepares the dbt manifest with the `dbt` on PATH: this interpreter's.
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / "data" / "dagster_home"))
     os.makedirs(env["DAGSTER_HOME"], exist_ok=True)
     with policy_api(env) as description:

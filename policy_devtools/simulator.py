@@ -8,8 +8,9 @@ The real workflow talks to three endpoints:
 
 This module serves those endpoints from a real HTTP server on the loopback interface so that
 demos, the test-suite (in-process, ephemeral port) and fault-injection soak tests exercise the
-actual HTTP client code.  It only uses the standard library on purpose: it must start fast and
-never depend on the Dagster environment being importable.
+actual HTTP client code.  Besides the standard library it imports only the product's plain
+domain module (the success statuses, declared once there; no Dagster), so it starts fast and
+never depends on the Dagster environment being importable.
 
 Faults (5xx, 429 + Retry-After, HTML bodies, empty bodies, hangs, connection resets) can be
 injected randomly (seeded, so runs are reproducible) or scripted in order.  A fault is applied

@@ -222,7 +222,9 @@ def dagster_dev(
     # Short on purpose: the gRPC servers' Unix socket paths must stay under ~100 characters.
     scratch = tempfile.mkdtemp(prefix="dagster-dev-")
     try:
-        process, server = _start({**env, "TMPDIR": scratch}, log_path, timeout)
+        # `dagster dev` prepares the dbt manifest with the `dbt` on PATH: this interpreter's.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        process, server = _start({**env, "TMPDIR": scratch, "PATH": path}, log_path, timeout)
         try:
             yield server
         finally:

@@ -459,7 +459,9 @@ def test_prepare_and_package_prepares_the_manifest(tmp_path: Path) -> None:
     command = [str(Path(sys.executable).parent / "dagster-dbt"), "project"]
     command += ["prepare-and-package", "--file", str(project_file)]
     manifest = project / "target" / "manifest.json"
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # dagster-dbt runs the dbt on PATH: the virtual environment's, as ./dev.sh puts it there.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     nodes = json.loads(manifest.read_text())["nodes"]
     assert "model.policy_pipeline_dbt.policy_execution_results" in nodes
@@ -468,7 +470,7 @@ def test_prepare_and_package_prepares_the_manifest(tmp_path: Path) -> None:
         'select distinct "policy_name" as "policy_name" '
         "from {{ ref('policy_execution_results') }}\n"
     )
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "model.policy_pipeline_dbt.policy_names" in json.loads(manifest.read_text())["nodes"]
 

@@ -30,7 +30,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy_pipeline.core.domain import ApiPolicyStatus, ExecutionStatus, classify_api_status
+from policy_pipeline.core.domain import (
+    RESUME_FROM,
+    ApiPolicyStatus,
+    ExecutionStatus,
+    classify_api_status,
+)
 from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
 from policy_pipeline.core.engine.workflow import (
     STEP_CIRCUIT,
@@ -43,12 +48,9 @@ from policy_pipeline.core.engine.workflow import (
 from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
-# The step an active execution is in, by status (where it is resumed, where it ends).
-STEP_OF_STATUS = {
-    ExecutionStatus.PENDING: STEP_CREATE,
-    ExecutionStatus.POLICY_CREATED: STEP_READY,
-    ExecutionStatus.POLICY_READY: STEP_CIRCUIT,
-}
+# The step an active execution is in, by status (where it is resumed, where it ends): the
+# step that starts from that status.
+STEP_OF_STATUS = {status: step for step, status in RESUME_FROM.items()}
 
 
 @dataclass(frozen=True)

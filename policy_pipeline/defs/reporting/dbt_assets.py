@@ -11,7 +11,6 @@ floor).
 
 # No `from __future__ import annotations`: Dagster inspects the asset's `context` annotation.
 import importlib.metadata
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -39,7 +38,7 @@ from dagster_dbt import (
 from packaging.version import Version
 
 from policy_pipeline.core.settings import Settings, WarehouseKind
-from policy_pipeline.defs.reporting.project import policy_dbt_project
+from policy_pipeline.defs.reporting.project import dbt_executable, policy_dbt_project
 
 DBT_GROUP: Final = "policy_reporting"
 DBT_OWNERS: Final = ("team:data-platform",)  # the same owners as the workflow assets
@@ -129,12 +128,6 @@ class PolicyDbtTranslator(DagsterDbtTranslator):
         )
 
 
-def _dbt_executable() -> str:
-    # The dbt beside this interpreter: `dagster dev` from an unactivated venv has no dbt on PATH.
-    candidate = Path(sys.executable).parent / "dbt"
-    return str(candidate) if candidate.exists() else "dbt"
-
-
 class PolicyDbtCliResource(DbtCliResource):
     """``DbtCliResource`` that knows the version of the dbt beside this interpreter.
 
@@ -148,7 +141,7 @@ class PolicyDbtCliResource(DbtCliResource):
 
     @cached_property
     def _cli_version(self) -> Version:
-        if self.dbt_executable == _dbt_executable() and Path(self.dbt_executable).is_absolute():
+        if self.dbt_executable == dbt_executable() and Path(self.dbt_executable).is_absolute():
             return Version(importlib.metadata.version("dbt-core"))
         return super()._cli_version  # Another dbt: ask it, as dagster-dbt does.
 
@@ -161,7 +154,7 @@ def dbt_cli_resource(settings: Settings) -> "PolicyDbtCliResource":
         project_dir=str(policy_dbt_project.project_dir),
         profiles_dir=str(policy_dbt_project.profiles_dir),
         target=settings.warehouse,
-        dbt_executable=_dbt_executable(),
+        dbt_executable=dbt_executable(),
     )
 
 

@@ -3,11 +3,14 @@
 The manifest is prepared the way dagster-dbt intends, never while the definitions load:
 ``dagster-dbt project prepare-and-package --file policy_pipeline/defs/reporting/project.py``
 (run by ``./dev.sh``, ``.ci/run`` and ``deploy/``), and again on every reload under
-``dagster dev`` / ``dg dev`` (``prepare_if_dev``). The manifest is parsed with the DuckDB
-target, which renders without any secret: its structure (nodes, tests, lineage) does not depend
-on the target, and ``dbt build`` compiles against the warehouse's own target at run time.
+``dagster dev`` / ``dg dev`` (``prepare_if_dev``; both run ``dbt`` from PATH, so the virtual
+environment must be active). The manifest is parsed with the DuckDB target, which renders
+without any secret: its structure (nodes, tests, lineage) does not depend on the target, and
+``dbt build`` compiles against the warehouse's own target at run time.
 """
 
+import sys
+from pathlib import Path
 from typing import Final
 
 from dagster_dbt import DbtProject
@@ -16,6 +19,14 @@ from policy_pipeline.core.settings import PROJECT_ROOT
 
 DBT_PROJECT_DIR: Final = PROJECT_ROOT / "dbt_project"
 PARSE_TARGET: Final = "duckdb"
+
+
+def dbt_executable() -> str:
+    """The dbt beside this interpreter, for the runs' ``dbt build``: a run started from an
+    unactivated virtual environment has no dbt on PATH."""
+    candidate = Path(sys.executable).parent / "dbt"
+    return str(candidate) if candidate.exists() else "dbt"
+
 
 policy_dbt_project = DbtProject(
     project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR, target=PARSE_TARGET
