@@ -20,7 +20,7 @@ find_python() {
 
 # The virtual environment's tools first on PATH, as if it were active: dagster-dbt runs the
 # `dbt` it finds there (to prepare the manifest, and under `dagster dev`).
-export PATH="$PWD/.venv/bin:$PATH"
+export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 
 install() {
   if [ ! -x .venv/bin/python ]; then

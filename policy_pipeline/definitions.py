@@ -15,14 +15,17 @@ from policy_pipeline.core.settings import Settings
 
 DEFS_FOLDER = Path(__file__).resolve().parent / "defs"
 
-# Every step is I/O-bound and fans out over threads itself: one process per step would only
-# add an interpreter start (and the dbt import) to each.
-_EXECUTION = Definitions(executor=in_process_executor)
+
+def _execution() -> Definitions:
+    # Every step is I/O-bound and fans out over threads itself: one process per step would
+    # only add an interpreter start (and the dbt import) to each. (A function: a module-level
+    # Definitions beside `defs` would be a second code location to Dagster's loader.)
+    return Definitions(executor=in_process_executor)
 
 
 def build_definitions(settings: Settings) -> Definitions:
     """The definitions for explicit settings (tests, tools): what the defs folder loads."""
-    return Definitions.merge(build_policy_defs(settings), _EXECUTION)
+    return Definitions.merge(build_policy_defs(settings), _execution())
 
 
 def load_definitions() -> Definitions:
@@ -30,7 +33,7 @@ def load_definitions() -> Definitions:
     installed package's component types it adds for the UI's component browser: that imports
     each package's components (dagster-snowflake's alone takes seconds), in every run worker."""
     tree = ComponentTree.for_project(path_within_project=DEFS_FOLDER)
-    return Definitions.merge(tree.build_defs(DEFS_FOLDER), _EXECUTION)
+    return Definitions.merge(tree.build_defs(DEFS_FOLDER), _execution())
 
 
 defs = load_definitions()
