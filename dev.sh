@@ -45,7 +45,9 @@ case "${1:-}" in
     .venv/bin/ruff format --check .
     .venv/bin/mypy policy_pipeline policy_devtools
     .venv/bin/dg check defs
-    .venv/bin/python -m pytest "${@:2}"
+    # Two workers, a test file each at a time: the long waits (the hands-off test's three
+    # minutes) overlap the rest. Every server a test starts is on its own ephemeral port.
+    .venv/bin/python -m pytest -n 2 --dist loadfile "${@:2}"
     ;;
   ui)
     install

@@ -48,6 +48,19 @@ FAST_ENV = {
 LIVE_SNOWFLAKE_ENV = {k: v for k, v in os.environ.items() if k.startswith("SNOWFLAKE_")}
 
 
+# The files that take longest (mostly waiting) start first, so that with two workers
+# (`./dev.sh test`) the others run beside them instead of after them.
+SLOW_FIRST = ("test_hands_off.py", "test_ui_browser.py", "test_deployment.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: within a rank, the collection order
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "warehouse" in metafunc.fixturenames:
         params = ["duckdb"]

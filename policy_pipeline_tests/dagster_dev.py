@@ -222,9 +222,21 @@ def dagster_dev(
     # Short on purpose: the gRPC servers' Unix socket paths must stay under ~100 characters.
     scratch = tempfile.mkdtemp(prefix="dagster-dev-")
     try:
-        # `dagster dev` prepares the dbt manifest with the `dbt` on PATH: this interpreter's.
+        # `dagster dev` prepares (re-parses) the dbt manifest with the `dbt` on PATH: this
+        # interpreter's, into a copy of the dbt project, so that tests running beside this one
+        # never read the repository's manifest while it is rewritten.
         path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        process, server = _start({**env, "TMPDIR": scratch, "PATH": path}, log_path, timeout)
+        dbt_copy = Path(scratch) / "dbt_project"
+        shutil.copytree(
+            PROJECT_ROOT / "dbt_project", dbt_copy, ignore=shutil.ignore_patterns("logs")
+        )
+        dev_env = {
+            **env,
+            "TMPDIR": scratch,
+            "PATH": path,
+            "POLICY_DBT_PROJECT_DIR": str(dbt_copy),
+        }
+        process, server = _start(dev_env, log_path, timeout)
         try:
             yield server
         finally:

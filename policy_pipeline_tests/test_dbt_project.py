@@ -523,7 +523,8 @@ def test_dbt_tests_are_asset_checks() -> None:
 def test_dbt_cli_resource_targets_the_warehouse(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    relative = f"data/test-relative-{uuid.uuid4().hex[:8]}.duckdb"
+    # A folder every clone has (data/ is made by the first run).
+    relative = f"dbt_project/test-relative-{uuid.uuid4().hex[:8]}.duckdb"
     monkeypatch.setenv("POLICY_DUCKDB_PATH", relative)
     resource = dbt_assets.dbt_cli_resource(Settings.from_env())
     assert resource.target == "duckdb"

@@ -241,6 +241,7 @@ class Settings:
     warehouse: WarehouseKind
     duckdb_path: Path
     catalog_dir: Path
+    dbt_project_dir: Path
     alert_webhook_url: str
     api: ApiSettings
     polling: PollingSettings
@@ -262,6 +263,7 @@ class Settings:
             warehouse="snowflake" if warehouse == "snowflake" else "duckdb",
             duckdb_path=env.path("POLICY_DUCKDB_PATH", "data/policy_pipeline.duckdb"),
             catalog_dir=env.path("POLICY_CATALOG_DIR", "policies"),
+            dbt_project_dir=env.path("POLICY_DBT_PROJECT_DIR", "dbt_project"),
             alert_webhook_url=env.text("POLICY_ALERT_WEBHOOK_URL"),
             api=ApiSettings.read(env),
             polling=PollingSettings.read(env),

@@ -15,9 +15,9 @@ from typing import Final
 
 from dagster_dbt import DbtProject
 
-from policy_pipeline.core.settings import PROJECT_ROOT
+from policy_pipeline.core.settings import PROJECT_ROOT, Settings
 
-DBT_PROJECT_DIR: Final = PROJECT_ROOT / "dbt_project"
+DBT_PROJECT_DIR: Final = PROJECT_ROOT / "dbt_project"  # the project shipped here
 PARSE_TARGET: Final = "duckdb"
 
 
@@ -28,7 +28,9 @@ def dbt_executable() -> str:
     return str(candidate) if candidate.exists() else "dbt"
 
 
+# POLICY_DBT_PROJECT_DIR names another copy (default: the shipped one).
+_project_dir = Settings.from_env().dbt_project_dir
 policy_dbt_project = DbtProject(
-    project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR, target=PARSE_TARGET
+    project_dir=_project_dir, profiles_dir=_project_dir, target=PARSE_TARGET
 )
 policy_dbt_project.prepare_if_dev()
