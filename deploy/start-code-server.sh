@@ -8,7 +8,8 @@
 # and any other POLICY_* variable of the README's "Configuration" table.
 #
 # `dagster code-server start` (not `dagster api grpc`) so that "Reload" in the UI reloads the
-# code, e.g. after a policy file was added to the catalog, without restarting this process;
+# code (after a deploy of new code) without restarting this process; the catalog needs no
+# reload (runs and sensor ticks read it);
 # runs in progress finish on the code they started with.
 set -euo pipefail
 # shellcheck source=_common.sh source-path=SCRIPTDIR
