@@ -16,7 +16,8 @@ import json
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from bench.benchlib import REPO_ROOT, machine_line
 
@@ -39,17 +40,26 @@ def track(self, key, value):
 environ_class.__setitem__ = track
 started = time.perf_counter()
 import policy_pipeline.definitions as location
-assets = len(list(location.defs.resolve_asset_graph().get_all_asset_keys()))
-print(json.dumps({"libraries": libraries, "definitions": time.perf_counter() - started,
-                  "subprocesses": spawned, "env_writes": written, "assets": assets}))
+definitions = time.perf_counter() - started
+keys = sorted(k.to_user_string() for k in location.defs.resolve_asset_graph().get_all_asset_keys())
+print(json.dumps({"libraries": libraries, "definitions": definitions,
+                  "subprocesses": spawned, "env_writes": written, "asset_keys": keys}))
 """
 
 
-def measure() -> dict[str, object]:
+def measure(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One load in a fresh interpreter (``env``: its whole environment, default this one's)."""
     result = subprocess.run(
-        [sys.executable, "-c", _PROBE], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PROBE],
+        cwd=REPO_ROOT,
+        env=None if env is None else dict(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    loaded: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    if result.returncode != 0:
+        raise RuntimeError(f"loading the definitions failed:\n{result.stderr[-3000:]}")
+    loaded: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return loaded
 
 
@@ -74,10 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"import policy_pipeline.definitions after them: median "
         f"{statistics.median(definitions):.2f} s (min {min(definitions):.2f}, "
-        f"max {max(definitions):.2f}); {runs[0]['assets']} asset keys"
+        f"max {max(definitions):.2f}); {len(runs[0]['asset_keys'])} asset keys"
     )
-    spawned = sorted({name for run in runs for name in run["subprocesses"]})  # type: ignore[attr-defined]
-    written = sorted({name for run in runs for name in run["env_writes"]})  # type: ignore[attr-defined]
+    spawned = sorted({name for run in runs for name in run["subprocesses"]})
+    written = sorted({name for run in runs for name in run["env_writes"]})
     print(f"subprocesses started while loading: {spawned or 'none'}")
     print(f"environment variables written while loading: {written or 'none'}")
     return 0 if not spawned and not written else 1

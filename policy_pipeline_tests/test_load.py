@@ -14,28 +14,9 @@ import sys
 from pathlib import Path
 
 import policy_pipeline.core
+from bench.load import measure
 from policy_pipeline.core.settings import PROJECT_ROOT
 from policy_pipeline.defs.reporting.project import policy_dbt_project
-
-_LOAD_PROBE = """
-import json, os, subprocess, sys
-import dagster, dagster_dbt  # their own imports may start helper processes; ours may not
-spawned, written = [], []
-original_popen = subprocess.Popen.__init__
-def spy(self, *args, **kwargs):
-    spawned.append(str(args[0] if args else kwargs.get("args")))
-    return original_popen(self, *args, **kwargs)
-subprocess.Popen.__init__ = spy
-environ_class = type(os.environ)
-original_set = environ_class.__setitem__
-def track(self, key, value):
-    written.append(key)
-    original_set(self, key, value)
-environ_class.__setitem__ = track
-import policy_pipeline.definitions as location
-keys = sorted(k.to_user_string() for k in location.defs.resolve_asset_graph().get_all_asset_keys())
-print(json.dumps({"spawned": spawned, "written": written, "keys": keys}))
-"""
 
 
 def test_loading_the_definitions_is_pure(tmp_path: Path) -> None:
@@ -48,20 +29,13 @@ def test_loading_the_definitions_is_pure(tmp_path: Path) -> None:
         "POLICY_CATALOG_DIR": str(tmp_path / "no-catalog-here"),  # read by runs, not loads
         "POLICY_DUCKDB_PATH": str(database),
     }
-    result = subprocess.run(
-        [sys.executable, "-c", _LOAD_PROBE],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    loaded = measure(env)  # bench/load.py's probe, as `python -m bench.load` runs it
+    assert loaded["subprocesses"] == []
+    assert loaded["env_writes"] == []
+    assert {"policy_created", "policy_ready", "circuit_breaker_activation"} <= set(
+        loaded["asset_keys"]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert loaded["spawned"] == []
-    assert loaded["written"] == []
-    assert {"policy_created", "policy_ready", "circuit_breaker_activation"} <= set(loaded["keys"])
-    assert "policy_execution_results" in loaded["keys"]
+    assert "policy_execution_results" in loaded["asset_keys"]
     assert not database.parent.exists()  # no connection, no DDL
     assert manifest.stat().st_mtime_ns == stamp  # no dbt parse
 
