@@ -31,7 +31,6 @@ SIGTERM/SIGINT.  Control endpoints (never faulted, delayed or authenticated) liv
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import email.utils
 import hmac
@@ -41,19 +40,17 @@ import os
 import random
 import signal
 import socket
-import socketserver
-import struct
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from policy_devtools.loopback_http import LoopbackHTTPServer, ResettingHandler
 from policy_pipeline.core.domain import SUCCESS_STATUSES
 
 __all__ = [
@@ -411,86 +408,25 @@ class _BadRequestBody(Exception):
         self.status = status
 
 
-class _SimulatorHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # stop() must not wait for handler threads parked in a simulated hang or an idle keep-alive.
-    block_on_close = False
+class _SimulatorHTTPServer(LoopbackHTTPServer):
     request_queue_size = 1024
-    allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], simulator: PolicyApiSimulator) -> None:
         self.simulator = simulator
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
         super().__init__(address, _RequestHandler)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (socket.getfqdn) that can stall for
-        # seconds on machines without network; the loopback address needs no name.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.socket.getsockname()[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that time out or drop connections are routine in fault tests; only real bugs
-        # deserve a traceback on stderr.
-        if isinstance(sys.exc_info()[1], OSError) and not self.simulator.verbose:
-            return
-        super().handle_error(request, client_address)
-
-    def track(self, conn: socket.socket) -> None:
-        with self._connections_lock:
-            self._connections.add(conn)
-
-    def untrack(self, conn: socket.socket) -> None:
-        with self._connections_lock:
-            self._connections.discard(conn)
-
-    def close_connections(self) -> None:
-        # Without this, keep-alive connections opened before stop() would still be served by
-        # their handler threads after the simulator was "stopped".
-        with self._connections_lock:
-            conns = list(self._connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+    def quiet_disconnects(self) -> bool:
+        # Only real bugs deserve a traceback on stderr, unless asked to be verbose.
+        return not self.simulator.verbose
 
 
 class _SimulatorHTTPServer6(_SimulatorHTTPServer):
     address_family = socket.AF_INET6
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    # HTTP/1.1 keep-alive, so client connection pools behave as against the real API.
-    protocol_version = "HTTP/1.1"
+class _RequestHandler(ResettingHandler):
     server_version = "PolicyApiSimulator/1.0"
-    timeout = 60  # idle keep-alive connections are dropped eventually
-    # Headers and body go out in separate writes; with Nagle on, the body waits for the client's
-    # delayed ACK (~40 ms per request), which would dominate every test and soak run.
-    disable_nagle_algorithm = True
     server: _SimulatorHTTPServer
-    _abort_connection = False
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection)
-
-    def finish(self) -> None:
-        self.server.untrack(self.connection)
-        if self._abort_connection:
-            # SO_LINGER(on, 0) makes close() send a TCP RST instead of a FIN: the client sees
-            # "connection reset" rather than a clean EOF.
-            with contextlib.suppress(OSError):
-                self.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
-        with contextlib.suppress(OSError):
-            super().finish()
-        if self._abort_connection:
-            # Close now (the makefile wrappers are closed, so this really closes the fd);
-            # the server's later shutdown()/close() on it are harmless no-ops.
-            self.connection.close()
 
     def do_GET(self) -> None:
         self._serve()
@@ -571,7 +507,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if reply.hang_seconds > 0:
             self.server.simulator._sleep(reply.hang_seconds)
         if reply.reset:
-            self._abort_connection = True
+            self.reset_connection = True
             self.close_connection = True
             return
         try:

@@ -36,22 +36,18 @@ waits for a misbehaviour to play out.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-import socket
-import socketserver
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
+
+from policy_devtools.loopback_http import LoopbackHTTPServer, ResettingHandler
 
 FIXED_POLICY_ID = "pol_hostile_fixed"
 
@@ -251,68 +247,15 @@ class HostileApi:
         return "*" if "*" in self._routes else None
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # stop() must not wait for a handler parked in a drip
-    # The default backlog (5) drops SYNs when a test opens many connections at once, and the
-    # client's SYN retransmit then costs a whole second.
-    request_queue_size = 128
-    allow_reuse_address = True
-
+class _Server(LoopbackHTTPServer):
     def __init__(self, address: tuple[str, int], api: HostileApi) -> None:
         self.api = api
         self.stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup that can stall without a network.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.socket.getsockname()[:2]
-        self.server_name, self.server_port = str(host), int(port)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that give up mid-drip are the point of this server, not an error.
-        if isinstance(sys.exc_info()[1], OSError):
-            return
-        super().handle_error(request, client_address)
-
-    def track(self, conn: socket.socket, add: bool) -> None:
-        with self._connections_lock:
-            (self._connections.add if add else self._connections.discard)(conn)
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            conns = list(self._connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a real API
-    disable_nagle_algorithm = True  # each dripped byte leaves at once
-    timeout = 60  # idle keep-alive connections are dropped eventually
+class _Handler(ResettingHandler):
     server: _Server
-    _reset = False
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.track(self.connection, add=True)
-
-    def finish(self) -> None:
-        self.server.track(self.connection, add=False)
-        if self._reset:
-            # SO_LINGER(on, 0): close() sends a RST, the client sees "connection reset".
-            with contextlib.suppress(OSError):
-                self.connection.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                )
-        with contextlib.suppress(OSError):
-            super().finish()
-        if self._reset:
-            self.connection.close()
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -345,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if behaviour.reset:
-            self._reset = self.close_connection = True
+            self.reset_connection = self.close_connection = True
             return
         if behaviour.raw is not None:
             self.close_connection = True
