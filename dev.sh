@@ -45,9 +45,9 @@ case "${1:-}" in
     .venv/bin/ruff format --check .
     .venv/bin/mypy policy_pipeline policy_devtools
     .venv/bin/dg check defs
-    # Two workers, a test file each at a time: the long waits (the hands-off test's three
-    # minutes) overlap the rest. Every server a test starts is on its own ephemeral port.
-    .venv/bin/python -m pytest -n 2 --dist loadfile "${@:2}"
+    # Two workers, each taking tests from the other when idle: the long waits (the hands-off
+    # test's three minutes) overlap the rest. Every server a test starts has its own port.
+    .venv/bin/python -m pytest -n 2 --dist worksteal "${@:2}"
     ;;
   ui)
     install
