@@ -54,6 +54,12 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
         with self._connections_lock:
             self._connections.discard(conn)
 
+    def stop_serving(self) -> None:
+        """Stop accepting, cut the connections still open, and close the listening socket."""
+        self.shutdown()
+        self.close_connections()
+        self.server_close()
+
     def close_connections(self) -> None:
         # Without this, keep-alive connections opened before a stop would still be served by
         # their handler threads after the server was "stopped".

@@ -595,9 +595,7 @@ class PolicyApiSimulator:
         if server is None:
             return
         self._stop_event.set()  # wakes handlers sleeping in latency / hang faults
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
+        server.stop_serving()
         if thread is not None:
             thread.join(timeout=10)
 

@@ -168,9 +168,7 @@ class HostileApi:
         if server is None:
             return
         server.stopping.set()  # drips and delays end now
-        server.shutdown()
-        server.close_connections()
-        server.server_close()
+        server.stop_serving()
         if thread is not None:
             thread.join(timeout=5)
         self._server = self._thread = None

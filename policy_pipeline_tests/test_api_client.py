@@ -27,46 +27,18 @@ from policy_pipeline.core import policy_api
 from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig, parse_retry_after
 from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
 from policy_pipeline.resources.policy_api import PolicyApiResource
+from policy_pipeline_tests.client_rig import Rig, RigFactory, clear_proxies, rigs
 
 API_KEY = "sk-test-S3CRET-7f3a9c1e"
 WRONG_KEY = "sk-test-WRONG-0000"
-PROXY_ENV_VARS = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-)
-
-
-@dataclasses.dataclass
-class Rig:
-    """A client under test plus everything it reported."""
-
-    api: PolicyApiClient
-    sleeps: list[float]
-    attempts: list[ApiAttempt]
-
-    def record(self, attempt: ApiAttempt) -> None:
-        self.attempts.append(attempt)
-
-    def outcomes(self) -> list[str]:
-        return [a.outcome for a in self.attempts]
-
-    def numbers(self) -> list[int]:
-        return [a.attempt for a in self.attempts]
 
 
 SimFactory = Callable[..., PolicyApiSimulator]
-RigFactory = Callable[..., Rig]
 
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The client's requests session honours proxy variables; loopback traffic must not use one.
-    for name in PROXY_ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+    clear_proxies(monkeypatch)
 
 
 @pytest.fixture
@@ -86,19 +58,7 @@ def make_sim() -> Iterator[SimFactory]:
 
 @pytest.fixture
 def make_rig() -> Iterator[RigFactory]:
-    rigs: list[Rig] = []
-
-    def _make(endpoint: str, api_key: str = API_KEY, **overrides: Any) -> Rig:
-        sleeps: list[float] = []
-        config = PolicyApiConfig(endpoint=endpoint, api_key=api_key, **overrides)
-        api = PolicyApiClient(config, sleep=sleeps.append)
-        rig = Rig(api=api, sleeps=sleeps, attempts=[])
-        rigs.append(rig)
-        return rig
-
-    yield _make
-    for rig in rigs:
-        rig.api.close()
+    yield from rigs(API_KEY)
 
 
 @pytest.fixture

@@ -25,15 +25,14 @@ import requests
 import requests.adapters
 import urllib3
 
-from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig
 from policy_pipeline.core.policy_api_types import (
-    ApiAttempt,
     ApiResponse,
     InvalidApiKeyError,
     PolicyApiError,
 )
 from policy_pipeline.resources import policy_api_resource
 from policy_pipeline.resources.policy_api import PolicyApiResource
+from policy_pipeline_tests.client_rig import Rig, RigFactory, clear_proxies, rigs
 from policy_pipeline_tests.hostile_api import (
     FIXED_POLICY_ID,
     Behaviour,
@@ -47,40 +46,14 @@ from policy_pipeline_tests.hostile_api import (
 # Printable ASCII without spaces, so valid, but with every character that JSON, percent, HTML
 # and repr() escaping change: a scrubber that only knows the raw form misses its echoes.
 API_KEY = "sk-hostile/\"Q7z\\W+%&<k>'x9"
-PROXY_ENV_VARS = (
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-)
-
-
-@dataclasses.dataclass
-class Rig:
-    """A client under test plus everything it reported."""
-
-    api: PolicyApiClient
-    sleeps: list[float]
-    attempts: list[ApiAttempt]
-
-    def record(self, attempt: ApiAttempt) -> None:
-        self.attempts.append(attempt)
-
-    def outcomes(self) -> list[str]:
-        return [a.outcome for a in self.attempts]
 
 
 ApiFactory = Callable[..., HostileApi]
-RigFactory = Callable[..., Rig]
 
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The client's requests session honours proxy variables; loopback traffic must not use one.
-    for name in PROXY_ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
+    clear_proxies(monkeypatch)
 
 
 @pytest.fixture
@@ -100,19 +73,7 @@ def hostile() -> Iterator[ApiFactory]:
 
 @pytest.fixture
 def make_rig() -> Iterator[RigFactory]:
-    rigs: list[Rig] = []
-
-    def _make(endpoint: str, api_key: str = API_KEY, **overrides: Any) -> Rig:
-        sleeps: list[float] = []
-        config = PolicyApiConfig(endpoint=endpoint, api_key=api_key, **overrides)
-        api = PolicyApiClient(config, sleep=sleeps.append)
-        rig = Rig(api=api, sleeps=sleeps, attempts=[])
-        rigs.append(rig)
-        return rig
-
-    yield _make
-    for rig in rigs:
-        rig.api.close()
+    yield from rigs(API_KEY)
 
 
 def create(rig: Rig, key: str = "idem-1") -> ApiResponse:

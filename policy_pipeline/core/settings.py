@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from policy_pipeline.core.engine.leases import LeasePolicy
+from policy_pipeline.core.engine.policy_ready import PollingPolicy
+from policy_pipeline.core.engine.progress import ProgressPolicy
+from policy_pipeline.core.policy_api import PolicyApiConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # The environment variables that hold secrets or the endpoint: resolved by Dagster at run time.
@@ -40,6 +45,14 @@ WarehouseKind = Literal["duckdb", "snowflake"]
 
 class SettingsError(ValueError):
     pass
+
+
+# The defaults are the engine's and the client's own (declared there, once); an environment
+# variable overrides one.
+_API = PolicyApiConfig(endpoint="", api_key="")
+_POLLING = PollingPolicy()
+_LEASE = LeasePolicy()
+_PROGRESS = ProgressPolicy()
 
 
 class _Env:
@@ -100,13 +113,23 @@ class ApiSettings:
     def read(cls, env: _Env) -> ApiSettings:
         return cls(
             endpoint=env.text(API_ENDPOINT_VAR),
-            timeout_seconds=env.number("POLICY_API_TIMEOUT_SECONDS", 30.0),
-            max_attempts=env.integer("POLICY_API_MAX_ATTEMPTS", 5, minimum=1),
-            backoff_initial_seconds=env.number("POLICY_API_BACKOFF_INITIAL_SECONDS", 0.5),
-            backoff_max_seconds=env.number("POLICY_API_BACKOFF_MAX_SECONDS", 30.0),
-            max_concurrency=env.integer("POLICY_API_MAX_CONCURRENCY", 16, minimum=1),
-            guard_failure_threshold=env.integer("POLICY_GUARD_FAILURE_THRESHOLD", 10, minimum=1),
-            guard_cooldown_seconds=env.integer("POLICY_GUARD_COOLDOWN_SECONDS", 60, minimum=0),
+            timeout_seconds=env.number("POLICY_API_TIMEOUT_SECONDS", _API.timeout_seconds),
+            max_attempts=env.integer("POLICY_API_MAX_ATTEMPTS", _API.max_attempts, minimum=1),
+            backoff_initial_seconds=env.number(
+                "POLICY_API_BACKOFF_INITIAL_SECONDS", _API.backoff_initial_seconds
+            ),
+            backoff_max_seconds=env.number(
+                "POLICY_API_BACKOFF_MAX_SECONDS", _API.backoff_max_seconds
+            ),
+            max_concurrency=env.integer(
+                "POLICY_API_MAX_CONCURRENCY", _API.max_concurrent_requests, minimum=1
+            ),
+            guard_failure_threshold=env.integer(
+                "POLICY_GUARD_FAILURE_THRESHOLD", _API.guard_failure_threshold, minimum=1
+            ),
+            guard_cooldown_seconds=env.integer(
+                "POLICY_GUARD_COOLDOWN_SECONDS", _API.guard_cooldown_seconds, minimum=0
+            ),
         )
 
 
@@ -124,11 +147,19 @@ class PollingSettings:
     @classmethod
     def read(cls, env: _Env) -> PollingSettings:
         return cls(
-            initial_seconds=env.number("POLICY_POLL_INITIAL_SECONDS", 1.0),
-            max_interval_seconds=env.number("POLICY_POLL_MAX_INTERVAL_SECONDS", 30.0),
-            backoff_multiplier=env.number("POLICY_POLL_BACKOFF_MULTIPLIER", 2.0, minimum=1.0),
-            max_polls=env.integer("POLICY_POLL_MAX_POLLS", 60, minimum=1),
-            deadline_seconds=env.number("POLICY_POLL_DEADLINE_SECONDS", 900.0),
+            initial_seconds=env.number(
+                "POLICY_POLL_INITIAL_SECONDS", _POLLING.initial_interval_seconds
+            ),
+            max_interval_seconds=env.number(
+                "POLICY_POLL_MAX_INTERVAL_SECONDS", _POLLING.max_interval_seconds
+            ),
+            backoff_multiplier=env.number(
+                "POLICY_POLL_BACKOFF_MULTIPLIER", _POLLING.backoff_multiplier, minimum=1.0
+            ),
+            max_polls=env.integer("POLICY_POLL_MAX_POLLS", _POLLING.max_polls, minimum=1),
+            deadline_seconds=env.number("POLICY_POLL_DEADLINE_SECONDS", _POLLING.deadline_seconds),
+            # Not the engine's default (0: never hand off): in a Dagster run a long wait goes
+            # to the progress sensor.
             handoff_seconds=env.number("POLICY_WAIT_HANDOFF_SECONDS", 120.0),
         )
 
@@ -141,8 +172,8 @@ class LeaseSettings:
     @classmethod
     def read(cls, env: _Env) -> LeaseSettings:
         return cls(
-            ttl_seconds=env.integer("POLICY_LEASE_TTL_SECONDS", 30, minimum=5),
-            wait_seconds=env.number("POLICY_LEASE_WAIT_SECONDS", 60.0),
+            ttl_seconds=env.integer("POLICY_LEASE_TTL_SECONDS", _LEASE.ttl_seconds, minimum=5),
+            wait_seconds=env.number("POLICY_LEASE_WAIT_SECONDS", _LEASE.wait_seconds),
         )
 
 
@@ -165,13 +196,25 @@ class ProgressSettings:
         return cls(
             tick_seconds=env.integer("POLICY_PROGRESS_TICK_SECONDS", 30, minimum=1),
             queue_limit=env.integer("POLICY_PROGRESS_QUEUE_LIMIT", 20, minimum=1),
-            wait_poll_seconds=env.number("POLICY_WAIT_POLL_INTERVAL_SECONDS", 300.0, minimum=1.0),
-            wait_deadline_seconds=env.number("POLICY_WAIT_DEADLINE_SECONDS", 86_400.0, minimum=1),
-            poll_batch=env.integer("POLICY_WAIT_POLL_BATCH", 2_000, minimum=1),
-            tick_budget_seconds=env.number("POLICY_PROGRESS_TICK_BUDGET_SECONDS", 20.0, minimum=1),
-            resume_max_attempts=env.integer("POLICY_RESUME_MAX_ATTEMPTS", 5, minimum=0),
-            resume_backoff_seconds=env.number("POLICY_RESUME_BACKOFF_SECONDS", 60.0),
-            resume_backoff_max_seconds=env.number("POLICY_RESUME_BACKOFF_MAX_SECONDS", 3_600.0),
+            wait_poll_seconds=env.number(
+                "POLICY_WAIT_POLL_INTERVAL_SECONDS", _PROGRESS.wait_poll_seconds, minimum=1.0
+            ),
+            wait_deadline_seconds=env.number(
+                "POLICY_WAIT_DEADLINE_SECONDS", _PROGRESS.wait_deadline_seconds, minimum=1
+            ),
+            poll_batch=env.integer("POLICY_WAIT_POLL_BATCH", _PROGRESS.poll_batch, minimum=1),
+            tick_budget_seconds=env.number(
+                "POLICY_PROGRESS_TICK_BUDGET_SECONDS", _PROGRESS.tick_budget_seconds, minimum=1
+            ),
+            resume_max_attempts=env.integer(
+                "POLICY_RESUME_MAX_ATTEMPTS", _PROGRESS.resume_max_attempts, minimum=0
+            ),
+            resume_backoff_seconds=env.number(
+                "POLICY_RESUME_BACKOFF_SECONDS", _PROGRESS.resume_backoff_seconds
+            ),
+            resume_backoff_max_seconds=env.number(
+                "POLICY_RESUME_BACKOFF_MAX_SECONDS", _PROGRESS.resume_backoff_max_seconds
+            ),
         )
 
 

@@ -12,6 +12,7 @@ from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
+from policy_pipeline.core.engine.leases import LeasePolicy
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.state_store import StateStore
@@ -21,13 +22,15 @@ class PolicyStateResource(ConfigurableResource):
     """The state table, audit trail and per-policy leases, in one warehouse."""
 
     lease_ttl_seconds: int = Field(
-        default=30,
+        default=LeasePolicy().ttl_seconds,
         ge=5,
         description="How long a run's claim on a policy lasts without renewal (renewed every "
         "third of it; a crashed run's policies are free again within it).",
     )
     lease_wait_seconds: float = Field(
-        default=60.0, ge=0, description="How long a step waits for another run's claim."
+        default=LeasePolicy().wait_seconds,
+        ge=0,
+        description="How long a step waits for another run's claim.",
     )
 
     _warehouse: WarehouseConnection | None = PrivateAttr(default=None)
