@@ -199,6 +199,9 @@ class SimulatorConfig:
     fault_after_effect_rate: float = 0.0
     fault_endpoints: list[str] = field(default_factory=lambda: list(ENDPOINTS))
     seed: int | None = None
+    # Some real APIs ignore Idempotency-Key: then every replay is a new create or trigger, and
+    # only the client's own care keeps a policy from being created (or fired) twice.
+    ignore_idempotency_keys: bool = False
     scripted_faults: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -842,7 +845,11 @@ class PolicyApiSimulator:
         if not ok or not isinstance(payload, dict):
             return _json_reply(400, {"error": "request body must be a JSON object"})
         canonical = json.dumps(payload, sort_keys=True)
-        record_key = (endpoint, idempotency_key) if idempotency_key is not None else None
+        record_key = (
+            (endpoint, idempotency_key)
+            if idempotency_key is not None and not self._config.ignore_idempotency_keys
+            else None
+        )
         if record_key is not None:
             record = self._idempotency.get(record_key)
             if record is not None:

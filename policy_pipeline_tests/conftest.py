@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    ExecuteInProcessResult,
+    RunRequest,
+    SensorResult,
+    SkipReason,
+)
 
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.catalog import load_catalog
@@ -254,3 +261,35 @@ def run_cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str
         text=True,
         timeout=900,
     )
+
+
+def requested_runs(result: SensorResult | SkipReason) -> list[RunRequest]:
+    """The runs a sensor tick requested."""
+    return list(result.run_requests or []) if isinstance(result, SensorResult) else []
+
+
+def launch_requested(workspace: Workspace, request: RunRequest) -> ExecuteInProcessResult:
+    """A requested run, as the sensor daemon would launch it."""
+    job = workspace.definitions().resolve_job_def("policy_workflow_job")
+    tags = dict(request.tags)
+    if request.partition_key is not None:
+        tags["dagster/partition"] = request.partition_key
+    return job.execute_in_process(
+        instance=workspace.instance,
+        tags=tags,
+        asset_selection=list(request.asset_selection) if request.asset_selection else None,
+        raise_on_error=False,
+    )
+
+
+class RecordingLog:
+    """The engine's logger, keeping the warnings for assertions."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        self.warnings.append(msg)

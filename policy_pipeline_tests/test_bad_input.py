@@ -90,8 +90,8 @@ def _workflow(store: StateStore, api: ScriptedApi, log: _Log | None = None) -> P
     ("answer", "expected", "resumable"),
     [
         ((200, '{"execution_id": "x"}'), "JSON without it", False),
-        ((200, '{"policy_id": 42}'), "policy_id=42, which is not a non-empty string", False),
-        ((200, '{"policy_id": ""}'), "which is not a non-empty string", False),
+        ((200, '{"policy_id": 42}'), "'policy_id' is a number (42), not a string", False),
+        ((200, '{"policy_id": ""}'), "'policy_id' is an empty string", False),
         ((200, '["pol_1"]'), "a JSON list, not an object", False),
         ((200, "<html><body>502 Bad Gateway</body></html>"), "a body that is not JSON", True),
         ((200, ""), "an empty body", True),
@@ -236,7 +236,7 @@ def test_thousands_of_catalog_files_load_quickly(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
-@pytest.mark.parametrize("body", ["<html>proxy says hi</html>", ""])
+@pytest.mark.parametrize("body", ["<html>proxy says hi</html>", '{"status": "trig'])
 def test_unreadable_circuit_confirmation_is_not_completion(store: StateStore, body: str) -> None:
     answers = iter([(200, body), (200, '{"status": "triggered", "circuit_breaker_id": "cb_1"}')])
     api = ScriptedApi(create=lambda: (200, '{"policy_id": "pol_1"}'), circuit=lambda: next(answers))

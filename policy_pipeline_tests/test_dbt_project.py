@@ -32,6 +32,7 @@ from policy_pipeline.core.store import schema as store_schema
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.defs.reporting import dbt_assets
 from policy_pipeline.defs.reporting.project import DBT_PROJECT_DIR, policy_dbt_project
+from policy_pipeline.resources import state_resource
 from policy_pipeline_tests.fakesnow_server import FakesnowServer
 
 DBT = str(Path(sys.executable).parent / "dbt")
@@ -352,7 +353,10 @@ def test_dbt_build_through_dagster_on_duckdb(
     result = materialize(
         [workflow_stand_in(), reporting],
         selection=[RESULTS, DAILY],
-        resources={"dbt": dbt_assets.dbt_cli_resource(Settings.from_env())},
+        resources={
+            "dbt": dbt_assets.dbt_cli_resource(Settings.from_env()),
+            "policy_state": state_resource(Settings.from_env()),
+        },
         raise_on_error=False,
     )
 
@@ -498,7 +502,10 @@ def test_dbt_assets_sit_downstream_of_the_workflow() -> None:
 def test_dbt_assets_load_with_a_partitioned_workflow_asset() -> None:
     defs = Definitions(
         assets=[workflow_stand_in(), dbt_assets.build_dbt_assets(Settings.from_env())],
-        resources={"dbt": dbt_assets.dbt_cli_resource(Settings.from_env())},
+        resources={
+            "dbt": dbt_assets.dbt_cli_resource(Settings.from_env()),
+            "policy_state": state_resource(Settings.from_env()),
+        },
     )
     Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()

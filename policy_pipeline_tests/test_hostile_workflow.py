@@ -146,8 +146,10 @@ def test_one_policy_id_for_several_creates_is_refused_before_any_circuit_breaker
 
 @pytest.mark.parametrize("status", [404, 301, 410])
 def test_one_poll_error_does_not_end_the_execution_or_create_a_second_policy(
-    workspace: Workspace, lying_api: LyingApi, status: int
+    workspace: Workspace, lying_api: LyingApi, status: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Past the not-found grace (test_answers.py covers a 404 within it).
+    monkeypatch.setenv("POLICY_POLL_NOT_FOUND_GRACE_SECONDS", "0")
     name = CATALOG_POLICIES[0]
     answers = iter([(status, {"error": "not here"})])
     lying_api.poll = lambda policy_id: next(answers, (200, {"status": "success"}))

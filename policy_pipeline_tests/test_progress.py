@@ -18,15 +18,18 @@ import pytest
 from dagster import (
     AssetKey,
     DagsterRunStatus,
-    ExecuteInProcessResult,
-    RunRequest,
     SensorResult,
     SkipReason,
     build_sensor_context,
 )
 
 from policy_pipeline.core.engine.progress import ProgressPolicy, group_runs
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace
+from policy_pipeline_tests.conftest import (
+    CATALOG_POLICIES,
+    Workspace,
+    launch_requested,
+    requested_runs,
+)
 
 SENSOR = "policy_progress_sensor"
 
@@ -56,24 +59,6 @@ def _tick(workspace: Workspace, cursor: str | None = None) -> SensorResult | Ski
     return result
 
 
-def _requests(result: SensorResult | SkipReason) -> list[RunRequest]:
-    return list(result.run_requests or []) if isinstance(result, SensorResult) else []
-
-
-def _launch(workspace: Workspace, request: RunRequest) -> ExecuteInProcessResult:
-    """The requested run, as the sensor daemon would launch it."""
-    job = workspace.definitions().resolve_job_def("policy_workflow_job")
-    tags = dict(request.tags)
-    if request.partition_key is not None:
-        tags["dagster/partition"] = request.partition_key
-    return job.execute_in_process(
-        instance=workspace.instance,
-        tags=tags,
-        asset_selection=list(request.asset_selection) if request.asset_selection else None,
-        raise_on_error=False,
-    )
-
-
 def _circuit_calls(workspace: Workspace, name: str) -> int:
     return int(workspace.simulator.counts()["per_policy"][name]["circuits_triggered"])
 
@@ -98,7 +83,7 @@ def test_sensor_resumes_a_resumable_error_and_a_stranded_ready_policy(
 
     time.sleep(2.2)
     first = _tick(workspace)
-    requests = _requests(first)
+    requests = requested_runs(first)
     # Neighbours with the same step left share one run (a range of partitions).
     [request] = requests
     assert request.tags["dagster/asset_partition_range_start"] == failing
@@ -110,15 +95,15 @@ def test_sensor_resumes_a_resumable_error_and_a_stranded_ready_policy(
         assert request.run_key and request.run_key.startswith("resume:")
     # A second tick before the runs start claims nothing again (each resumption once; and
     # the next resumption of the same execution waits for its doubled backoff).
-    assert not _requests(_tick(workspace))
+    assert not requested_runs(_tick(workspace))
 
     for request in requests:
-        assert _launch(workspace, request).success
+        assert launch_requested(workspace, request).success
     for name in (failing, ready_only):
         [row] = workspace.executions(name)
         assert row["status"] == "completed", row
         assert _circuit_calls(workspace, name) == 1
-    assert not _requests(_tick(workspace))  # nothing left to resume
+    assert not requested_runs(_tick(workspace))  # nothing left to resume
     resumes = workspace.query(
         'SELECT "policy_name", "auto_resume_count" FROM policy_execution_state '
         'ORDER BY "policy_name"'
@@ -171,13 +156,13 @@ def test_resume_budget_ends_the_execution_for_good_and_alerts(
     )
     assert not workspace.run([name]).success
     for attempt in (1, 2):  # each automatic resumption fails the same way
-        [request] = _requests(_tick(workspace))
-        assert not _launch(workspace, request).success
+        [request] = requested_runs(_tick(workspace))
+        assert not launch_requested(workspace, request).success
         [row] = workspace.executions(name)
         assert row["status"] == "error" and row["resumable"], (attempt, row)
 
     final = _tick(workspace)
-    assert not _requests(final)
+    assert not requested_runs(final)
     [row] = workspace.executions(name)
     assert row["status"] == "error" and not row["resumable"]
     assert "gave up after 2 automatic resumptions" in row["error_message"]
@@ -188,7 +173,7 @@ def test_resume_budget_ends_the_execution_for_good_and_alerts(
         "WHERE \"event_type\" = 'alert'"
     )
     assert execution_id == row["execution_id"]
-    assert not _requests(_tick(workspace))  # ended for good: never resumed again
+    assert not requested_runs(_tick(workspace))  # ended for good: never resumed again
     assert _circuit_calls(workspace, name) == 0
 
 
@@ -226,7 +211,7 @@ def test_handed_off_policy_is_polled_outside_runs_and_two_racing_ticks_request_o
     # polls it and records the poll as a run would.
     time.sleep(1.1)
     not_yet = _tick(workspace)
-    assert not _requests(not_yet)
+    assert not requested_runs(not_yet)
     [row] = workspace.executions(slow)
     assert row["status"] == "policy_created" and int(row["poll_count"]) == polls_by_run + 1
 
@@ -239,7 +224,7 @@ def test_handed_off_policy_is_polled_outside_runs_and_two_racing_ticks_request_o
         tick.start()
     for tick in ticks:
         tick.join()
-    requests = [r for result in results for r in _requests(result)]
+    requests = [r for result in results for r in requested_runs(result)]
     events = [
         e
         for result in results
@@ -251,7 +236,7 @@ def test_handed_off_policy_is_polled_outside_runs_and_two_racing_ticks_request_o
     [request] = requests
     assert request.run_key == f"circuit:{waiting['execution_id']}"
     assert workspace.executions(slow)[0]["status"] == "policy_ready"
-    assert _launch(workspace, request).success
+    assert launch_requested(workspace, request).success
     [done] = workspace.executions(slow)
     assert done["status"] == "completed" and _circuit_calls(workspace, slow) == 1
     events_logged = workspace.query(

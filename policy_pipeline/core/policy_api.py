@@ -21,12 +21,10 @@ import codecs
 import email.errors
 import email.message
 import email.utils
-import html
 import http.client
 import io
 import json
 import random
-import re
 import socket
 import threading
 import time
@@ -55,8 +53,7 @@ from policy_pipeline.core.policy_api_types import (
     api_key_problem,
     parse_body,
 )
-
-SCRUBBED = "***"
+from policy_pipeline.core.scrubbing import SecretScrubber
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -80,39 +77,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 # --- the API key never leaves the client ------------------------------------------------------
 
 
-class SecretScrubber:
-    """Replaces a secret, in the forms an echoing server may render it, with ``***``."""
-
-    def __init__(self, secret: str) -> None:
-        escaped_json = json.dumps(secret)[1:-1]
-        percent = quote(secret, safe="")
-        forms = {
-            secret,
-            escaped_json,  # '"' and '\\' escaped, as in a JSON echo of the headers
-            escaped_json.replace("/", "\\/"),  # encoders that escape '/' too
-            percent,
-            re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), percent),
-            quote(secret),  # '/' left as is
-            html.escape(secret),
-            html.escape(secret, quote=False),
-            repr(secret)[1:-1],  # error messages quote what they choke on with repr()
-            repr(secret.encode("utf-8", "replace"))[2:-1],
-        }
-        ordered = sorted((f for f in forms if f), key=len, reverse=True)  # longest first
-        self._pattern = re.compile("|".join(re.escape(f) for f in ordered)) if ordered else None
-
-    def text(self, text: str) -> str:
-        return self._pattern.sub(SCRUBBED, text) if self._pattern is not None else text
-
-    def data(self, value: Any) -> Any:
-        """Parsed JSON with every string (keys included) scrubbed."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            return [self.data(v) for v in value]
-        if isinstance(value, dict):
-            return {self.data(k): self.data(v) for k, v in value.items()}
-        return value
+class ResponseScrubber(SecretScrubber):
+    """The shared scrubber (`policy_pipeline.core.scrubbing`), for response bodies too."""
 
     def body(self, raw: str) -> tuple[str, Any]:
         """A response body, scrubbed, then parsed (text, JSON or None)."""
@@ -568,7 +534,7 @@ class PolicyApiConfig:
 
 class _Http(NamedTuple):
     session: requests.Session
-    scrubber: SecretScrubber
+    scrubber: ResponseScrubber
 
 
 class PolicyApiClient:
@@ -622,7 +588,7 @@ class PolicyApiClient:
                     raise PolicyApiError(f"POLICY_API_KEY {problem}", transient=False)
                 key = self.config.api_key.strip()
                 self._http = _Http(
-                    _new_session(key, self.config.max_concurrent_requests), SecretScrubber(key)
+                    _new_session(key, self.config.max_concurrent_requests), ResponseScrubber(key)
                 )
             return self._http
 

@@ -97,6 +97,27 @@ def api_key_problem(raw: str) -> str | None:
     return None
 
 
+def json_value_kind(value: Any, limit: int = 60) -> str:
+    """A JSON value as an error message names it: "null", "a number (12345)", "the string
+    'pol_1'", "an empty string", "a list", ... (long values shortened to ``limit``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        if not value.strip():
+            return "an empty string" if not value else "a blank string"
+        shown = value if len(value) <= limit else value[:limit] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, list):
+        return "a list" if value else "an empty list"
+    if isinstance(value, dict):
+        return "an object" if value else "an empty object"
+    return f"a {type(value).__name__}"
+
+
 def parse_body(text: str) -> Any:
     if not text.strip():
         return None

@@ -143,6 +143,7 @@ class PollingSettings:
     max_polls: int
     deadline_seconds: float
     handoff_seconds: float
+    not_found_grace_seconds: float  # runs and policy_progress_sensor alike
 
     @classmethod
     def read(cls, env: _Env) -> PollingSettings:
@@ -158,6 +159,9 @@ class PollingSettings:
             ),
             max_polls=env.integer("POLICY_POLL_MAX_POLLS", _POLLING.max_polls, minimum=1),
             deadline_seconds=env.number("POLICY_POLL_DEADLINE_SECONDS", _POLLING.deadline_seconds),
+            not_found_grace_seconds=env.number(
+                "POLICY_POLL_NOT_FOUND_GRACE_SECONDS", _POLLING.not_found_grace_seconds
+            ),
             # Not the engine's default (0: never hand off): in a Dagster run a long wait goes
             # to the progress sensor.
             handoff_seconds=env.number("POLICY_WAIT_HANDOFF_SECONDS", 120.0),
@@ -292,6 +296,9 @@ class Settings:
     progress: ProgressSettings
     checks: CheckSettings
     archive: ArchiveSettings
+    # A backfill of more policies than this is split into runs of at most this many (Dagster's
+    # multi-run backfill policy), so that the runs can go to different workers; None: one run.
+    backfill_max_partitions_per_run: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -314,6 +321,10 @@ class Settings:
             progress=ProgressSettings.read(env),
             checks=CheckSettings.read(env),
             archive=ArchiveSettings.read(env),
+            backfill_max_partitions_per_run=env.integer(
+                "POLICY_BACKFILL_MAX_PARTITIONS_PER_RUN", 0, minimum=0
+            )
+            or None,
         )
 
     @staticmethod

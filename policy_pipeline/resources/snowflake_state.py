@@ -5,11 +5,15 @@ references, resolved at run time and never shown."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+from pathlib import Path
 from typing import Any
 
 from dagster import EnvVar
 from dagster_snowflake import SnowflakeResource
 
+from policy_pipeline.core.engine.leases import LeasePolicy
 from policy_pipeline.core.settings import SNOWFLAKE_PASSPHRASE_VAR, Settings, SettingsError
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
@@ -18,7 +22,8 @@ from policy_pipeline.resources.state import PolicyStateResource
 
 def snowflake_resource(settings: Settings | None = None) -> SnowflakeResource:
     """A SnowflakeResource from the SNOWFLAKE_* variables."""
-    snowflake = (settings or Settings.from_env()).snowflake()
+    settings = settings or Settings.from_env()
+    snowflake = settings.snowflake()
     if snowflake.missing:
         raise SettingsError(
             "POLICY_WAREHOUSE=snowflake but these environment variables are not set: "
@@ -51,7 +56,27 @@ def snowflake_resource(settings: Settings | None = None) -> SnowflakeResource:
         extra["protocol"] = snowflake.protocol
     if extra:
         args["additional_snowflake_connection_args"] = extra
+    # A login gives up within a third of the lease TTL (the connector's default is 60 s), so
+    # a run cut off from Snowflake fences its calls before its leases lapse.
+    lease = LeasePolicy(ttl_seconds=settings.leases.ttl_seconds)
+    args["login_timeout"] = max(1, int(lease.warehouse_wait_seconds))
     return SnowflakeResource(**args)
+
+
+def private_key_secrets(key: str) -> list[str]:
+    """A private key (PEM, or base64 of a PEM as dagster-snowflake also takes) as secrets to
+    scrub: whole, its body joined, and line by line, since an echo may wrap or re-join it."""
+    texts = [key]
+    if "-----BEGIN" not in key:
+        with contextlib.suppress(ValueError):  # not base64, or not text once decoded
+            texts.append(base64.b64decode(key, validate=True).decode())
+    secrets = list(texts)
+    for text in texts:
+        lines = [line.strip() for line in text.splitlines()]
+        body = [line for line in lines if line and not line.startswith("-----")]
+        secrets.append("".join(body))
+        secrets.extend(line for line in body if len(line) >= 16)  # too short to be guessable
+    return [secret for secret in secrets if secret]
 
 
 class SnowflakeStateResource(PolicyStateResource):
@@ -59,5 +84,22 @@ class SnowflakeStateResource(PolicyStateResource):
 
     snowflake: SnowflakeResource
 
+    def warehouse_secrets(self) -> tuple[str, ...]:
+        """The password, or the private key (given or read from its file) and passphrase."""
+        key = self.snowflake.private_key
+        if key is None and self.snowflake.private_key_path:
+            try:
+                key = Path(self.snowflake.private_key_path).read_text(errors="replace")
+            except OSError:
+                key = None  # the connection reports the unreadable file; no content to scrub
+        secrets = [
+            self.snowflake.password,
+            *(private_key_secrets(key) if key else ()),
+            self.snowflake.private_key_password,
+        ]
+        return tuple(secret for secret in secrets if secret)
+
     def _connect_warehouse(self) -> WarehouseConnection:
-        return WarehouseConnection(SqlDialect.SNOWFLAKE, self.snowflake.get_connection)
+        return WarehouseConnection(
+            SqlDialect.SNOWFLAKE, self.snowflake.get_connection, secrets=self.warehouse_secrets()
+        )

@@ -8,19 +8,36 @@ of handed-off policies with the same `AttemptRecorder`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from policy_pipeline.core.engine.guard import ApiGuard
-from policy_pipeline.core.policy_api_types import ApiAttempt
+from policy_pipeline.core.policy_api_types import ApiAttempt, PolicyApiError
 from policy_pipeline.core.store.state_store import AuditEvent, ExecutionRow, StateStore
 
 
-class AttemptRecorder:
-    """Audits every API attempt of one execution, keeps the figures for metadata, and tells
-    the guard."""
+class LeaseFenced(PolicyApiError):
+    """A call's retries stop: the run cannot be sure it still holds the policy's lease. The
+    call is made again once a renewal confirms the lease (`scheduling.py`)."""
 
-    def __init__(self, store: StateStore, row: ExecutionRow, guard: ApiGuard | None) -> None:
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
+class AttemptRecorder:
+    """Audits every API attempt of one execution, keeps the figures for metadata, tells the
+    guard, and stops a call's retries past its lease's fence (``fenced`` says why, or None)."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        row: ExecutionRow,
+        guard: ApiGuard | None,
+        fenced: Callable[[], str | None] | None = None,
+    ) -> None:
         self.store = store
         self.row = row
         self.guard = guard
+        self.fenced = fenced
         self.calls = 0
         self.latency_ms = 0.0
 
@@ -46,6 +63,10 @@ class AttemptRecorder:
         if self.guard is not None:
             self.guard.observe(attempt)
             self.guard.stop_retrying(attempt)
+        if attempt.outcome == "retry" and self.fenced is not None:
+            reason = self.fenced()
+            if reason is not None:
+                raise LeaseFenced(reason)
 
 
 def warning_event(execution_id: str | None, policy_name: str, message: str) -> AuditEvent:

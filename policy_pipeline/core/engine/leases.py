@@ -3,8 +3,14 @@
 A run acquires every policy's lease as it starts, renews what it holds every third of the TTL
 (its heartbeat: a crashed run's policies are free within the TTL), releases each policy as it
 finishes with it, and retries the ones another run holds: it takes over at once the leases of
-a holder known to be gone, and gives up on the rest after `LeasePolicy.wait_seconds`. Only the
-writer thread uses this.
+a holder known to be gone, and gives up on the rest after `LeasePolicy.wait_seconds`.
+
+Fencing: each held policy's track knows until when its lease is surely the run's own
+(`Track.lease_until`: when the last confirming statement was sent, plus the TTL, minus a
+safety margin). No call starts past it (`scheduling.py` parks the call until a renewal
+confirms the lease again, or stops the policy when a renewal says it is gone), so a run whose
+renewals cannot reach the warehouse stops calling the API before another run may take over.
+Only the writer thread uses this class; it sets ``lease_until`` with the run's lock held.
 
 Serves all three workflow assets: a policy is leased for the whole of its way through a run,
 whatever its steps.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +38,23 @@ class LeasePolicy:
     ttl_seconds: int = 30
     wait_seconds: float = 60.0
 
+    @property
+    def renew_seconds(self) -> float:
+        return self.ttl_seconds / 3
+
+    @property
+    def fence_seconds(self) -> float:
+        """How long after a confirming statement was sent calls may still start: the TTL less
+        a sixth of it, for the time between a call's start check and its request reaching the
+        API, and for warehouse and worker clocks that run at slightly different rates."""
+        return self.ttl_seconds * 5 / 6
+
+    @property
+    def warehouse_wait_seconds(self) -> float:
+        """The longest wait on the warehouse (a lock, a connection) that leaves a renewal time
+        to land before the fence: a third of the TTL."""
+        return self.ttl_seconds / 3
+
 
 def holder_certainly_gone(owner: str) -> bool:
     """Whether a lease holder has certainly stopped (a finished run, a process gone)."""
@@ -47,36 +71,55 @@ class Leases:
         policy: LeasePolicy,
         holder_gone: Callable[[str], bool],
         log: Logger,
+        changed: threading.Condition,
     ) -> None:
         self.store = store
         self.owner = owner
         self.policy = policy
         self.holder_gone = holder_gone
         self.log = log
+        self.changed = changed  # the run's lock: the workers read ``Track.lease_until``
+        self.tracks: dict[str, Track] = {}
         self.held: set[str] = set()
         self.released: list[str] = []
         self.waiting: dict[str, Track] = {}  # for a lease another run holds
         self.deadline = 0.0
         self.retry_at = 0.0
         self.delay = 0.2
-        self.renew_at = 0.0
+        self.renew_at = math.inf
 
     def acquire(self, names: Sequence[str], tracks: dict[str, Track]) -> list[Track]:
         """At the run's start: claim the policies' leases. Returns the tracks held; the others
         wait for their lease."""
+        self.tracks = dict(tracks)
+        sent = time.monotonic()
         self.held = self.store.acquire_leases(names, self.owner, self.policy.ttl_seconds)
-        now = time.monotonic()  # the timers count from the moment the leases were granted
-        self.renew_at = now + self.policy.ttl_seconds / 3
+        self._confirmed(self.held, sent)
+        now = time.monotonic()
         self.waiting = {n: t for n, t in tracks.items() if n not in self.held}
         self.deadline = now + self.policy.wait_seconds
         self.retry_at = now + self.delay
         return [t for n, t in tracks.items() if n in self.held]
 
+    def _confirmed(self, names: set[str], sent: float) -> None:
+        """The warehouse granted or renewed these leases with a statement sent at ``sent``:
+        calls for them may start until the fence."""
+        if not names:
+            return
+        until = sent + self.policy.fence_seconds
+        with self.changed:
+            for name in names:
+                self.tracks[name].lease_until = until
+        self.renew_at = min(self.renew_at, sent + self.policy.renew_seconds)
+
     def retry_due(self, now: float) -> bool:
         return bool(self.waiting) and now >= self.retry_at
 
+    def renewal_due(self, now: float) -> bool:
+        return bool(self.held) and now >= self.renew_at
+
     def timer_due(self, now: float) -> bool:
-        return self.retry_due(now) or (bool(self.held) and now >= self.renew_at)
+        return self.retry_due(now) or self.renewal_due(now)
 
     def next_timer(self) -> float:
         timers = [self.renew_at if self.held else math.inf]
@@ -101,8 +144,10 @@ class Leases:
                 taken = [n for n, (holder, _u) in holders.items() if holder == previous]
                 self.log.warning(f"taking over {len(taken)} leases of {previous}")
                 store.take_over_leases(taken, owner, previous, ttl)
+        sent = time.monotonic()
         got = store.acquire_leases(waiting, owner, ttl)
         self.held |= got
+        self._confirmed(got, sent)
         late = [self.waiting.pop(name) for name in waiting if name in got]
         enter(late)
         now = time.monotonic()
@@ -123,15 +168,30 @@ class Leases:
         if name in self.held:
             self.released.append(name)
 
-    def write(self, now: float) -> None:
-        """In each batch of writes: release the finished policies, renew the rest when due."""
+    def renew(self) -> set[str]:
+        """Renew every held lease; returns the ones the warehouse did not confirm (another run
+        acquired them after a lapse): the run no longer holds them and stops working on those
+        policies. Raises when the warehouse cannot be reached; the renewal stays due."""
+        if not self.held:
+            return set()
+        sent = time.monotonic()
+        confirmed = self.store.renew_leases(sorted(self.held), self.owner, self.policy.ttl_seconds)
+        self.renew_at = math.inf
+        lost = self.held - confirmed
+        self.held = confirmed
+        self._confirmed(confirmed, sent)
+        if lost:
+            with self.changed:
+                for name in lost:
+                    self.tracks[name].lease_until = 0.0
+        return lost
+
+    def release(self) -> None:
+        """Release the policies the run has finished with: another run may take them."""
         if self.released:
             self.store.release_leases(self.released, self.owner)
             self.held.difference_update(self.released)
             self.released = []
-        if self.held and now >= self.renew_at:
-            self.store.renew_leases(sorted(self.held), self.owner, self.policy.ttl_seconds)
-            self.renew_at = now + self.policy.ttl_seconds / 3
 
     def release_all(self) -> None:
         """At the run's end, whatever happened."""

@@ -10,19 +10,24 @@ execution. The run (`workflow.py`) calls these; the workers (`scheduling.py`) ca
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from policy_pipeline.core.domain import ExecutionStatus, PolicyDefinition
 from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
-from policy_pipeline.core.engine.steps import ACTIVE_STATUSES, STEP_CREATE
+from policy_pipeline.core.engine.steps import ACTIVE_STATUSES, STEP_CIRCUIT, STEP_CREATE
 from policy_pipeline.core.failpoints import failpoint
-from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError
+from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError, json_value_kind
 from policy_pipeline.core.store.schema import STATE
-from policy_pipeline.core.store.state_store import ExecutionRow
+from policy_pipeline.core.store.state_store import MAX_DETAIL_CHARS, ExecutionRow
 
 # A policy_id goes into a URL path and into the state table: an identifier, nothing else.
 POLICY_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# Why an execution is retired (the ``reason`` of its ``retired`` audit event).
+_SUPERSEDED = "superseded"
+_DELETED = "catalog_file_deleted"
 
 
 class PolicyCreatedStep:
@@ -44,6 +49,9 @@ class PolicyCreatedStep:
         self.bodies: dict[str, Any] = {}  # stored create bodies of resumed intents
         # Completed executions by policy and content hash, archived ones included.
         self.completed: dict[str, dict[str, ExecutionRow]] = {}
+        # Executions to retire before their policy's new intent is written (by the writer, in
+        # `write_intents`), and why (_SUPERSEDED or _DELETED).
+        self.retiring: dict[str, tuple[ExecutionRow, str]] = {}
 
     def read(self, tracks: list[Track], current: dict[str, ExecutionRow]) -> None:
         """What `begin` needs to know beyond the current executions, read by the writer as
@@ -65,9 +73,23 @@ class PolicyCreatedStep:
 
     def begin(self, track: Track, claims: list[Track]) -> None:
         """Pass it at once if this content already completed; refuse a failed policy to an
-        automatic retry; otherwise record an intent, or re-send a recorded one."""
+        automatic retry; otherwise record an intent, or re-send a recorded one. An active
+        execution of other content is superseded (`_supersede`); a policy no longer in the
+        catalog goes on only from what its execution stored (`_without_definition`)."""
         run, step, row = self.run, track.steps[0], track.row
-        definition = self.definitions[track.name]
+        definition = self.definitions.get(track.name)
+        if definition is None:
+            self._without_definition(track, claims)
+            return
+        digest = definition.content_hash()
+        if (
+            row is not None
+            and row.status in ACTIVE_STATUSES
+            and row.policy_content_hash is not None
+            and row.policy_content_hash != digest
+        ):
+            self._supersede(track, row, digest, claims)
+            return
         if (
             row is not None
             and row.status is ExecutionStatus.COMPLETED
@@ -115,17 +137,161 @@ class PolicyCreatedStep:
             run.detail(f"policy '{track.name}': resuming {row.execution_id} ({row.status})")
             run.passed(track, "resumed", claims)
 
+    def _supersede(self, track: Track, row: ExecutionRow, digest: str, claims: list[Track]) -> None:
+        """The catalog holds other content than the policy's active execution. One not yet
+        ready is retired at once and the new content created in the same write
+        (`write_intents`); a ready one (its circuit breaker may have started) is finished
+        first, so that no ready policy is left half done, and the new content follows in
+        this run."""
+        run, name = self.run, track.name
+        if row.status is not ExecutionStatus.POLICY_READY:
+            self.retiring[name] = (row, _SUPERSEDED)
+            track.resumed = False
+            run.writes.intents.append(track)
+            return
+        change = _content_change(name, row, digest)
+        if STEP_CIRCUIT not in run.steps:
+            run.fail(
+                track,
+                STEP_CREATE,
+                f"{change} while execution {row.execution_id} is policy_ready: its circuit "
+                "breaker comes first (materialize circuit_breaker_activation), then the new "
+                "content is created",
+            )
+            return
+        run.warn(
+            track,
+            f"{change} after execution {row.execution_id} was ready: finishing it (its circuit "
+            "breaker) first, then creating the new content in this run",
+        )
+        # The old execution goes through the steps after this one, then the policy goes
+        # through every chosen step again, now with the new content.
+        later = [s for s in run.steps if s != STEP_CREATE]
+        track.steps = [STEP_CREATE, *later, *run.steps]
+        run.passed(track, f"resumed to finish execution {row.execution_id} first", claims)
+
+    def _completed(self, name: str, digest: str) -> ExecutionRow | None:
+        """The completed execution of this content (archived ones included), unless the run
+        forces a new execution."""
+        return None if self.force_new else self.completed.get(name, {}).get(digest)
+
+    def _without_definition(self, track: Track, claims: list[Track]) -> None:
+        """A policy no longer in the catalog (its file was deleted): an execution already
+        created goes on from what it stored (polling and the circuit breaker need no
+        catalog); an intent whose create was never confirmed is retired; nothing is created."""
+        run, row = self.run, track.row
+        if row is not None and row.status in (
+            ExecutionStatus.POLICY_CREATED,
+            ExecutionStatus.POLICY_READY,
+        ):
+            run.detail(
+                f"policy '{track.name}' is not in the catalog any more: execution "
+                f"{row.execution_id} goes on from what it stored ({row.status})"
+            )
+            run.passed(track, "resumed (not in the catalog any more)", claims)
+        elif row is not None and row.status is ExecutionStatus.PENDING:
+            self.retiring[track.name] = (row, _DELETED)
+            run.writes.intents.append(track)
+        else:
+            run.fail(track, STEP_CREATE, f"policy '{track.name}' is not in the catalog")
+
     def write_intents(self, tracks: list[Track]) -> None:
         """The seed's rule: the intent (a ``pending`` execution with its idempotency key) is
-        committed before the create call."""
+        committed before the create call. Executions being replaced are retired first, in
+        the same batch, under the policy's lease."""
         run = self.run
-        started = run.store.start_executions([self.definitions[t.name] for t in tracks])
+        ids = {t.name: str(uuid.uuid4()) for t in tracks if t.name in self.definitions}
+        retiring = [t for t in tracks if t.name in self.retiring]
+        # One transaction: a crash between the retirement and the new intent leaves neither,
+        # so the new content is never lost with the old execution retired.
+        with run.store.transaction():
+            retired = self._retire(retiring, ids) if retiring else set()
+            creating = [
+                t
+                for t in tracks
+                if t.name in ids and (t.name not in self.retiring or t.name in retired)
+            ]
+            for track in retiring:
+                self.retiring.pop(track.name, None)
+            if not creating:
+                return
+            started = run.store.start_executions(
+                [self.definitions[t.name] for t in creating], [ids[t.name] for t in creating]
+            )
         failpoint("after_intents")
         with run.changed:
-            for track, row in zip(tracks, started, strict=True):
+            for track, row in zip(creating, started, strict=True):
                 track.row = row
                 track.body = self.definitions[track.name].payload()
                 run.schedule("create", track)
+
+    def _retire(self, tracks: list[Track], new_ids: Mapping[str, str]) -> set[str]:
+        """Retire the executions these policies replace (their content changed, or their
+        file was deleted, before they were ready); returns the names whose new content is
+        to be created now. One that turned ready meanwhile (the progress sensor polled it)
+        is finished first instead."""
+        run = self.run
+        entries: list[tuple[ExecutionRow, str, str, dict[str, Any]]] = []
+        for track in tracks:
+            row, why = self.retiring[track.name]
+            detail: dict[str, Any] = {"reason": why, "content_hash": row.policy_content_hash}
+            if why == _SUPERSEDED:
+                digest = self.definitions[track.name].content_hash()
+                # The new content may have completed before (an edit undone): still one
+                # policy per content.
+                done = self._completed(track.name, digest)
+                carrier = done.execution_id if done is not None else new_ids[track.name]
+                error = (
+                    f"superseded: {_content_change(track.name, row, digest)} before it was "
+                    f"ready; execution {carrier} carries the new content"
+                )
+                detail.update(new_content_hash=digest, new_execution_id=carrier)
+            else:
+                error = deleted_before_create(track.name)
+            entries.append((row, STEP_CREATE, error, detail))
+        after = run.store.retire(entries)
+        retired: set[str] = set()
+        with run.changed:
+            for track, (row, _step, error, _detail) in zip(tracks, entries, strict=True):
+                now = after.get(row.execution_id)
+                moved = (
+                    now is not None
+                    and now.status is ExecutionStatus.ERROR
+                    and not now.resumable
+                    and now.error_message == error[:MAX_DETAIL_CHARS]
+                )
+                if moved:
+                    track.row = now
+                    run.log.warning(f"policy '{track.name}': execution {row.execution_id} {error}")
+                    name = track.name
+                    done = None
+                    if name in self.definitions:
+                        done = self._completed(name, self.definitions[name].content_hash())
+                    if name not in self.definitions:
+                        run.fail(
+                            track, STEP_CREATE, f"policy '{name}' is not in the catalog: {error}"
+                        )
+                    elif done is not None:
+                        track.row = done
+                        run.passed(track, "already completed for this content", run.writes.claims)
+                    else:
+                        retired.add(name)
+                elif (
+                    now is not None
+                    and now.status is ExecutionStatus.POLICY_READY
+                    and track.name in self.definitions
+                ):
+                    track.row = now
+                    digest = self.definitions[track.name].content_hash()
+                    self._supersede(track, now, digest, run.writes.claims)
+                elif now is None:
+                    run.fail(
+                        track, STEP_CREATE, f"state row of execution {row.execution_id} is gone"
+                    )
+                else:
+                    track.row = now
+                    run.fail(track, STEP_CREATE, refusal(now, "it changed while being retired"))
+        return retired
 
     def request(self, track: Track) -> ApiResponse:
         assert track.row is not None and isinstance(track.body, dict)
@@ -166,6 +332,9 @@ class PolicyCreatedStep:
             problem = f"{response.describe()} with {invalid}"
             writes.failed.append((track, problem, STEP_CREATE, False))
             return
+        # When this run saw the create answer: the start of its grace for a 404 on the first
+        # polls (an eventually consistent API may not show a new policy at once).
+        track.created_answer_at = time.monotonic()
         writes.created.append((track, policy_id, response.recorded_body))
 
     def write_created(self, created: list[tuple[Track, str, Any]], claims: list[Track]) -> None:
@@ -219,6 +388,19 @@ class PolicyCreatedStep:
                 run.passed(track, f"created {policy_id}", claims)
 
 
+def deleted_before_create(name: str) -> str:
+    """Why an intent is retired whose policy's catalog file is gone (also `progress.py`)."""
+    return (
+        f"retired: the catalog file of policy '{name}' was deleted before the policy was "
+        "created (its create was never confirmed); nothing is created for it"
+    )
+
+
+def _content_change(name: str, row: ExecutionRow, digest: str) -> str:
+    old = (row.policy_content_hash or "?")[:12]
+    return f"the catalog content of policy '{name}' changed (hash {old}… → {digest[:12]}…)"
+
+
 def _invalid_policy_id(value: str) -> str | None:
     """Why a policy_id is not an identifier, or None."""
     if POLICY_ID_PATTERN.fullmatch(value) and ".." not in value:
@@ -231,15 +413,18 @@ def _invalid_policy_id(value: str) -> str | None:
 
 
 def _missing_field(response: ApiResponse, name: str) -> str:
+    """Why the answer holds no usable ``name`` (a non-empty string), saying what was there."""
+    where = f"the response of {response.method} {response.path} (HTTP {response.http_status}"
+    kept = f"raw response kept in {STATE.name}"
+    if isinstance(response.data, dict) and name in response.data:
+        value = response.data[name]
+        kind = json_value_kind(value)
+        wrong = kind if value is None or isinstance(value, str) else f"{kind}, not a string"
+        return f"'{name}' is {wrong} in {where}); {kept}"
     if response.data is None:
         what = "an empty body" if not response.text.strip() else "a body that is not JSON"
     elif not isinstance(response.data, dict):
         what = f"a JSON {type(response.data).__name__}, not an object"
-    elif name not in response.data:
-        what = "JSON without it"
     else:
-        what = f"{name}={response.data[name]!r}, which is not a non-empty string"
-    return (
-        f"field '{name}' missing from the response of {response.method} {response.path} "
-        f"(HTTP {response.http_status}, {what}); raw response kept in {STATE.name}"
-    )
+        what = "JSON without it"
+    return f"field '{name}' missing from {where}, {what}); {kept}"

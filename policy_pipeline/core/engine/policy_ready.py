@@ -1,11 +1,12 @@
 """The rules of the ``policy_ready`` asset (step 2): poll each created policy until the API
 calls it ready.
 
-How polls are paced (`PollingPolicy`), the ``GET`` status call, what each answer means (ready,
-failed, still pending, unknown, no answer), when a policy's wait ends (max polls, deadline) or
-is handed off to the progress sensor (`progress.py`), and the conditional ``policy_ready`` write.
-The run (`workflow.py`) calls these; the workers (`scheduling.py`) call `request` and `answer`
-for each ``"poll"`` call.
+How polls are paced (`PollingPolicy`), the ``GET`` status call, what each answer means
+(`read_poll`: ready, failed, still pending, unknown, not visible yet, an answer about another
+policy, an HTTP error; the progress sensor reads its polls with it too), when a policy's wait
+ends (max polls, deadline) or is handed off to the progress sensor (`progress.py`), and the
+conditional ``policy_ready`` write. The run (`workflow.py`) calls these; the workers
+(`scheduling.py`) call `request` and `answer` for each ``"poll"`` call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from policy_pipeline.core.domain import ApiPolicyStatus, ExecutionStatus, classify_api_status
@@ -20,7 +22,11 @@ from policy_pipeline.core.engine.guard import GuardOpen
 from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
 from policy_pipeline.core.engine.steps import STEP_READY, Progress
 from policy_pipeline.core.failpoints import failpoint
-from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError
+from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError, json_value_kind
+
+# How long after the create a 404 on a poll means "not visible yet" rather than an error
+# (POLICY_POLL_NOT_FOUND_GRACE_SECONDS): eventually consistent APIs answer so for a moment.
+NOT_FOUND_GRACE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class PollingPolicy:
     # run lets it go, and the progress sensor polls it every ``handoff_poll_seconds``.
     handoff_seconds: float = 0.0
     handoff_poll_seconds: float = 300.0
+    # A 404 this soon after the create answer is "not visible yet": polled again, counted.
+    not_found_grace_seconds: float = NOT_FOUND_GRACE_SECONDS
 
     def interval(self, poll_number: int) -> float:
         base = min(
@@ -47,6 +55,80 @@ class PollingPolicy:
         )
         # "Equal jitter": never zero, never more than the computed interval.
         return base / 2 + random.uniform(0, base / 2)
+
+
+class PollVerdict(StrEnum):
+    """What one poll answer says about our policy."""
+
+    READY = "ready"  # the API calls it ready
+    FAILED = "failed"  # the API calls it failed: the execution ends for good
+    WAITING = "waiting"  # not ready yet (pending, unknown, not visible yet): poll again
+    REFUSED = "refused"  # no word about our policy (an HTTP error, another policy): resumable
+
+
+@dataclass(frozen=True)
+class PollReading:
+    """`read_poll`'s reading of one answer."""
+
+    verdict: PollVerdict
+    note: str  # what the poll saw, for its message ("API status 'pending'")
+    status: object = None  # the answer's status, as it came
+    error: str | None = None  # FAILED and REFUSED: the execution's error
+    warning: str | None = None  # an answer the engine did not expect (still pending)
+
+
+def read_poll(
+    response: ApiResponse,
+    policy_id: str,
+    seconds_since_create: float | None,
+    not_found_grace_seconds: float,
+) -> PollReading:
+    """What a ``GET /policy/{policy_id}`` answer means, for runs and the progress sensor alike.
+
+    ``seconds_since_create`` is how long ago the create answered, on one clock (None when
+    unknown: no grace then)."""
+    if not response.ok:
+        since = seconds_since_create
+        if response.http_status == 404 and since is not None and since <= not_found_grace_seconds:
+            return PollReading(
+                PollVerdict.WAITING,
+                f"{response.describe()}: not visible yet {since:.0f}s after the create "
+                f"(grace {not_found_grace_seconds:g}s, POLICY_POLL_NOT_FOUND_GRACE_SECONDS)",
+            )
+        # An HTTP error for a policy we created is no proof that it is gone (a 404 from a
+        # proxy, a redirect, an auth error): the execution stays resumable, and a later run
+        # polls the same policy_id rather than creating a second policy.
+        return PollReading(
+            PollVerdict.REFUSED,
+            response.describe(),
+            error=f"{response.describe()}: {excerpt(response)}",
+        )
+    status = response.field("status")
+    named = response.field("policy_id")
+    if named is not None and named != policy_id:
+        # Whatever it says is about another policy: neither ready nor failed for ours.
+        about = (
+            f"policy_id {named!r}"
+            if isinstance(named, str)
+            else f"'policy_id' is {json_value_kind(named)}"
+        )
+        return PollReading(
+            PollVerdict.REFUSED,
+            f"answer about another policy ({about}), not taken as ours",
+            status=status,
+            error=f"{response.describe()} about another policy ({about}, not {policy_id!r}); "
+            f"its status is not taken as ours: {excerpt(response)}",
+        )
+    verdict = classify_api_status(status)
+    if verdict is ApiPolicyStatus.READY:
+        return PollReading(PollVerdict.READY, f"API status {status!r}", status)
+    if verdict is ApiPolicyStatus.FAILED:
+        error = f"Policy API reported status {status!r} for policy {policy_id}"
+        return PollReading(PollVerdict.FAILED, f"API status {status!r}", status, error=error)
+    if verdict is ApiPolicyStatus.PENDING:
+        return PollReading(PollVerdict.WAITING, f"API status {status!r}", status)
+    note = _status_seen(response)
+    return PollReading(PollVerdict.WAITING, note, status, warning=_unknown_status(response, note))
 
 
 class PolicyReadyStep:
@@ -100,29 +182,29 @@ class PolicyReadyStep:
             # The client already retried; a poll that got no answer is still a poll.
             record[1] = {"error": str(response)}
             record[2] = f"Poll {count}: no answer ({response})"
-        elif not response.ok:
-            # An HTTP error for a policy we created is no proof that it is gone (a 404 from
-            # a proxy, a redirect, an auth error): the execution stays resumable, and a later
-            # run polls the same policy_id rather than creating a second policy.
-            run.refused_credentials(response)
-            record[1], record[2] = response.recorded_body, response.describe()
-            problem = f"{response.describe()}: {excerpt(response)}"
-            writes.failed.append((track, problem, STEP_READY, True))
-            return
         else:
-            status = response.field("status")
-            record[1], record[2] = response.recorded_body, f"Poll {count}: API status {status!r}"
-            verdict = classify_api_status(status)
-            if verdict is ApiPolicyStatus.READY:
+            if not response.ok:
+                run.refused_credentials(response)
+            assert track.row.policy_id is not None
+            reading = read_poll(
+                response,
+                track.row.policy_id,
+                self._since_create(track),
+                self.polling.not_found_grace_seconds,
+            )
+            status = reading.status
+            record[1], record[2] = response.recorded_body, f"Poll {count}: {reading.note}"
+            if reading.verdict is PollVerdict.READY:
                 message = f"Step 2 complete: API status {status!r} after {count} polls"
                 writes.ready.append((track, message))
                 return
-            if verdict is ApiPolicyStatus.FAILED:
-                error = f"Policy API reported status {status!r} for policy {track.row.policy_id}"
-                writes.failed.append((track, error, STEP_READY, False))
+            if reading.verdict is not PollVerdict.WAITING:
+                assert reading.error is not None
+                resumable = reading.verdict is PollVerdict.REFUSED
+                writes.failed.append((track, reading.error, STEP_READY, resumable))
                 return
-            if verdict is ApiPolicyStatus.UNKNOWN:
-                run.warn(track, _unknown_status(response, status))
+            if reading.warning is not None:
+                run.warn(track, reading.warning)
         wait_seconds = self.polling.interval(count)
         elapsed = time.monotonic() - track.polling_since
         handoff = self.polling.handoff_seconds
@@ -147,6 +229,15 @@ class PolicyReadyStep:
             )
             return
         run.schedule("poll", track, wait_seconds)
+
+    @staticmethod
+    def _since_create(track: Track) -> float | None:
+        """Seconds since this run saw the create answer, on the run's monotonic clock; None
+        when an earlier run created it (this process cannot tell how long ago on its own
+        clock, so no grace)."""
+        if track.created_answer_at is None:
+            return None
+        return time.monotonic() - track.created_answer_at
 
     def write_polls(self, polls: dict[str, list[Any]]) -> None:
         """Each policy's polls since the last write, as one statement."""
@@ -221,10 +312,20 @@ class PolicyReadyStep:
                 run.passed(track, f"ready after {done.poll_count} polls", claims)
 
 
-def _unknown_status(response: ApiResponse, status: object) -> str:
+def _status_seen(response: ApiResponse) -> str:
+    """What stood where a known status should be: no field, null, another type, a new word."""
+    if not isinstance(response.data, dict) or "status" not in response.data:
+        return "no 'status' field"
+    status = response.data["status"]
     if status is None:
-        return (
-            f"{response.method} {response.path} returned no 'status' field "
-            f"({excerpt(response, 120)}); still treated as pending"
-        )
-    return f"unknown status {status!r} from {response.method} {response.path}; still pending"
+        return "'status' is null"
+    if not isinstance(status, str):
+        return f"'status' is {json_value_kind(status)}, not a string"
+    return f"unknown status {status!r}"
+
+
+def _unknown_status(response: ApiResponse, seen: str) -> str:
+    return (
+        f"{response.method} {response.path}: {seen} ({excerpt(response, 120)}); "
+        "still treated as pending"
+    )

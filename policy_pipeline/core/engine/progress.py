@@ -26,17 +26,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy_pipeline.core.domain import (
-    RESUME_FROM,
-    ApiPolicyStatus,
-    ExecutionStatus,
-    classify_api_status,
-)
+from policy_pipeline.core.domain import RESUME_FROM, ExecutionStatus
 from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
+from policy_pipeline.core.engine.policy_created import deleted_before_create
+from policy_pipeline.core.engine.policy_ready import NOT_FOUND_GRACE_SECONDS, PollVerdict, read_poll
 from policy_pipeline.core.engine.workflow import (
     STEP_CIRCUIT,
     STEP_CREATE,
@@ -45,9 +42,12 @@ from policy_pipeline.core.engine.workflow import (
     Logger,
     PolicyApi,
 )
+from policy_pipeline.core.liveness import lease_owner
 from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
+# How long the sensor holds a policy's lease to retire its intent (one statement).
+RETIRE_LEASE_SECONDS = 30
 # The step an active execution is in, by status (where it is resumed, where it ends): the
 # step that starts from that status.
 STEP_OF_STATUS = {status: step for step, status in RESUME_FROM.items()}
@@ -69,6 +69,8 @@ class ProgressPolicy:
     resume_backoff_seconds: float = 60.0  # before the first resumption; doubles each time
     resume_backoff_max_seconds: float = 3_600.0
     resume_batch: int = 500  # candidates read per scan
+    # A 404 this soon after the create (the warehouse's clock) is "not visible yet".
+    not_found_grace_seconds: float = NOT_FOUND_GRACE_SECONDS
 
     def resume_backoff(self, count: int) -> float:
         growth = 2.0 ** min(count, 32)
@@ -91,7 +93,10 @@ class WaitReport:
 class ResumeReport:
     candidates: int = 0
     backing_off: int = 0
-    unknown: list[str] = field(default_factory=list)  # not in the catalog: left alone
+    # Not in the catalog, never created, its lease held by a run: left to that run.
+    unknown: list[str] = field(default_factory=list)
+    # Not in the catalog and never created: retired by this tick (row, why).
+    retired: list[tuple[ExecutionRow, str]] = field(default_factory=list)
     busy: int = 0  # a resumption run for it is queued or running already
     resumed: list[tuple[ExecutionRow, str]] = field(default_factory=list)  # row, run kind
     gave_up: list[tuple[ExecutionRow, str]] = field(default_factory=list)  # row, error
@@ -132,6 +137,7 @@ class ProgressTick:
             report.blocked = blocked
             return report
         due = self.store.due_waits(self.policy.poll_batch, lead_seconds)
+        read_at = time.monotonic()
         report.due = len(due)
         report.cut_short = len(due) >= self.policy.poll_batch
         deadline = self.policy.wait_deadline_seconds
@@ -156,7 +162,11 @@ class ProgressTick:
             ]
         answers = self._poll([row for row, waited in due if waited <= deadline], report)
         report.polled = len(answers)
-        self._record(answers, report)
+        # Seconds since each create: the warehouse's age of it when read, plus what this tick
+        # has spent since (counted to the last answer, so never less than the truth).
+        spent = time.monotonic() - read_at
+        since_create = {row.execution_id: waited + spent for row, waited in due}
+        self._record(answers, report, since_create)
         return report
 
     def _poll(
@@ -222,7 +232,10 @@ class ProgressTick:
         return answers
 
     def _record(
-        self, answers: list[tuple[ExecutionRow, ApiResponse | PolicyApiError]], report: WaitReport
+        self,
+        answers: list[tuple[ExecutionRow, ApiResponse | PolicyApiError]],
+        report: WaitReport,
+        since_create: dict[str, float],
     ) -> None:
         """One batch of writes for every answer: the polls, the ready moves and their claims,
         the failures."""
@@ -238,22 +251,29 @@ class ProgressTick:
                 next_in = max(later, report.retry_after or 0.0)
                 polls.append((row, 1, {"error": str(answer)}, f"Poll {number}: no answer", next_in))
                 continue
-            if not answer.ok:
-                # An HTTP error for a policy we created is no proof it is gone: the execution
-                # stays resumable, and a run polls the same policy_id again.
-                polls.append((row, 1, answer.recorded_body, answer.describe(), None))
-                failed.append((row, answer.describe(), STEP_READY, True))
-                continue
-            status = answer.field("status")
-            polls.append(
-                (row, 1, answer.recorded_body, f"Poll {number}: API status {status!r}", later)
+            assert row.policy_id is not None
+            # Read as a run reads it (`read_poll`): the same answer means the same here.
+            reading = read_poll(
+                answer,
+                row.policy_id,
+                since_create.get(row.execution_id),
+                self.policy.not_found_grace_seconds,
             )
-            verdict = classify_api_status(status)
-            if verdict is ApiPolicyStatus.READY:
+            message = f"Poll {number}: {reading.note}"
+            if reading.verdict is PollVerdict.REFUSED:
+                # No word about our policy (an HTTP error, another policy's answer): the
+                # execution stays resumable, and a run polls the same policy_id again.
+                assert reading.error is not None
+                polls.append((row, 1, answer.recorded_body, message, None))
+                failed.append((row, reading.error, STEP_READY, True))
+                continue
+            polls.append((row, 1, answer.recorded_body, message, later))
+            if reading.verdict is PollVerdict.READY:
+                status = reading.status
                 ready.append((row, f"Step 2 complete: API status {status!r} after {number} polls"))
-            elif verdict is ApiPolicyStatus.FAILED:
-                error = f"Policy API reported status {status!r} for policy {row.policy_id}"
-                failed.append((row, error, STEP_READY, False))
+            elif reading.verdict is PollVerdict.FAILED:
+                assert reading.error is not None
+                failed.append((row, reading.error, STEP_READY, False))
         with self.store.batch():
             if polls:
                 self.store.record_polls(polls)
@@ -280,22 +300,30 @@ class ProgressTick:
     # --- resumption -----------------------------------------------------------------------------
 
     def resume_stranded(
-        self, known: Collection[str] | None, busy: Collection[str], launch: bool
+        self,
+        known: Collection[str] | None,
+        busy: Collection[str],
+        launch: bool,
+        contents: Mapping[str, str] | None = None,
     ) -> ResumeReport:
         """Claim the resumption of every execution that nothing moves and whose backoff has
         passed; end for good those whose budget is spent. Policies in ``busy`` (a run that
         resumes them has not started or finished yet) are left alone. ``launch`` false (the run
         queue is full, the guard is open) defers the resumptions but still ends the spent
-        ones."""
+        ones. A policy not in the catalog (``known``) is resumed if its policy was created
+        (the steps after the create need no catalog) and its intent retired otherwise.
+        ``contents`` (catalog content hash by policy) picks the run for an execution whose
+        content has changed since (`run_kind`)."""
         report = ResumeReport()
         candidates = self.store.resume_candidates(self.policy.resume_batch)
         report.candidates = len(candidates)
         due: list[ExecutionRow] = []
+        orphans: list[ExecutionRow] = []
         for row, idle in candidates:
-            if known is not None and row.policy_name not in known:
-                report.unknown.append(row.policy_name)
-            elif row.policy_name in busy:
+            if row.policy_name in busy:
                 report.busy += 1
+            elif known is not None and row.policy_name not in known and row.policy_id is None:
+                orphans.append(row)
             elif idle < self.policy.resume_backoff(row.auto_resume_count):
                 report.backing_off += 1
             else:
@@ -309,19 +337,64 @@ class ProgressTick:
             report.gave_up = [
                 (row, errors[row.execution_id]) for row in spent if row.execution_id in ended
             ]
+        report.retired = self._retire_orphans(orphans)
+        retired = {row.execution_id for row, _error in report.retired}
+        report.unknown = [row.policy_name for row in orphans if row.execution_id not in retired]
         rest = [row for row in due if row.auto_resume_count < self.policy.resume_max_attempts]
         if not launch:
             report.deferred = len(rest)
             return report
         claimed = self.store.claim_resumes(rest, self.token, "policy_progress_sensor")
-        report.resumed = [(row, run_kind(row)) for row in rest if row.execution_id in claimed]
+        report.resumed = [
+            (row, run_kind(row, contents)) for row in rest if row.execution_id in claimed
+        ]
         return report
 
+    def _retire_orphans(self, rows: list[ExecutionRow]) -> list[tuple[ExecutionRow, str]]:
+        """Intents whose catalog file was deleted before their policy was created: nothing
+        creates them any more. Each is retired under its policy's lease, taken for the
+        moment (one a run holds is left to that run, which retires it the same way)."""
+        if not rows:
+            return []
+        owner = lease_owner(f"sensor:{self.token}")
+        held = self.store.acquire_leases(
+            sorted({row.policy_name for row in rows}), owner, RETIRE_LEASE_SECONDS
+        )
+        entries = [
+            (
+                row,
+                _step(row),
+                deleted_before_create(row.policy_name),
+                {"reason": "catalog_file_deleted", "content_hash": row.policy_content_hash},
+            )
+            for row in rows
+            if row.policy_name in held
+        ]
+        try:
+            after = self.store.retire(entries) if entries else {}
+        finally:
+            self.store.release_leases(sorted(held), owner)
+        retired = []
+        for row, _step_name, error, _detail in entries:
+            now = after.get(row.execution_id)
+            if now is not None and now.status is ExecutionStatus.ERROR and not now.resumable:
+                retired.append((row, error))
+        return retired
 
-def run_kind(row: ExecutionRow) -> str:
+
+def superseded(row: ExecutionRow, contents: Mapping[str, str]) -> bool:
+    """Whether the catalog now holds other content than this execution's."""
+    digest = contents.get(row.policy_name)
+    return digest is not None and row.policy_content_hash not in (None, digest)
+
+
+def run_kind(row: ExecutionRow, contents: Mapping[str, str] | None = None) -> str:
     """What a resumption runs: only the circuit breaker for an execution that is ready (or
     failed calling it), else the whole workflow, whose earlier steps pass at once for what
-    is already done."""
+    is already done. An execution whose catalog content has changed since gets the whole
+    workflow: it is finished (or retired), then the new content is created."""
+    if contents is not None and superseded(row, contents):
+        return "workflow"
     if row.status is ExecutionStatus.POLICY_READY:
         return "circuit"
     if row.status is ExecutionStatus.ERROR and row.error_step == STEP_CIRCUIT:

@@ -11,6 +11,7 @@ Serves all three workflow assets. It imports no step module, so the step modules
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -59,8 +60,21 @@ class Track:
     recorder: AttemptRecorder | None = None
     polls: int = 0  # in this run
     polling_since: float = 0.0
+    created_answer_at: float | None = None  # monotonic: this run saw the create answer
     calls_before: int = 0  # API calls and latency before its current step (step figures)
     latency_before: float = 0.0
+    # Until when (monotonic) its lease is surely the run's own: no call starts later
+    # (`leases.py` sets it as the warehouse confirms the lease).
+    lease_until: float = 0.0
+
+    def fenced(self) -> str | None:
+        """Why no call for it may start now, or None."""
+        if time.monotonic() < self.lease_until:
+            return None
+        return (
+            f"policy '{self.name}': its lease is not confirmed by the warehouse any more; "
+            "no call starts until a renewal confirms it"
+        )
 
     @property
     def execution(self) -> ExecutionRow:
@@ -71,7 +85,7 @@ class Track:
         """The recorder of its current execution (a new execution starts new figures)."""
         assert self.row is not None
         if self.recorder is None or self.recorder.row.execution_id != self.row.execution_id:
-            self.recorder = AttemptRecorder(store, self.row, guard)
+            self.recorder = AttemptRecorder(store, self.row, guard, self.fenced)
             self.calls_before, self.latency_before = 0, 0.0
         return self.recorder
 
@@ -112,6 +126,32 @@ class Writes:
         return any(
             (self.intents, self.polls, self.created, self.ready, self.claims, self.completed)
         ) or any((self.handoffs, self.kept, self.failed, self.warnings))
+
+    def without(self, names: set[str]) -> Writes:
+        """These writes less those about the named policies, whose leases another run holds:
+        what this run learnt of them is left for that run to learn again. Their poll counts
+        stay (the polls were made, and their audit events are written), so that
+        ``poll_count`` agrees with the audit trail."""
+
+        def keep(track: Track) -> bool:
+            return track.name not in names
+
+        return Writes(
+            intents=[t for t in self.intents if keep(t)],
+            polls=self.polls,
+            created=[w for w in self.created if keep(w[0])],
+            ready=[w for w in self.ready if keep(w[0])],
+            handoffs=[w for w in self.handoffs if keep(w[0])],
+            claims=[t for t in self.claims if keep(t)],
+            completed=[w for w in self.completed if keep(w[0])],
+            kept={
+                column: kept
+                for column, bodies in self.kept.items()
+                if (kept := [w for w in bodies if keep(w[0])])
+            },
+            failed=[w for w in self.failed if keep(w[0])],
+            warnings=self.warnings,
+        )
 
 
 class RunContext(Protocol):

@@ -2,8 +2,11 @@
 
 At most ``concurrency`` API calls are in flight for the whole run: each worker takes whichever
 call is due next, most urgent kind first (circuit > poll > create), makes it outside the lock,
-and hands the answer to the rules of the step that asked for it. The writer (the thread that
-called `PolicyWorkflow.run`) is in `workflow.py`.
+and hands the answer to the rules of the step that asked for it. A call whose policy's lease is
+past its fence (`Track.lease_until`, `leases.py`) does not start: it is parked until the
+writer's next renewal confirms the lease (then it goes on) or says it is gone (then the run
+stops that policy). The writer (the thread that called `PolicyWorkflow.run`) is in
+`workflow.py`.
 
 Serves all three workflow assets: ``create`` calls are ``policy_created``'s, ``poll`` calls
 ``policy_ready``'s, ``circuit`` calls ``circuit_breaker_activation``'s.
@@ -18,6 +21,7 @@ import time
 from collections.abc import Mapping
 from typing import Protocol
 
+from policy_pipeline.core.engine.auditing import LeaseFenced
 from policy_pipeline.core.engine.guard import ApiGuard
 from policy_pipeline.core.engine.run_state import Track
 from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError
@@ -57,6 +61,8 @@ class Scheduler:
         self.due: dict[str, list[tuple[float, int, Track]]] = {call: [] for call in CALL_ORDER}
         self.counter = itertools.count()
         self.in_flight = 0
+        # Calls that may not start until a renewal confirms their policy's lease.
+        self.parked: list[tuple[str, Track]] = []
         self.closed = False
         self.worker_error: BaseException | None = None
 
@@ -70,6 +76,22 @@ class Scheduler:
         """Called with ``changed`` held."""
         heapq.heappush(self.due[call], (time.monotonic() + delay, next(self.counter), track))
         self.changed.notify_all()  # the writer waits on the same condition
+
+    def unpark(self, lost: set[str]) -> list[Track]:
+        """After a renewal: the parked calls whose lease it confirmed are due now; returns the
+        tracks of those whose lease is gone (the run stops them). Called with ``changed``
+        held."""
+        parked, self.parked = self.parked, []
+        now = time.monotonic()
+        stopped = []
+        for call, track in parked:
+            if track.name in lost:
+                stopped.append(track)
+            elif now < track.lease_until:
+                self.schedule(call, track)
+            else:
+                self.parked.append((call, track))
+        return stopped
 
     def close(self) -> None:
         """No call starts from now on; the workers return once their call is answered."""
@@ -97,7 +119,10 @@ class Scheduler:
                 response = self._guarded(rules, track)
                 with self.changed:
                     self.in_flight -= 1
-                    rules.answer(track, response)
+                    if isinstance(response, LeaseFenced):
+                        self.parked.append((call, track))  # its retries stopped at the fence
+                    else:
+                        rules.answer(track, response)
                     self.changed.notify_all()
         except BaseException as exc:  # a bug: fail the run rather than hang it
             with self.changed:
@@ -111,8 +136,14 @@ class Scheduler:
         now = time.monotonic()
         for call in CALL_ORDER:
             queue = self.due[call]
-            if queue and queue[0][0] <= now:
-                return call, heapq.heappop(queue)[2]
+            while queue and queue[0][0] <= now:
+                track = heapq.heappop(queue)[2]
+                if not track.steps:
+                    continue  # stopped meanwhile (its lease was lost)
+                if now < track.lease_until:
+                    return call, track
+                self.parked.append((call, track))
+                self.changed.notify_all()  # the writer renews (or stops) parked policies
         return None
 
     def _guarded(self, rules: CallRules, track: Track) -> ApiResponse | PolicyApiError:

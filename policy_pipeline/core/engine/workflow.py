@@ -66,6 +66,7 @@ from policy_pipeline.core.engine.steps import (
     StepReport,
 )
 from policy_pipeline.core.policy_api_types import ApiResponse
+from policy_pipeline.core.store.connection import WarehouseUnavailable
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
 # The names other modules import from here (`progress.py`, the Dagster definitions, the CLI,
@@ -102,6 +103,8 @@ DETAILED_LOG_LIMIT = 25
 FLUSH_SECONDS = 0.5
 # How often the writer re-reads the shared API guard (another process may have opened it).
 GUARD_REFRESH_SECONDS = 2.0
+# How soon a batch that found no warehouse is tried again (at most a third of the lease TTL).
+WAREHOUSE_RETRY_SECONDS = 2.0
 # The API refuses our credentials: a configuration error, the same for every policy. (A 403
 # may be about one policy only, so it fails just that policy, resumable like any poll error.)
 AUTH_STATUSES = frozenset({401})
@@ -150,7 +153,8 @@ class PolicyWorkflow:
     ) -> RunReport:
         """Take every named policy through the chosen steps (in the workflow's order).
 
-        ``definitions`` are needed for the create step. A policy whose current content has
+        ``definitions`` are what the create step creates (the catalog's content; an active
+        execution of other content is superseded). A policy whose current content has
         already completed is not created again (the same content is one policy), unless
         ``force_new`` asks for a new execution. With ``recreate_failed`` off (an automatic
         retry of a run), a policy whose current content finally failed is not created again:
@@ -159,11 +163,9 @@ class PolicyWorkflow:
         unknown = set(steps) - set(STEPS)
         if unknown:
             raise ValueError(f"unknown workflow steps: {sorted(unknown)}")
+        # A policy without a definition (its catalog file was deleted) goes on only from what
+        # its execution stored; the create step creates nothing for it (`policy_created.py`).
         definitions = definitions or {}
-        if STEP_CREATE in steps:
-            missing = [name for name in names if name not in definitions]
-            if missing:
-                raise ValueError(f"no policy definition for {missing}")
         return _Run(
             self,
             list(dict.fromkeys(names)),
@@ -249,8 +251,17 @@ class _Run:
         # The writer's own.
         self.next_flush = 0.0
         self.leases = Leases(
-            self.store, workflow.owner, workflow.lease, workflow.holder_gone, workflow.log
+            self.store,
+            workflow.owner,
+            workflow.lease,
+            workflow.holder_gone,
+            workflow.log,
+            self.changed,
         )
+        self.lost: set[str] = set()  # policies whose lease another run acquired meanwhile
+        # While the warehouse cannot be reached: no batch is tried before this (monotonic).
+        self.unreachable_until = 0.0
+        self.unreachable_since: float | None = None
         self.guard_refresh_at = 0.0
         self.halted: str | None = None  # why the run stopped starting calls (credentials)
 
@@ -280,12 +291,11 @@ class _Run:
                     # Counted from this batch's start: a batch that took longer than the
                     # interval is followed at once by the next (group commit).
                     self.next_flush = time.monotonic() + self.wf.flush_seconds
-                with self.store.batch():  # one connection per batch of writes
-                    if self.leases.retry_due(time.monotonic()):
-                        self.leases.retry(self._enter, self._give_up)
-                    with self.changed:
-                        writes, self.writes = self.writes, Writes()
-                    self._write(writes)
+                try:
+                    self._batch()
+                except WarehouseUnavailable as exc:
+                    self._unreachable(exc)
+                    continue
                 self._refresh_guard()  # outside the batch: the guard takes its own lock first
                 if stopping:
                     self.log.warning(
@@ -308,6 +318,66 @@ class _Run:
                 self.leases.release_all()
         return self.report
 
+    def _batch(self) -> None:
+        """One connection per batch: renew the leases when due (first, so that what follows
+        is written under leases just confirmed), claim the leases waited for, and write what
+        the answers taught. Opening the connection is the one wait on the warehouse; if it
+        fails nothing was written and the batch is tried again."""
+        with self.store.batch():
+            now = time.monotonic()
+            if self.leases.renewal_due(now):
+                lost = self.leases.renew()
+                with self.changed:
+                    self.scheduler.unpark(lost)  # the calls it confirmed go on
+                self._lost(lost)
+            if self.leases.retry_due(now):
+                self.leases.retry(self._enter, self._give_up)
+            with self.changed:
+                writes, self.writes = self.writes, Writes()
+            if self.lost:
+                writes = writes.without(self.lost)
+            self._write(writes)
+        if self.unreachable_since is not None:
+            self.log.warning(
+                f"the warehouse answers again after {time.monotonic() - self.unreachable_since:.0f}"
+                f"s; the run goes on with the {len(self.leases.held)} policies it still holds"
+            )
+            self.unreachable_since = None
+
+    def _unreachable(self, exc: WarehouseUnavailable) -> None:
+        """The batch found no warehouse: its writes wait, no call starts past a lease's fence
+        meanwhile (`scheduling.py`), and the batch is tried again shortly."""
+        now = time.monotonic()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+            self.log.warning(
+                f"the warehouse cannot be reached ({exc}); no API call starts for a policy "
+                "whose lease is not confirmed, and the run keeps trying"
+            )
+        self.unreachable_until = now + min(WAREHOUSE_RETRY_SECONDS, self.wf.lease.renew_seconds)
+
+    def _lost(self, lost: set[str]) -> None:
+        """Another run acquired these policies' leases after they lapsed: stop them here,
+        writing nothing more for them (the state is theirs now; it stays resumable)."""
+        if not lost:
+            return
+        self.lost |= lost
+        self.log.warning(
+            f"{len(lost)} leases were taken by another run after they lapsed "
+            f"({', '.join(sorted(lost)[:10])}{', ...' if len(lost) > 10 else ''}): "
+            "this run stops working on them and leaves them to it"
+        )
+        with self.changed:
+            for name in sorted(lost):
+                track = self.tracks[name]
+                if track.steps:
+                    self.fail(
+                        track,
+                        track.steps[0],
+                        "this run's lease lapsed while the warehouse could not be reached and "
+                        "another run took the policy over; left to that run",
+                    )
+
     def _wake(self) -> bool:
         return (
             self.scheduler.worker_error is not None
@@ -322,6 +392,8 @@ class _Run:
 
     def _timer_due(self) -> bool:
         now = time.monotonic()
+        if now < self.unreachable_until:
+            return False
         if self.writes and now >= self.next_flush:
             return True
         return self.leases.timer_due(now)
@@ -330,7 +402,7 @@ class _Run:
         timers = [self.leases.next_timer()]
         if self.writes:
             timers.append(self.next_flush)
-        return min(timers)
+        return max(min(timers), self.unreachable_until)
 
     def _start(self) -> None:
         """Fail everything at once while the guard is open; otherwise claim the leases and
@@ -354,7 +426,6 @@ class _Run:
         policies in it, in this order (a claim follows the writes that passed it). As a write
         commits, its policies go on at once."""
         store = self.store
-        now = time.monotonic()
         for message in writes.warnings:
             self.log.warning(message)
         if writes.intents:
@@ -380,7 +451,7 @@ class _Run:
             with self.changed:
                 for track, error, step, _resumable in writes.failed:
                     self.fail(track, step, error)
-        self.leases.write(now)
+        self.leases.release()
         store.flush()  # the audit events no state change above wrote
 
     def _refresh_guard(self) -> None:

@@ -92,7 +92,7 @@ def update_from_rows(
     source = rows_source((Column("execution_id", "VARCHAR"), *columns))
     return Statement(
         name,
-        f'UPDATE {table.name} SET {assignments}, "updated_time" = CURRENT_TIMESTAMP() '
+        f'UPDATE {table.name} SET {assignments}, "updated_time" = SYSDATE() '
         f"FROM {source} AS v "
         f'WHERE {table.name}."execution_id" = v.v_execution_id AND {condition}',
     )

@@ -11,10 +11,12 @@ Constructing one does nothing. The schema (``schema.TABLES``) is created or migr
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any, Protocol
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Any, NoReturn, Protocol
 
+from policy_pipeline.core.scrubbing import SecretScrubber
 from policy_pipeline.core.store.dialect import SqlDialect, Statement
 from policy_pipeline.core.store.schema import SCHEMA_COLUMNS, TABLES, add_column, create_table
 
@@ -29,6 +31,23 @@ class WarehouseError(RuntimeError):
     pass
 
 
+class WarehouseUnavailable(WarehouseError):
+    """No connection could be opened (a lock held past the wait, a network cut, a login that
+    timed out): no statement of the session ran, so the same work can be tried again."""
+
+
+def raise_scrubbed(
+    error: type[WarehouseError], message: str, exc: Exception, scrubber: SecretScrubber
+) -> NoReturn:
+    """Raise ``error("message: exc")`` with the warehouse's secrets scrubbed. A login error
+    may echo the request, password and all: when the chain of ``exc`` holds a secret anywhere,
+    it is described (scrubbed) but not attached as the cause, since Dagster stores and shows
+    causes; otherwise it is the cause, traceback and all."""
+    if scrubber.found_in("".join(traceback.format_exception(exc))):
+        raise error(scrubber.text(f"{message}: {type(exc).__name__}: {exc}")) from None
+    raise error(f"{message}: {exc}") from exc
+
+
 class Session(Protocol):
     def rows(self, statement: Statement, params: Params = ()) -> list[tuple[Any, ...]]: ...
 
@@ -40,8 +59,9 @@ class _DBAPISession:
     (outside any transaction begun on the first), so DuckDB statements run on the connection
     itself; Snowflake's run on one cursor for the session."""
 
-    def __init__(self, connection: Any, dialect: SqlDialect) -> None:
+    def __init__(self, connection: Any, dialect: SqlDialect, scrubber: SecretScrubber) -> None:
         self._dialect = dialect
+        self._scrubber = scrubber
         self._cursor = connection if dialect is SqlDialect.DUCKDB else connection.cursor()
 
     def _execute(self, statement: Statement, params: Params) -> None:
@@ -49,9 +69,8 @@ class _DBAPISession:
             self._cursor.execute(statement.render(self._dialect), list(params))
         except Exception as exc:
             # Name the statement, never the parameters (they may carry policy data).
-            raise WarehouseError(
-                f"{self._dialect} statement '{statement.name}' failed: {exc}"
-            ) from exc
+            message = f"{self._dialect} statement '{statement.name}' failed"
+            raise_scrubbed(WarehouseError, message, exc, self._scrubber)
 
     def rows(self, statement: Statement, params: Params = ()) -> list[tuple[Any, ...]]:
         self._execute(statement, params)
@@ -125,14 +144,22 @@ class WarehouseConnection:
     """Runs statements on DuckDB or Snowflake through a connection factory (a dagster-duckdb
     ``DuckDBResource.get_connection`` or a dagster-snowflake ``SnowflakeResource.get_connection``).
     ``database`` names the database the factory connects to, so that every connection to it in
-    the process shares one DuckDB turn and one schema check.
+    the process shares one DuckDB turn and one schema check. ``secrets`` are what the factory
+    logs in with (a password, a private key, its passphrase): every error raised here, from
+    connecting or from a statement, has them scrubbed (`policy_pipeline.core.scrubbing`).
     """
 
     def __init__(
-        self, dialect: SqlDialect, connect: ConnectionFactory, database: str | None = None
+        self,
+        dialect: SqlDialect,
+        connect: ConnectionFactory,
+        database: str | None = None,
+        *,
+        secrets: Iterable[str | None] = (),
     ) -> None:
         self.dialect = dialect
         self._connect = connect
+        self.scrubber = SecretScrubber(*secrets)
         # DuckDB has one writer per file and races when threads attach it at the same moment;
         # its sessions are short, so threads of one process take turns (per file, when
         # ``database`` names it). Snowflake needs no turn.
@@ -155,8 +182,13 @@ class WarehouseConnection:
         if current is not None:
             yield current
             return
-        with self._turn, self._connect() as connection:
-            raw = _DBAPISession(connection, self.dialect)
+        with self._turn, ExitStack() as stack:
+            try:
+                connection = stack.enter_context(self._connect())
+            except Exception as exc:
+                message = f"{self.dialect} connection could not be opened"
+                raise_scrubbed(WarehouseUnavailable, message, exc, self.scrubber)
+            raw = _DBAPISession(connection, self.dialect, self.scrubber)
             try:
                 # On the first session's own connection, and unobserved by ``_wrap``: the
                 # schema check is not one of the statements a caller runs.

@@ -62,9 +62,21 @@ def _snowflake_pyformat(source: str) -> str:
 _DUCKDB_ROWS = sqlglot.parse_one("SELECT UNNEST(CAST(? AS JSON[])) AS value", read="duckdb")
 
 
+def _duckdb_utc_now() -> exp.Expression:
+    """DuckDB's form of Snowflake's ``SYSDATE()`` (the current time in UTC, TIMESTAMP_NTZ):
+    ``(CAST(CURRENT_TIMESTAMP AT TIME ZONE 'UTC' AS TIMESTAMP))``. DuckDB's CURRENT_TIMESTAMP
+    is a TIMESTAMPTZ that a TIMESTAMP column takes in the session's time zone, which DuckDB
+    takes from the process's TZ. In parentheses, so that it stays one operand of the DATEADD
+    arithmetic and the comparisons around it."""
+    utc = exp.AtTimeZone(this=exp.CurrentTimestamp(), zone=exp.Literal.string("UTC"))
+    return exp.Paren(this=exp.Cast(this=utc, to=exp.DataType.build("TIMESTAMP")))
+
+
 def _duckdb_dialect(node: exp.Expression) -> exp.Expression:
     """What sqlglot does not translate: FLATTEN over a parameter, ``value:key::TYPE`` extraction
-    (text, not JSON, before the cast) and Snowflake's types."""
+    (text, not JSON, before the cast), ``SYSDATE()`` and Snowflake's types."""
+    if isinstance(node, exp.CurrentTimestamp) and node.args.get("sysdate"):
+        return _duckdb_utc_now()
     if isinstance(node, (exp.Lateral, exp.TableFromRows)) and isinstance(node.this, exp.Explode):
         alias = node.args.get("alias")  # FLATTEN's alias also names its columns: keep the name
         name = exp.TableAlias(this=alias.this.copy()) if alias is not None else None

@@ -16,9 +16,12 @@ from policy_pipeline.core.store.dialect import Statement
 
 
 class Now(Enum):
-    """The default ``CURRENT_TIMESTAMP()``: the time the row is written."""
+    """The default ``SYSDATE()``: the time the row is written, by the warehouse's clock, in UTC.
 
-    NOW = "CURRENT_TIMESTAMP()"
+    Every time the store writes or compares is ``SYSDATE()`` (UTC, TIMESTAMP_NTZ), never the
+    session's or the process's local time, so runs under any ``TZ`` agree on it."""
+
+    NOW = "SYSDATE()"
 
 
 NOW = Now.NOW

@@ -54,6 +54,10 @@ class StateStore:
         """One connection for every call made inside (on this thread)."""
         return self.warehouse.session()
 
+    def transaction(self) -> AbstractContextManager[Session]:
+        """Every call made inside commits together or not at all."""
+        return self.warehouse.transaction()
+
     # --- audit ----------------------------------------------------------------------------------
 
     def audit(self, event: AuditEvent) -> None:
@@ -101,8 +105,14 @@ class StateStore:
                     sql_leases.TAKE_OVER_LEASES, [owner, ttl_seconds, batch, previous_owner]
                 )
 
-    def renew_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> None:
-        self.acquire_leases(names, owner, ttl_seconds)
+    def renew_leases(self, names: Sequence[str], owner: str, ttl_seconds: int) -> set[str]:
+        """Extend the leases still ours (no other run acquired them, even after a lapse);
+        returns the names the warehouse confirmed."""
+        with self.warehouse.session() as session:
+            for batch in bind_values("policy_name", names):
+                session.rowcount(sql_leases.TAKE_OVER_LEASES, [owner, ttl_seconds, batch, owner])
+            holders = self._holders(session, names)
+        return {name for name, (holder, _until) in holders.items() if holder == owner}
 
     def release_leases(self, names: Sequence[str], owner: str) -> None:
         with self.warehouse.session() as session:
@@ -177,12 +187,17 @@ class StateStore:
 
     # --- writes ---------------------------------------------------------------------------------
 
-    def start_executions(self, policies: Sequence[PolicyDefinition]) -> list[ExecutionRow]:
-        """Commit the intents (execution id, idempotency key, policy data) before any call."""
+    def start_executions(
+        self, policies: Sequence[PolicyDefinition], execution_ids: Sequence[str] | None = None
+    ) -> list[ExecutionRow]:
+        """Commit the intents (execution id, idempotency key, policy data) before any call.
+        ``execution_ids`` are the new executions' ids when the caller needs them first (to
+        name the execution that supersedes another); new ones otherwise."""
         message = "Execution started; creating policy"
         rows: list[dict[str, Any]] = []
-        for policy in policies:
-            execution_id = str(uuid.uuid4())
+        ids = list(execution_ids) if execution_ids is not None else []
+        for index, policy in enumerate(policies):
+            execution_id = ids[index] if index < len(ids) else str(uuid.uuid4())
             rows.append(
                 {
                     "execution_id": execution_id,
@@ -361,6 +376,44 @@ class StateStore:
             rows.append((row, columns))
             messages.append(f"{message}: {error[:500]}")
         return self._move(sql_executions.MARK_ERRORS, rows, ExecutionStatus.ERROR, messages)
+
+    def retire(
+        self, retirements: Sequence[tuple[ExecutionRow, str, str, Mapping[str, Any]]]
+    ) -> dict[str, ExecutionRow]:
+        """Per execution: the step, why, and the audit detail. An execution whose catalog
+        content changed (or whose file was deleted) before it was ready ends ``error`` for
+        good, by a conditional update (`RETIRE_EXECUTIONS`); the caller holds the policy's
+        lease. Returns every row as it is now; each retirement that happened is audited as a
+        ``retired`` event."""
+        rows = [
+            {"execution_id": row.execution_id, "error": error[:MAX_DETAIL_CHARS], "step": step}
+            for row, step, error, _detail in retirements
+        ]
+        with self.warehouse.session() as session:
+            for batch in bind_rows(rows):
+                session.rowcount(sql_executions.RETIRE_EXECUTIONS, [batch])
+            after = self.executions([row.execution_id for row, *_rest in retirements])
+            for row, _step, error, detail in retirements:
+                now = after.get(row.execution_id)
+                if (
+                    now is not None
+                    and now.status is ExecutionStatus.ERROR
+                    and not now.resumable
+                    and now.error_message == error[:MAX_DETAIL_CHARS]
+                ):
+                    self.audit(
+                        AuditEvent(
+                            execution_id=row.execution_id,
+                            policy_name=row.policy_name,
+                            event_type="retired",
+                            message=error,
+                            from_status=row.status.value,
+                            to_status=ExecutionStatus.ERROR.value,
+                            detail=dict(detail),
+                        )
+                    )
+            self.flush()
+        return after
 
     def set_responses(self, column: str, responses: Sequence[tuple[ExecutionRow, Any]]) -> None:
         self._move(

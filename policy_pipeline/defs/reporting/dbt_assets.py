@@ -7,11 +7,18 @@ Snowflake). Its sources name the workflow's asset keys themselves (``meta.dagste
 in ``sources.yml``), so the models sit downstream of the workflow in the asset graph, and
 declarative automation rebuilds them after the workflow moves (an hourly schedule stays as a
 floor).
+
+The warehouse's secrets reach dbt's process as ``DBT_ENV_SECRET_*`` variables as well, in every
+form `policy_pipeline.core.scrubbing` knows: dbt scrubs those from its log lines and error
+messages, so a login error that echoes the password reaches neither the compute logs nor the
+run's events.
 """
 
 # No `from __future__ import annotations`: Dagster inspects the asset's `context` annotation.
 import importlib.metadata
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
@@ -37,8 +44,10 @@ from dagster_dbt import (
 )
 from packaging.version import Version
 
+from policy_pipeline.core.scrubbing import SecretScrubber
 from policy_pipeline.core.settings import Settings, WarehouseKind
 from policy_pipeline.defs.reporting.project import dbt_executable, policy_dbt_project
+from policy_pipeline.resources.state import PolicyStateResource
 
 DBT_GROUP: Final = "policy_reporting"
 DBT_OWNERS: Final = ("team:data-platform",)  # the same owners as the workflow assets
@@ -158,6 +167,25 @@ def dbt_cli_resource(settings: Settings) -> "PolicyDbtCliResource":
     )
 
 
+# dbt scrubs the value of every environment variable named with dbt_common's SECRET_ENV_PREFIX
+# ("DBT_ENV_SECRET") from what it logs and raises.
+DBT_SECRET_ENV_PREFIX: Final = "DBT_ENV_SECRET_POLICY_PIPELINE_"
+
+
+@contextmanager
+def dbt_scrubs(secrets: Sequence[str]) -> Iterator[None]:
+    """While dbt runs (dagster-dbt passes this process's environment to it), every form of
+    ``secrets`` as a ``DBT_ENV_SECRET_*`` variable."""
+    forms = SecretScrubber(*secrets).forms
+    names = [f"{DBT_SECRET_ENV_PREFIX}{i}" for i in range(len(forms))]
+    os.environ.update(zip(names, forms, strict=True))
+    try:
+        yield
+    finally:
+        for name in names:
+            os.environ.pop(name, None)
+
+
 def _manifest_path(project: DbtProject) -> Path:
     if not project.manifest_path.exists():
         raise FileNotFoundError(
@@ -177,9 +205,15 @@ def build_dbt_assets(settings: Settings) -> AssetsDefinition:
         dagster_dbt_translator=PolicyDbtTranslator(settings.warehouse),
         name="policy_dbt_models",
     )
-    def policy_dbt_assets(context: AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
+    def policy_dbt_assets(
+        context: AssetExecutionContext, dbt: DbtCliResource, policy_state: PolicyStateResource
+    ) -> Iterator[Any]:
         """``dbt build``: the models, then their tests, reported as asset checks."""
-        yield from dbt.cli(["build"], context=context).stream()
+        # The models read the workflow's tables as sources: on a warehouse no run has written
+        # to yet they are created (empty) first, so the build succeeds with empty reports.
+        policy_state.warehouse().ensure_schema()
+        with dbt_scrubs(policy_state.warehouse_secrets()):
+            yield from dbt.cli(["build"], context=context).stream()
 
     return policy_dbt_assets
 

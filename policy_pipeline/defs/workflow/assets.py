@@ -43,6 +43,7 @@ from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 
 from policy_pipeline.core.catalog import CatalogEntry, CatalogError, load_catalog
+from policy_pipeline.core.domain import is_active
 from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
 from policy_pipeline.core.engine.workflow import (
     STEP_CIRCUIT,
@@ -58,7 +59,8 @@ from policy_pipeline.core.engine.workflow import (
 )
 from policy_pipeline.core.liveness import Holder, lease_owner, this_process
 from policy_pipeline.core.settings import Settings
-from policy_pipeline.resources import PolicyStateResource
+from policy_pipeline.core.store.state_store import StateStore
+from policy_pipeline.resources import DuckDBStateResource, PolicyStateResource
 from policy_pipeline.resources.policy_api import PolicyApiResource
 
 WORKFLOW_GROUP = "policy_workflow"
@@ -116,6 +118,11 @@ class WorkflowConfig(Config):
         description="A policy still not ready after this long is handed off: the run lets it "
         "go and policy_progress_sensor polls it (env POLICY_WAIT_HANDOFF_SECONDS, 120; 0 never).",
     )
+    not_found_grace_seconds: float = Field(
+        default_factory=lambda: Settings.from_env().polling.not_found_grace_seconds,
+        description="A 404 on a poll this soon after the create is 'not visible yet': polled "
+        "again (env POLICY_POLL_NOT_FOUND_GRACE_SECONDS, 60).",
+    )
 
     def polling(self) -> PollingPolicy:
         return PollingPolicy(
@@ -126,6 +133,7 @@ class WorkflowConfig(Config):
             deadline_seconds=self.deadline_seconds,
             handoff_seconds=self.wait_handoff_seconds,
             handoff_poll_seconds=Settings.from_env().progress.wait_poll_seconds,
+            not_found_grace_seconds=self.not_found_grace_seconds,
         )
 
 
@@ -313,22 +321,24 @@ def run_workflow(
 ) -> Iterator[AssetMaterialization | AssetObservation]:
     """Take every partition of this run through the selected steps, each policy on its own,
     and materialize each (asset, partition) as its policy passes that step."""
+    warehouse = "duckdb" if isinstance(policy_state, DuckDBStateResource) else "snowflake"
     # Who runs this step, so that a process on this host can tell for sure it died.
     context.instance.add_run_tags(context.run.run_id, {PROCESS_TAG: this_process()})
     # Every catalog policy not yet a partition, in name order (not just this run's): a
     # range then follows the catalog, whatever single runs came first.
     register_policies(context.instance, sorted(catalog))
     keys = _run_policies(context, catalog, config)
-    runnable = [key for key in keys if key in catalog]
+    workflow = _workflow(context, policy_api, policy_state)
+    runnable = _runnable(workflow.store, keys, catalog)
     steps = [step for step in STEPS if AssetKey(step) in context.selected_asset_keys]
-    failures = {key: f"policy '{key}' is not in the catalog" for key in keys if key not in catalog}
+    failures = {key: f"policy '{key}' is not in the catalog" for key in keys if key not in runnable}
     failed_steps = dict.fromkeys(failures, steps[0] if steps else "")
     api_calls = passed = 0
     for item in _follow(
-        _workflow(context, policy_api, policy_state),
+        workflow,
         names=runnable,
         steps=steps,
-        definitions={key: catalog[key].policy for key in runnable},
+        definitions={key: catalog[key].policy for key in runnable if key in catalog},
         polling=config.polling(),
         force_new=config.force_new_execution,
         # Dagster's run retries re-run the whole step, and the progress sensor resumes: both
@@ -378,6 +388,22 @@ def run_workflow(
                 "succeeded_policies": MetadataValue.int(passed),
             },
         )
+
+
+def _runnable(
+    store: StateStore, keys: Sequence[str], catalog: Mapping[str, CatalogEntry]
+) -> list[str]:
+    """The run's policies it can work on: those in the catalog, and those whose catalog file
+    was deleted while an execution of theirs is under way (it goes on from what it stored:
+    polling and the circuit breaker need no catalog; the create step creates nothing)."""
+    gone = [key for key in keys if key not in catalog]
+    current = store.current_executions(gone) if gone else {}
+    return [
+        key
+        for key in keys
+        if key in catalog
+        or (key in current and is_active(current[key].status, current[key].resumable))
+    ]
 
 
 def _catalog(directory: Path) -> dict[str, CatalogEntry]:
@@ -438,8 +464,14 @@ def build_workflow_assets(settings: Settings) -> AssetsDefinition:
         name=WORKFLOW_STEP,
         specs=specs,
         partitions_def=POLICY_PARTITIONS,
-        # single_run() lets a backfill hand many policies to one run.
-        backfill_policy=BackfillPolicy.single_run(),
+        # A backfill hands many policies to one run, which works on them concurrently; a
+        # cluster splits a big one into runs that different workers take. (Dagster runs a
+        # CLI partition range in one process only for a single-run policy.)
+        backfill_policy=(
+            BackfillPolicy.single_run()
+            if settings.backfill_max_partitions_per_run is None
+            else BackfillPolicy.multi_run(settings.backfill_max_partitions_per_run)
+        ),
         can_subset=True,
         pool=POLICY_API_POOL,
         description="The policy workflow: each policy of the run goes through the selected "

@@ -37,7 +37,12 @@ from dagster import (
 
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
-from policy_pipeline.core.engine.progress import ProgressPolicy, ProgressTick, group_runs
+from policy_pipeline.core.engine.progress import (
+    ProgressPolicy,
+    ProgressTick,
+    group_runs,
+    run_kind,
+)
 from policy_pipeline.core.engine.workflow import STEP_CIRCUIT, STEP_READY
 from policy_pipeline.core.liveness import Holder
 from policy_pipeline.core.settings import Settings
@@ -77,6 +82,7 @@ def progress_policy(settings: Settings) -> ProgressPolicy:
         resume_max_attempts=progress.resume_max_attempts,
         resume_backoff_seconds=progress.resume_backoff_seconds,
         resume_backoff_max_seconds=progress.resume_backoff_max_seconds,
+        not_found_grace_seconds=settings.polling.not_found_grace_seconds,
     )
 
 
@@ -184,18 +190,28 @@ def progress_tick(
     # Poll what is due before the next wake too: one wake serves a whole cadence.
     waits = tick.poll_waiting(lead_seconds=policy.wait_poll_seconds / 2)
     asset_events = [_ready_event(row) for row in waits.ready]
+    try:
+        catalog = load_catalog(catalog_dir)
+        # Content hash by policy: a ready execution whose content changed since gets the
+        # whole workflow, which finishes it and then creates the new content.
+        contents: dict[str, str] | None = {
+            name: entry.policy.content_hash() for name, entry in catalog.items()
+        }
+    except CatalogError as exc:
+        context.log.warning(f"catalog unreadable, resuming only what it cannot judge: {exc}")
+        contents = None
+    known: set[str] | None = set(contents) if contents is not None else None
     ordered = context.instance.get_dynamic_partitions(PARTITIONS_NAME)
     run_requests = _run_requests(
-        "circuit", [(row, "circuit", row.execution_id) for row in waits.ready], ordered
+        "circuit",
+        [
+            (row, run_kind(row, contents), row.execution_id)  # circuit, or the whole workflow
+            for row in waits.ready
+        ],
+        ordered,
     )
     for row, error in waits.failed:
         _alert(context, store, row, "policy_ready", error)
-
-    try:
-        known: set[str] | None = set(load_catalog(catalog_dir))
-    except CatalogError as exc:
-        context.log.warning(f"catalog unreadable, resuming only what it cannot judge: {exc}")
-        known = None
     queue_limit = settings.progress.queue_limit
     runs = context.instance.get_runs(
         RunsFilter(tags={SENSOR_TAG: "progress"}, statuses=[*_WAITING_TO_START, _STARTED]),
@@ -206,9 +222,13 @@ def progress_tick(
     busy.update(row.policy_name for row in waits.ready)  # its circuit run is requested now
     queued = sum(1 for run in runs if run.status in _WAITING_TO_START)
     blocked = guard.blocks_calls()
-    resumes = tick.resume_stranded(known, busy, launch=queued < queue_limit and blocked is None)
+    resumes = tick.resume_stranded(
+        known, busy, launch=queued < queue_limit and blocked is None, contents=contents
+    )
     for row, error in resumes.gave_up:
         _alert(context, store, row, "resume budget spent", error)
+    for row, error in resumes.retired:
+        context.log.warning(f"policy '{row.policy_name}': execution {row.execution_id} {error}")
     run_requests += _run_requests(
         "resume",
         [
@@ -230,10 +250,11 @@ def progress_tick(
         f"({len(waits.ready)} ready, {len(waits.failed)} failed), "
         f"{len(resumes.resumed)} resumed, {resumes.backing_off} backing off, "
         f"{resumes.busy} being resumed, "
-        f"{resumes.deferred} deferred, {len(resumes.gave_up)} given up"
+        f"{resumes.deferred} deferred, {len(resumes.gave_up)} given up, "
+        f"{len(resumes.retired)} retired"
         f"{'; guard: ' + blocked if blocked else ''} in {time.time() - started:.1f}s"
     )
-    if run_requests or asset_events or waits.failed or resumes.gave_up:
+    if run_requests or asset_events or waits.failed or resumes.gave_up or resumes.retired:
         context.log.info(summary)
     return SensorResult(
         run_requests=run_requests,

@@ -22,7 +22,7 @@ ARCHIVE_CANDIDATES = Statement(
     "archive_candidates",
     f'SELECT "execution_id" FROM {_S} WHERE {TERMINAL} '
     f'AND COALESCE("completed_time", "updated_time", "start_time") '
-    f"< DATEADD(day, ?, CURRENT_TIMESTAMP()) "
+    f"< DATEADD(day, ?, SYSDATE()) "
     f'ORDER BY "start_time", "execution_id" LIMIT ?',
 )
 
@@ -39,7 +39,7 @@ def _copy_to_history(name: str, source: Table, history: Table, condition: str) -
     return Statement(
         name,
         f"INSERT INTO {history.name} ({columns}, {history.quoted_names(ARCHIVED_COLUMNS)}) "
-        f"SELECT {columns}, CURRENT_TIMESTAMP(), ? FROM {source.name} WHERE {condition}",
+        f"SELECT {columns}, SYSDATE(), ? FROM {source.name} WHERE {condition}",
     )
 
 
@@ -61,7 +61,7 @@ DELETE_ARCHIVED_EXECUTIONS = Statement(
 
 # Events about a run rather than an execution (a failed run, the guard) have no execution_id:
 # they are archived by age. Params: archive run id, days (negative) / days (negative).
-_RUN_EVENTS = '"execution_id" IS NULL AND "event_time" < DATEADD(day, ?, CURRENT_TIMESTAMP())'
+_RUN_EVENTS = '"execution_id" IS NULL AND "event_time" < DATEADD(day, ?, SYSDATE())'
 ARCHIVE_RUN_EVENTS = _copy_to_history("archive_run_events", EVENTS, EVENTS_HISTORY, _RUN_EVENTS)
 DELETE_ARCHIVED_RUN_EVENTS = Statement(
     "delete_archived_run_events", f"DELETE FROM {_E} WHERE {_RUN_EVENTS}"
@@ -71,7 +71,7 @@ START_ARCHIVE_RUN = Statement(
     "start_archive_run",
     f'INSERT INTO {_RUNS} ("archive_run_id", "started_time", "retention_days", '
     f'"status", "batches", "executions_archived", "events_archived", "dagster_run_id") '
-    f"SELECT ?, CURRENT_TIMESTAMP(), ?, 'running', 0, 0, 0, ?",
+    f"SELECT ?, SYSDATE(), ?, 'running', 0, 0, 0, ?",
 )
 
 # Params: batches, executions, events, archive run id. Progress after each batch: a run that
@@ -91,13 +91,13 @@ RUNNING_ARCHIVE_RUNS = Statement(
 INTERRUPT_ARCHIVE_RUN = Statement(
     "interrupt_archive_run",
     f"UPDATE {_RUNS} SET \"status\" = 'interrupted', "
-    f'"finished_time" = CURRENT_TIMESTAMP(), "error_message" = ? '
+    f'"finished_time" = SYSDATE(), "error_message" = ? '
     f'WHERE "archive_run_id" = ? AND "status" = \'running\'',
 )
 
 FINISH_ARCHIVE_RUN = Statement(
     "finish_archive_run",
-    f'UPDATE {_RUNS} SET "finished_time" = CURRENT_TIMESTAMP(), "status" = ?, '
+    f'UPDATE {_RUNS} SET "finished_time" = SYSDATE(), "status" = ?, '
     f'"batches" = ?, "executions_archived" = ?, "events_archived" = ?, "error_message" = ? '
     f'WHERE "archive_run_id" = ?',
 )

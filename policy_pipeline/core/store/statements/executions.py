@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from policy_pipeline.core.domain import ExecutionStatus, allowed_sources
+from policy_pipeline.core.domain import PATH, STEP_CIRCUIT, ExecutionStatus, allowed_sources
 from policy_pipeline.core.store.batches import (
     IDS,
     NAMES,
@@ -75,7 +75,7 @@ REOPEN_EXECUTIONS = Statement(
     "reopen_executions",
     f'UPDATE {_S} SET "status" = ?, "message" = ?, "resumable" = FALSE, '
     f'"error_message" = NULL, "error_step" = NULL, "handed_off" = FALSE, '
-    f'"resume_count" = COALESCE("resume_count", 0) + 1, "updated_time" = CURRENT_TIMESTAMP() '
+    f'"resume_count" = COALESCE("resume_count", 0) + 1, "updated_time" = SYSDATE() '
     f'WHERE "execution_id" IN (SELECT v_execution_id FROM {IDS}) AND {resumable_error()}',
 )
 
@@ -88,7 +88,7 @@ MARK_CREATED = update_from_rows(
     (Column("policy_id", "VARCHAR"), Column("response", "VARIANT"), Column("message", "VARCHAR")),
     f'"status" = \'{ExecutionStatus.POLICY_CREATED}\', "policy_id" = v.v_policy_id, '
     '"api_response" = v.v_response, "message" = v.v_message, '
-    '"policy_created_time" = CURRENT_TIMESTAMP()',
+    '"policy_created_time" = SYSDATE()',
     f"{step_guard(ExecutionStatus.POLICY_CREATED, _S)} "
     f"AND NOT EXISTS (SELECT 1 FROM {_S} AS other "
     f'WHERE other."policy_id" = v.v_policy_id AND other."execution_id" <> v.v_execution_id) '
@@ -139,9 +139,9 @@ RECORD_POLLS = update_from_rows(
         Column("next_in", "NUMBER"),
     ),
     '"poll_count" = COALESCE("poll_count", 0) + v.v_polls, '
-    '"last_poll_time" = CURRENT_TIMESTAMP(), '
+    '"last_poll_time" = SYSDATE(), '
     '"policy_status_response" = v.v_response, "message" = v.v_message, '
-    '"next_poll_time" = DATEADD(second, v.v_next_in, CURRENT_TIMESTAMP())',
+    '"next_poll_time" = DATEADD(second, v.v_next_in, SYSDATE())',
     status_in([POLLED_STATUS], _S),
 )
 
@@ -151,7 +151,7 @@ HAND_OFF = update_from_rows(
     "hand_off",
     STATE,
     (Column("next_in", "NUMBER"), Column("message", "VARCHAR")),
-    '"handed_off" = TRUE, "next_poll_time" = DATEADD(second, v.v_next_in, CURRENT_TIMESTAMP()), '
+    '"handed_off" = TRUE, "next_poll_time" = DATEADD(second, v.v_next_in, SYSDATE()), '
     '"progress_claim" = NULL, "message" = v.v_message',
     status_in([POLLED_STATUS], _S),
 )
@@ -162,7 +162,7 @@ MARK_READY = update_from_rows(
     STATE,
     (Column("policy_id", "VARCHAR"), Column("message", "VARCHAR")),
     f'"status" = \'{ExecutionStatus.POLICY_READY}\', "requires_circuit_breaker" = TRUE, '
-    '"message" = v.v_message, "policy_ready_time" = CURRENT_TIMESTAMP()',
+    '"message" = v.v_message, "policy_ready_time" = SYSDATE()',
     f'{step_guard(ExecutionStatus.POLICY_READY, _S)} AND {_S}."policy_id" = v.v_policy_id',
 )
 
@@ -183,7 +183,7 @@ MARK_COMPLETED = update_from_rows(
     f'"status" = \'{ExecutionStatus.COMPLETED}\', "completed" = TRUE, '
     '"circuit_breaker_completed" = TRUE, '
     '"circuit_breaker_response" = v.v_response, "message" = v.v_message, '
-    '"error_message" = NULL, "completed_time" = CURRENT_TIMESTAMP()',
+    '"error_message" = NULL, "completed_time" = SYSDATE()',
     f"{step_guard(ExecutionStatus.COMPLETED, _S)} "
     f'AND {_S}."circuit_breaker_initiated" = TRUE '
     f'AND {_S}."circuit_breaker_completed" = FALSE',
@@ -201,6 +201,22 @@ MARK_ERRORS = update_from_rows(
     f'"status" = \'{ExecutionStatus.ERROR}\', "error_message" = v.v_error, '
     '"error_step" = v.v_step, "resumable" = v.v_resumable, "message" = v.v_message',
     status_in(allowed_sources(ExecutionStatus.ERROR), _S),
+)
+
+# Retiring an execution whose catalog content changed (or whose file was deleted) before it was
+# ready: it ends error for good, only from where no circuit breaker can have started (not yet
+# ready, or a resumable error before the circuit-breaker step). A racing move to policy_ready
+# wins, and the caller finishes that execution instead.
+RETIRE_SOURCES = PATH[: PATH.index(ExecutionStatus.POLICY_READY)]
+RETIRE_EXECUTIONS = update_from_rows(
+    "retire_executions",
+    STATE,
+    (Column("error", "VARCHAR"), Column("step", "VARCHAR")),
+    f'"status" = \'{ExecutionStatus.ERROR}\', "resumable" = FALSE, "handed_off" = FALSE, '
+    '"error_message" = v.v_error, "error_step" = v.v_step, "message" = v.v_error',
+    f"({status_in(RETIRE_SOURCES, _S)} OR ({resumable_error(_S)} "
+    f"AND COALESCE({_S}.\"error_step\", '') <> '{STEP_CIRCUIT}')) "
+    f'AND COALESCE({_S}."circuit_breaker_initiated", FALSE) = FALSE',
 )
 
 RESPONSE_COLUMNS = ("api_response", "circuit_breaker_response")
@@ -226,8 +242,8 @@ FORCE_READY = Statement(
     f"UPDATE {_S} SET \"status\" = '{ExecutionStatus.POLICY_READY}', "
     '"requires_circuit_breaker" = TRUE, '
     f'"resumable" = FALSE, "error_message" = NULL, "error_step" = NULL, "message" = ?, '
-    f'"policy_ready_time" = COALESCE("policy_ready_time", CURRENT_TIMESTAMP()), '
-    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f'"policy_ready_time" = COALESCE("policy_ready_time", SYSDATE()), '
+    f'"updated_time" = SYSDATE() '
     f'WHERE "execution_id" = ? AND {status_in(allowed_sources(ExecutionStatus.POLICY_READY))} '
     f'AND "policy_id" IS NOT NULL AND "circuit_breaker_completed" = FALSE',
 )
@@ -242,7 +258,7 @@ UNDO_FORCE_READY = Statement(
     "undo_force_ready",
     f'UPDATE {_S} SET "status" = ?, "error_message" = ?, "error_step" = ?, '
     f'"resumable" = ?, "requires_circuit_breaker" = FALSE, "message" = ?, '
-    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f'"updated_time" = SYSDATE() '
     f'WHERE "execution_id" = ? AND {status_in(UNDO_FORCE_READY_SOURCES)} '
     f'AND "circuit_breaker_initiated" = FALSE AND "circuit_breaker_completed" = FALSE',
 )
@@ -253,8 +269,8 @@ def _skip_circuit_breaker(name: str, sources: str) -> Statement:
         name,
         f'UPDATE {_S} SET "status" = \'{ExecutionStatus.COMPLETED}\', "completed" = TRUE, '
         f'"requires_circuit_breaker" = FALSE, "resumable" = FALSE, "error_message" = NULL, '
-        f'"message" = ?, "completed_time" = CURRENT_TIMESTAMP(), '
-        f'"updated_time" = CURRENT_TIMESTAMP() '
+        f'"message" = ?, "completed_time" = SYSDATE(), '
+        f'"updated_time" = SYSDATE() '
         f'WHERE "execution_id" = ? AND {sources} AND "circuit_breaker_initiated" = FALSE',
     )
 

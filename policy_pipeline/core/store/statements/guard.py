@@ -14,7 +14,7 @@ ENSURE_GUARD = Statement(
     f"MERGE INTO {_G} USING (SELECT ? AS v_name) AS s "
     f'ON {_G}."guard_name" = s.v_name WHEN NOT MATCHED THEN '
     f'INSERT ("guard_name", "state", "consecutive_failures", "updated_time") '
-    f"VALUES (s.v_name, 'closed', 0, CURRENT_TIMESTAMP())",
+    f"VALUES (s.v_name, 'closed', 0, SYSDATE())",
 )
 
 READ_GUARD = Statement(
@@ -27,17 +27,17 @@ READ_GUARD = Statement(
 OPEN_GUARD = Statement(
     "open_guard",
     f'UPDATE {_G} SET "state" = \'open\', "consecutive_failures" = ?, '
-    f'"last_error" = ?, "opened_at" = CURRENT_TIMESTAMP(), "probe_owner" = NULL, '
-    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "guard_name" = ? AND "state" = \'closed\'',
+    f'"last_error" = ?, "opened_at" = SYSDATE(), "probe_owner" = NULL, '
+    f'"updated_time" = SYSDATE() WHERE "guard_name" = ? AND "state" = \'closed\'',
 )
 
 # Params: owner, name, cool-down seconds (negative), probe timeout seconds (negative).
 CLAIM_GUARD_PROBE = Statement(
     "claim_guard_probe",
     f'UPDATE {_G} SET "state" = \'half_open\', "probe_owner" = ?, '
-    f'"updated_time" = CURRENT_TIMESTAMP() WHERE "guard_name" = ? AND ('
-    f'("state" = \'open\' AND "opened_at" <= DATEADD(second, ?, CURRENT_TIMESTAMP())) '
-    f'OR ("state" = \'half_open\' AND "updated_time" <= DATEADD(second, ?, CURRENT_TIMESTAMP())))',
+    f'"updated_time" = SYSDATE() WHERE "guard_name" = ? AND ('
+    f'("state" = \'open\' AND "opened_at" <= DATEADD(second, ?, SYSDATE())) '
+    f'OR ("state" = \'half_open\' AND "updated_time" <= DATEADD(second, ?, SYSDATE())))',
 )
 
 # Params: name, owner. Only the probing process settles the probe.
@@ -45,14 +45,14 @@ CLOSE_GUARD = Statement(
     "close_guard",
     f'UPDATE {_G} SET "state" = \'closed\', "consecutive_failures" = 0, '
     f'"opened_at" = NULL, "probe_owner" = NULL, "last_error" = NULL, '
-    f'"updated_time" = CURRENT_TIMESTAMP() '
+    f'"updated_time" = SYSDATE() '
     f'WHERE "guard_name" = ? AND "state" = \'half_open\' AND "probe_owner" = ?',
 )
 
 # Params: last error, name, owner.
 REOPEN_GUARD = Statement(
     "reopen_guard",
-    f'UPDATE {_G} SET "state" = \'open\', "opened_at" = CURRENT_TIMESTAMP(), '
-    f'"last_error" = ?, "probe_owner" = NULL, "updated_time" = CURRENT_TIMESTAMP() '
+    f'UPDATE {_G} SET "state" = \'open\', "opened_at" = SYSDATE(), '
+    f'"last_error" = ?, "probe_owner" = NULL, "updated_time" = SYSDATE() '
     f'WHERE "guard_name" = ? AND "state" = \'half_open\' AND "probe_owner" = ?',
 )

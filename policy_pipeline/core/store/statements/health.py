@@ -18,14 +18,14 @@ STUCK_EXECUTIONS = Statement(
     "stuck_executions",
     f'SELECT "execution_id", "policy_name", "status", "start_time", "message", "error_message" '
     f'FROM {_S} WHERE "completed" = FALSE AND {ACTIVE} AND NOT {WAITING} '
-    f'AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP()) '
+    f'AND "start_time" < DATEADD(minute, ?, SYSDATE()) '
     f'ORDER BY "start_time" LIMIT ?',
 )
 
 STUCK_EXECUTION_COUNT = Statement(
     "stuck_execution_count",
     f'SELECT COUNT(*) FROM {_S} WHERE "completed" = FALSE AND {ACTIVE} '
-    f'AND NOT {WAITING} AND "start_time" < DATEADD(minute, ?, CURRENT_TIMESTAMP())',
+    f'AND NOT {WAITING} AND "start_time" < DATEADD(minute, ?, SYSDATE())',
 )
 
 # The seed's 24-hour success rate, over finished executions (an execution still polling is not
@@ -38,7 +38,7 @@ SUCCESS_RATE = Statement(
     f"ROUND(100.0 * SUM(CASE WHEN {_COMPLETED} THEN 1 ELSE 0 END) "
     f"/ NULLIF(SUM(CASE WHEN {status_in([ExecutionStatus.COMPLETED, ExecutionStatus.ERROR])} "
     "THEN 1 ELSE 0 END), 0), 2) AS success_rate_percent "
-    f'FROM {_S} WHERE "start_time" >= DATEADD(hour, ?, CURRENT_TIMESTAMP())',
+    f'FROM {_S} WHERE "start_time" >= DATEADD(hour, ?, SYSDATE())',
 )
 
 _VIOLATION = '"execution_id", "policy_name", "status"'
@@ -81,7 +81,7 @@ FAILED_EXECUTIONS = Statement(
     "failed_executions",
     f'SELECT "execution_id", "policy_name", "error_step", "error_message", "resumable", '
     f'"updated_time" FROM {_S} WHERE {_ERROR} '
-    f'AND "start_time" >= DATEADD(hour, ?, CURRENT_TIMESTAMP()) '
+    f'AND "start_time" >= DATEADD(hour, ?, SYSDATE()) '
     f'ORDER BY "updated_time" DESC LIMIT ?',
 )
 

@@ -24,16 +24,16 @@ _S = STATE.name
 # the lead), earliest first, and how long each has waited since it was created.
 DUE_WAITS = Statement(
     "due_waits",
-    f'SELECT {READ}, DATEDIFF(second, "policy_created_time", CURRENT_TIMESTAMP()) '
+    f'SELECT {READ}, DATEDIFF(second, "policy_created_time", SYSDATE()) '
     f"FROM {_S} WHERE {WAITING} "
-    f'AND "next_poll_time" <= DATEADD(second, ?, CURRENT_TIMESTAMP()) '
+    f'AND "next_poll_time" <= DATEADD(second, ?, SYSDATE()) '
     f'ORDER BY "next_poll_time" LIMIT ?',
 )
 
 # How many wait, and in how many seconds the next one is due (for the tick's cursor).
 WAIT_SUMMARY = Statement(
     "wait_summary",
-    f'SELECT COUNT(*), DATEDIFF(second, CURRENT_TIMESTAMP(), MIN("next_poll_time")) '
+    f'SELECT COUNT(*), DATEDIFF(second, SYSDATE(), MIN("next_poll_time")) '
     f"FROM {_S} WHERE {WAITING}",
 )
 
@@ -43,7 +43,7 @@ WAIT_SUMMARY = Statement(
 RESUME_CANDIDATES = Statement(
     "resume_candidates",
     f"SELECT {READ}, "
-    f'DATEDIFF(second, COALESCE("last_resume_time", "updated_time"), CURRENT_TIMESTAMP()) '
+    f'DATEDIFF(second, COALESCE("last_resume_time", "updated_time"), SYSDATE()) '
     f"FROM {_S} "
     f"WHERE (({status_in(ACTIVE_STATUSES)} AND NOT {WAITING}) OR {resumable_error()}) "
     f'AND "policy_name" NOT IN ({LIVE_LEASE_NAMES}) '
@@ -57,7 +57,7 @@ CLAIM_RESUMES = update_from_rows(
     "claim_resumes",
     STATE,
     (Column("count", "NUMBER"), Column("token", "VARCHAR")),
-    '"auto_resume_count" = v.v_count + 1, "last_resume_time" = CURRENT_TIMESTAMP(), '
+    '"auto_resume_count" = v.v_count + 1, "last_resume_time" = SYSDATE(), '
     '"progress_claim" = v.v_token',
     f"{active(_S)} AND {_COUNT_UNCHANGED}",
 )
