@@ -182,6 +182,39 @@ def test_edit_while_handed_off_retires_the_old_execution_and_creates_the_new_con
     assert _counts(workspace, SLOW)["status_requests"] == counts["status_requests"]
 
 
+def test_an_edit_whose_run_found_the_policy_held_is_launched_again(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run for an edit gives up on a policy another run holds past the lease wait: no
+    execution of the new content exists. The catalog sensor launches it again (a new run key)
+    once no catalog run is in flight, and the new content is created once."""
+    monkeypatch.setenv("POLICY_LEASE_WAIT_SECONDS", "1")
+    cursor, old = _hand_off_slow_policy(workspace)
+    _edit(workspace)
+    workspace.simulator.configure(ready_after_seconds_by_policy={})
+    with open_state(Settings.from_env()) as state:
+        store = state.store()
+        assert store.acquire_leases([SLOW], "run:another", 600) == {SLOW}
+        changed = _tick(workspace, CATALOG_SENSOR, cursor)
+        [request] = requested_runs(changed)
+        assert not launch_requested(workspace, request).success  # held: it gave up
+        assert [e["execution_id"] for e in workspace.executions(SLOW)] == [old["execution_id"]]
+        store.release_leases([SLOW], "run:another")
+    assert isinstance(changed, SensorResult) and changed.cursor
+    again = _tick(workspace, CATALOG_SENSOR, changed.cursor)
+    [retry] = requested_runs(again)
+    assert retry.run_key != request.run_key
+    assert launch_requested(workspace, retry).success
+    before, new = workspace.executions(SLOW)
+    assert before["status"] == "error" and before["error_message"].startswith("superseded")
+    assert new["status"] == "completed", new
+    counts = _counts(workspace, SLOW)
+    assert counts["create_requests"] == 2 and counts["circuit_requests"] == 1, counts
+    # Executed now: nothing more is launched for it.
+    assert isinstance(again, SensorResult) and again.cursor
+    assert not requested_runs(_tick(workspace, CATALOG_SENSOR, again.cursor))
+
+
 def test_edit_after_the_old_execution_turned_ready_finishes_it_first(
     workspace: Workspace,
 ) -> None:

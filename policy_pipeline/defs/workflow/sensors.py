@@ -2,7 +2,10 @@
 
 `policy_catalog_sensor` launches `policy_workflow_job` for a new policy file or a changed one.
 A given content is launched once: its run key is the content hash, and content the warehouse
-has already executed is not launched again even if the cursor is lost.
+has already executed is not launched again even if the cursor is lost. Content whose run ended
+without starting an execution (another run held the policy past the lease wait, the guard was
+open) is launched again, under a new run key, once no catalog run is in flight and the resume
+backoff has passed: a change is never lost.
 
 `policy_progress_sensor` polls the policies that runs handed off, reports `policy_ready` for
 each that turns ready and requests its circuit-breaker run, and resumes every execution that
@@ -86,8 +89,27 @@ def progress_policy(settings: Settings) -> ProgressPolicy:
     )
 
 
+# The catalog sensor's runs that have not finished.
+_IN_FLIGHT = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
+
+
+def _catalog_cursor(cursor: str | None) -> tuple[dict[str, str], dict[str, list[Any]]]:
+    """The content hashes seen, and the content requested but not yet executed
+    (name -> [hash, attempt, when requested]). An older cursor holds only the hashes."""
+    data = json.loads(cursor) if cursor else {}
+    if "hashes" not in data:
+        return data, {}
+    return data["hashes"], data["requested"]
+
+
 def build_catalog_sensor(settings: Settings) -> SensorDefinition:
     catalog_dir = settings.catalog_dir
+    retry_seconds = settings.progress.resume_backoff_seconds
 
     @sensor(
         name="policy_catalog_sensor",
@@ -106,20 +128,34 @@ def build_catalog_sensor(settings: Settings) -> SensorDefinition:
             context.log.error(str(exc))
             return SkipReason(str(exc))
         hashes = {name: entry.policy.content_hash() for name, entry in catalog.items()}
-        seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+        seen, requested = _catalog_cursor(context.cursor)
         changed = {name for name, digest in hashes.items() if seen.get(name) != digest}
-        if changed:
+        waiting = {n for n, (digest, _a, _t) in requested.items() if hashes.get(n) == digest}
+        if changed | waiting:
             executed = policy_state.store().executed_content()
             changed = {name for name in changed if (name, hashes[name]) not in executed}
+            waiting = {name for name in waiting if (name, hashes[name]) not in executed}
+        now = time.time()
+        attempts = {name: 0 for name in changed}
+        if waiting - changed and not context.instance.get_runs(
+            RunsFilter(job_name=JOB_NAME, statuses=_IN_FLIGHT, tags={SENSOR_TAG: "catalog"}),
+            limit=1,
+        ):
+            # Requested, finished, and still no execution of it: launch it again.
+            for name in waiting - changed:
+                _digest, attempt, at = requested[name]
+                if now - at >= retry_seconds:
+                    attempts[name] = attempt + 1
+        launching = set(attempts)
 
         known = context.instance.get_dynamic_partitions(PARTITIONS_NAME)
         known_set = set(known)
         new_partitions = sorted(name for name in hashes if name not in known_set)
         ordered = [*known, *new_partitions]
         run_requests = []
-        for first, last in contiguous_ranges(ordered, changed):
+        for first, last in contiguous_ranges(ordered, launching):
             in_range = ordered[ordered.index(first) : ordered.index(last) + 1]
-            content = ",".join(f"{name}:{hashes[name]}" for name in in_range)
+            content = ",".join(f"{name}:{hashes[name]}:{attempts[name]}" for name in in_range)
             run_requests.append(
                 RunRequest(
                     run_key=hashlib.sha256(content.encode()).hexdigest()[:40],
@@ -127,7 +163,16 @@ def build_catalog_sensor(settings: Settings) -> SensorDefinition:
                 )
             )
         if run_requests:
-            context.log.info(f"launching {len(changed)} new or changed policies")
+            again = len(launching - changed)
+            context.log.info(
+                f"launching {len(changed)} new or changed policies"
+                + (f" and {again} whose earlier run started no execution" if again else "")
+            )
+        # What is requested stays in the cursor until the warehouse has an execution of it.
+        still = {
+            name: [hashes[name], attempts[name], now] if name in launching else requested[name]
+            for name in launching | waiting
+        }
         return SensorResult(
             run_requests=run_requests,
             dynamic_partitions_requests=(
@@ -135,7 +180,9 @@ def build_catalog_sensor(settings: Settings) -> SensorDefinition:
                 if new_partitions
                 else []
             ),
-            cursor=json.dumps(hashes, sort_keys=True, separators=(",", ":")),
+            cursor=json.dumps(
+                {"hashes": hashes, "requested": still}, sort_keys=True, separators=(",", ":")
+            ),
         )
 
     return policy_catalog_sensor
