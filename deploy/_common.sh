@@ -26,3 +26,14 @@ done
 export DAGSTER_HOME
 export DAGSTER_CODE_SERVER_HOST="${DAGSTER_CODE_SERVER_HOST:-127.0.0.1}"
 export DAGSTER_CODE_SERVER_PORT="${DAGSTER_CODE_SERVER_PORT:-4000}"
+# The Celery layout's instance (deploy/celery/dagster.yaml) reaches the broker from every
+# process that loads it: the daemon launches runs there, the webserver terminates them.
+if grep -q "DAGSTER_CELERY_BROKER_URL" "$DAGSTER_HOME/dagster.yaml"; then
+  for name in DAGSTER_CELERY_BROKER_URL DAGSTER_CELERY_BACKEND_URL; do
+    if [ -z "${!name:-}" ]; then
+      echo "error: $name must be set: $DAGSTER_HOME/dagster.yaml runs on Celery" \
+        "(deploy/celery/*.env.example)" >&2
+      exit 2
+    fi
+  done
+fi

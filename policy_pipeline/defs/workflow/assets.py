@@ -60,6 +60,7 @@ from policy_pipeline.core.engine.workflow import (
 from policy_pipeline.core.liveness import Holder, lease_owner, this_process
 from policy_pipeline.core.settings import Settings
 from policy_pipeline.core.store.state_store import StateStore
+from policy_pipeline.defs.workflow.cluster import refuse_duckdb_on_celery
 from policy_pipeline.resources import DuckDBStateResource, PolicyStateResource
 from policy_pipeline.resources.policy_api import PolicyApiResource
 
@@ -322,6 +323,7 @@ def run_workflow(
     """Take every partition of this run through the selected steps, each policy on its own,
     and materialize each (asset, partition) as its policy passes that step."""
     warehouse = "duckdb" if isinstance(policy_state, DuckDBStateResource) else "snowflake"
+    refuse_duckdb_on_celery(context.instance, warehouse, context.job_def)
     # Who runs this step, so that a process on this host can tell for sure it died.
     context.instance.add_run_tags(context.run.run_id, {PROCESS_TAG: this_process()})
     # Every catalog policy not yet a partition, in name order (not just this run's): a
