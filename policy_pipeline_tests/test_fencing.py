@@ -18,6 +18,7 @@ import duckdb
 import pytest
 
 from policy_pipeline.core.domain import PolicyDefinition
+from policy_pipeline.core.engine import workflow as workflow_module
 from policy_pipeline.core.engine.workflow import (
     LeasePolicy,
     PolicyWorkflow,
@@ -25,7 +26,7 @@ from policy_pipeline.core.engine.workflow import (
     RunReport,
 )
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings
-from policy_pipeline.core.store.connection import WarehouseConnection
+from policy_pipeline.core.store.connection import WarehouseConnection, WarehouseUnavailable
 from policy_pipeline.core.store.state_store import StateStore
 from policy_pipeline.resources.policy_api import PolicyApiResource
 from policy_pipeline.resources.snowflake_state import snowflake_resource
@@ -232,3 +233,59 @@ def test_a_duckdb_file_held_past_the_ttl_fires_no_circuit_breaker_twice(
             [row["execution_id"]],
         )
         assert audited == row["poll_count"], (audited, row["poll_count"])
+
+
+def test_a_run_whose_warehouse_stays_gone_ends_and_leaves_its_policies_resumable(
+    workspace: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warehouse that does not come back: the run stops calling at the fence, gives up after
+    WAREHOUSE_GIVE_UP_TTLS lease TTLs (not for ever), and a later run completes the policy
+    from what the warehouse recorded: no second create, one circuit breaker."""
+    monkeypatch.setattr(workflow_module, "WAREHOUSE_GIVE_UP_TTLS", 2)
+    sim = workspace.simulator
+    sim.configure(ignore_idempotency_keys=True, ready_after_polls=0, ready_after_seconds=20)
+    name = "stranded"
+    policies = {
+        name: PolicyDefinition(
+            policy_name=name, policy_type="access", description="fencing test", priority="low"
+        )
+    }
+    cuttable = _CuttableWarehouse(_connect(workspace))
+    store = StateStore(WarehouseConnection(workspace.dialect, cuttable))
+    lease = LeasePolicy(ttl_seconds=TTL, wait_seconds=60)
+    api = PolicyApiResource(
+        endpoint=sim.base_url, api_key=sim.config.api_key or "", backoff_initial_seconds=0.01
+    )
+    errors: list[BaseException] = []
+    with api.process_config_and_initialize_cm() as client:
+        run = PolicyWorkflow(store, client.get_client(), "run:gone", RecordingLog(), lease=lease)
+
+        def work() -> None:
+            try:
+                run.run([name], definitions=policies, polling=POLLING)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        try:
+            _wait_for(lambda: _polls(workspace, name) >= 3, 30, "polls")
+            cuttable.cut.set()
+            cut_at = time.monotonic()
+            thread.join(timeout=60)
+            assert not thread.is_alive(), "the run kept waiting for a warehouse that is gone"
+        finally:
+            cuttable.cut.clear()
+            thread.join(timeout=30)
+    ended_after = time.monotonic() - cut_at
+    [error] = errors
+    assert isinstance(error, WarehouseUnavailable) and "could not be reached for" in str(error)
+    assert 2 * TTL <= ended_after < 2 * TTL + 20, ended_after
+    [row] = workspace.executions(name)
+    assert row["status"] == "policy_created", row  # as last recorded: resumable
+    with api.process_config_and_initialize_cm() as client:
+        later = PolicyWorkflow(store, client.get_client(), "run:later", RecordingLog(), lease=lease)
+        report = later.run([name], definitions=policies, polling=POLLING)
+    assert not report.failures, report.failures
+    counts = sim.counts()["per_policy"][name]
+    assert counts["create_requests"] == 1 and counts["circuit_requests"] == 1, counts

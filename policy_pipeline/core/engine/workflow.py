@@ -103,8 +103,10 @@ DETAILED_LOG_LIMIT = 25
 FLUSH_SECONDS = 0.5
 # How often the writer re-reads the shared API guard (another process may have opened it).
 GUARD_REFRESH_SECONDS = 2.0
-# How soon a batch that found no warehouse is tried again (at most a third of the lease TTL).
+# How soon a batch that found no warehouse is tried again (at most a third of the lease TTL),
+# and after how many lease TTLs without one the run gives up.
 WAREHOUSE_RETRY_SECONDS = 2.0
+WAREHOUSE_GIVE_UP_TTLS = 10
 # The API refuses our credentials: a configuration error, the same for every policy. (A 403
 # may be about one policy only, so it fails just that policy, resumable like any poll error.)
 AUTH_STATUSES = frozenset({401})
@@ -313,9 +315,13 @@ class _Run:
             for worker in workers:
                 if worker.is_alive():
                     worker.join()
-            with self.store.batch():
-                self.store.flush()
-                self.leases.release_all()
+            try:
+                with self.store.batch():
+                    self.store.flush()
+                    self.leases.release_all()
+            except WarehouseUnavailable as exc:
+                # The leases lapse within the TTL; the audit events of this last batch are lost.
+                self.log.warning(f"the run's leases could not be released: {exc}")
         return self.report
 
     def _batch(self) -> None:
@@ -354,6 +360,14 @@ class _Run:
                 f"the warehouse cannot be reached ({exc}); no API call starts for a policy "
                 "whose lease is not confirmed, and the run keeps trying"
             )
+        elif now - self.unreachable_since > WAREHOUSE_GIVE_UP_TTLS * self.wf.lease.ttl_seconds:
+            # Its leases lapsed long ago: whoever resumes the policies (the progress sensor,
+            # another run) holds them now. The run ends; what it did not write, they redo.
+            raise WarehouseUnavailable(
+                f"the warehouse could not be reached for {now - self.unreachable_since:.0f}s; "
+                "the run ends and leaves its policies as the warehouse last recorded them "
+                f"(resumable): {exc}"
+            ) from exc
         self.unreachable_until = now + min(WAREHOUSE_RETRY_SECONDS, self.wf.lease.renew_seconds)
 
     def _lost(self, lost: set[str]) -> None:
