@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from dagster import DagsterInstance, DagsterRun, RunsFilter
 
 from policy_devtools.simulator import SimulatorConfig
@@ -134,12 +135,20 @@ class Cluster:
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} ({last})\n"
                              + self.logs())  # fmt: skip
 
-    def launch_backfill(self, partitions: Sequence[str], assets: Sequence[str]) -> str:
-        """A backfill as the UI's *Materialize* launches it (the daemon runs it)."""
-        params = {
+    def launch_backfill(
+        self,
+        partitions: Sequence[str],
+        assets: Sequence[str],
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """A backfill as the UI's *Materialize* launches it (the daemon runs it); `tags` go
+        on the backfill and its runs (e.g. ``dagster/max_retries``)."""
+        params: dict[str, Any] = {
             "partitionNames": list(partitions),
             "assetSelection": [{"path": [asset]} for asset in assets],
         }
+        if tags:
+            params["tags"] = [{"key": key, "value": value} for key, value in tags.items()]
         result = self.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
         assert result["__typename"] == "LaunchBackfillSuccess", result
         return str(result["backfillId"])
@@ -207,11 +216,26 @@ def _base_env(services: Services, catalog_dir: Path, extra: Mapping[str, str]) -
     return env
 
 
-def _dagster_home(root: Path, host: str) -> Path:
+def _dagster_home(root: Path, host: str, overrides: Mapping[str, Any] | None = None) -> Path:
     home = root / "hosts" / host / "dagster_home"
     home.mkdir(parents=True)
-    (home / "dagster.yaml").write_text(CELERY_INSTANCE.read_text())  # as it is
+    if not overrides:
+        (home / "dagster.yaml").write_text(CELERY_INSTANCE.read_text())  # as it is
+    else:
+        merged = _merged(yaml.safe_load(CELERY_INSTANCE.read_text()), overrides)
+        (home / "dagster.yaml").write_text(yaml.safe_dump(merged))
     return home
+
+
+def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` merged in, mapping by mapping (e.g. a shorter poll interval)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _location_loaded(graphql: GraphQL) -> bool:
@@ -251,11 +275,13 @@ def celery_cluster(
     env: Mapping[str, str] | None = None,
     worker_env: Mapping[str, Mapping[str, str]] | None = None,
     keep_automation: Sequence[str] = (),
+    instance_yaml: Mapping[str, Any] | None = None,
 ) -> Iterator[Cluster]:
     """Services, a control host and `workers` worker hosts (``worker-1`` ...), all started and
     ready (the code location loaded, every worker listening on the queue). `env` is added to
     every host's environment, `worker_env[name]` to one worker's. Everything is removed on
-    exit."""
+    exit. `instance_yaml` is merged into every host's dagster.yaml (e.g. ``{"run_monitoring":
+    {"poll_interval_seconds": 2}}``); without it the file is used as it is."""
     with ExitStack() as stack:
         hosts = stack.enter_context(test_hosts(workdir / "hosts"))
         services = hosts.start_services(simulator)
@@ -267,7 +293,7 @@ def celery_cluster(
         control_address = hosts.hosts[CONTROL].address
         control_env = {
             **base,
-            "DAGSTER_HOME": str(_dagster_home(workdir, CONTROL)),
+            "DAGSTER_HOME": str(_dagster_home(workdir, CONTROL, instance_yaml)),
             "DAGSTER_CODE_SERVER_HOST": "127.0.0.1",
             "DAGSTER_CODE_SERVER_PORT": str(CODE_SERVER_PORT),
             "DAGSTER_WEBSERVER_HOST": control_address,
@@ -296,7 +322,7 @@ def celery_cluster(
         start(CONTROL, "start-daemon.sh", control_env)
         started = []
         for name in names:
-            home = str(_dagster_home(workdir, name))
+            home = str(_dagster_home(workdir, name, instance_yaml))
             extra = (worker_env or {}).get(name, {})
             started.append(start(name, "start-worker.sh", {**base, "DAGSTER_HOME": home, **extra}))
         for worker in started:

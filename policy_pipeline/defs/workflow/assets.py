@@ -166,16 +166,16 @@ def _workflow(
 
 
 def holder_gone(instance: DagsterInstance, owner: str, found_by: str) -> bool:
-    """Whether a lease holder has certainly stopped: its run finished, or its process is gone
-    from this host. A dead run still STARTED (killed; no run monitoring) is reported failed,
-    so Dagster no longer shows it running."""
+    """Whether a lease holder has certainly stopped: its process is gone from this host. A run
+    Dagster calls finished is no proof (run monitoring fails a run whose worker host stopped
+    answering, and its process may live on, cut off): a holder on another host is waited for
+    until its lease lapses. A dead run still STARTED (killed; no run monitoring) is reported
+    failed, so Dagster no longer shows it running."""
     holder = Holder.parse(owner)
-    run = instance.get_run_by_id(holder.run_id) if holder.run_id else None
-    if run is not None and run.is_finished:
-        return True
     if not holder.certainly_dead():
         return False
-    if run is not None:
+    run = instance.get_run_by_id(holder.run_id) if holder.run_id else None
+    if run is not None and not run.is_finished:
         report_dead_run(instance, run, holder, found_by)
     return True
 
