@@ -8,7 +8,7 @@ fresh Dagster instance (``DAGSTER_HOME``) on SQLite or on a local PostgreSQL con
 register-partitions``, sorted by name), then one run over the whole range is timed from process
 start to exit::
 
-    dagster job execute -m policy_pipeline -j policy_workflow_job \\
+    dagster job execute -m policy_pipeline.definitions -j policy_workflow_job \\
       --tags '{"dagster/asset_partition_range_start": "<first>",
                "dagster/asset_partition_range_end": "<last>"}'
 
@@ -494,7 +494,9 @@ def run_throughput(
         instance = new_instance(kind, tmp / "dagster_home", postgres)
         env = product_env(args, instance, tmp, sim.base_url, key)
         register_with_cli(env, n)
-        command = job_command(["-m", "policy_pipeline"], PRODUCT_JOB, names[0], names[-1])
+        command = job_command(
+            ["-m", "policy_pipeline.definitions"], PRODUCT_JOB, names[0], names[-1]
+        )
         print(f"[{kind}] timing dagster job execute over {n} partitions ...", flush=True)
         run = run_timed(command, env, tmp / "run.log", timeout)
         counts = sim.counts()
@@ -657,7 +659,9 @@ def run_uneven(
         instance = new_instance(kind, tmp / "dagster_home", postgres)
         env = product_env(args, instance, tmp, sim.base_url, key)
         register_with_cli(env, n)
-        command = job_command(["-m", "policy_pipeline"], PRODUCT_JOB, names[0], names[-1])
+        command = job_command(
+            ["-m", "policy_pipeline.definitions"], PRODUCT_JOB, names[0], names[-1]
+        )
         print(f"[{kind}] uneven: timing dagster job execute over {n} partitions ...", flush=True)
         run = run_timed(command, env, tmp / "run.log", args.run_timeout)
         counts = sim.counts()

@@ -25,7 +25,8 @@ cd "$REPO_DIR"  # relative POLICY_* paths are read from the repository root
 "$DAGSTER_BIN_DIR/dagster-dbt" project prepare-and-package \
   --file policy_pipeline/defs/reporting/project.py >/dev/null
 exec "$DAGSTER_BIN_DIR/dagster" code-server start \
-  --module-name policy_pipeline \
+  --module-name policy_pipeline.definitions \
+  --attribute defs \
   --location-name policy_pipeline \
   --host "$DAGSTER_CODE_SERVER_HOST" \
   --port "$DAGSTER_CODE_SERVER_PORT" \

@@ -41,7 +41,7 @@ def job_command(job: str, tags: dict[str, str] | None = None) -> list[str]:
         "job",
         "execute",
         "-m",
-        "policy_pipeline",
+        "policy_pipeline.definitions",
         "-j",
         job,
     ]

@@ -22,14 +22,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
-import requests
-
 from policy_pipeline.core.domain import ExecutionStatus
-from policy_pipeline.core.policy_api_types import api_key_problem
+from policy_pipeline.core.engine.leases import LeasePolicy
 from policy_pipeline.core.settings import (
     API_KEY_VAR,
     PROJECT_ROOT,
@@ -37,9 +36,12 @@ from policy_pipeline.core.settings import (
     SettingsError,
     dagster_home_set,
 )
+from policy_pipeline.core.store.connection import WarehouseConnection
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
+
+    from policy_pipeline.core.store.state_store import StateStore
 
 log = logging.getLogger("policy_pipeline.cli")
 
@@ -81,15 +83,37 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=_text, indent=2)
 
 
+@contextmanager
+def open_warehouse(settings: Settings) -> Iterator[WarehouseConnection]:
+    """The state's warehouse, as the runs reach it. A DuckDB file is opened without Dagster
+    (``status`` and ``diagnose`` answer in well under a second); Snowflake's connection is
+    built by the dagster-snowflake resource the runs use (key pair, passphrase, host)."""
+    if settings.warehouse == "duckdb":
+        from policy_pipeline.core.store.duckdb_file import duckdb_warehouse
+
+        wait = LeasePolicy(ttl_seconds=settings.leases.ttl_seconds).warehouse_wait_seconds
+        yield duckdb_warehouse(settings.duckdb_path, wait_seconds=wait)
+        return
+    from policy_pipeline.resources import open_state
+
+    with open_state(settings) as state:
+        yield state.warehouse()
+
+
+def _store(warehouse: WarehouseConnection) -> StateStore:
+    from policy_pipeline.core.store.state_store import StateStore
+
+    return StateStore(warehouse)
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from policy_pipeline.core.store.health import HealthReport
-    from policy_pipeline.resources import open_state
 
-    with open_state(settings) as state:
-        rows = HealthReport(state.warehouse()).executions(args.policy, args.status, args.limit)
+    with open_warehouse(settings) as warehouse:
+        rows = HealthReport(warehouse).executions(args.policy, args.status, args.limit)
     if args.json:
         print(_json(rows))
     else:
@@ -99,44 +123,23 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _api_reachability(settings: Settings) -> dict[str, Any]:
-    endpoint = settings.api.endpoint
-    if not endpoint:
-        return {"ok": False, "detail": "POLICY_API_ENDPOINT is not set"}
-    key = (Settings.secret_if_set(API_KEY_VAR) or "").strip()
-    problem = api_key_problem(key)
-    if problem is not None:
-        return {"ok": False, "detail": f"POLICY_API_KEY {problem}"}
-    try:
-        # An unknown policy id: any HTTP answer proves the API is reachable; 401/403 prove the
-        # key is not accepted.
-        response = requests.get(
-            endpoint.rstrip("/") + "/policy/__policy_pipeline_diagnose__",
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=settings.api.timeout_seconds,
-            allow_redirects=False,  # as before: the answer itself, not where it points
-        )
-    except requests.RequestException as exc:
-        return {"ok": False, "detail": f"unreachable: {type(exc).__name__}"}
-    if response.status_code in (401, 403):
-        return {
-            "ok": False,
-            "detail": f"reachable, but the key was refused (HTTP {response.status_code})",
-        }
-    return {"ok": True, "detail": f"reachable (HTTP {response.status_code})"}
+    from policy_pipeline.core.operations import api_reachability
+
+    reachability = api_reachability(settings, Settings.secret_if_set(API_KEY_VAR))
+    return {"ok": reachability.ok, "detail": reachability.detail}
 
 
 def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
-    """The seed's diagnose_policy_execution: what needs attention, and why."""
+    """What needs attention, and why."""
     from policy_pipeline.core.engine.guard import read_guard
     from policy_pipeline.core.store.health import HealthReport
-    from policy_pipeline.resources import open_state
 
     report: dict[str, Any] = {"attention": []}
     stuck_after = settings.checks.stuck_after_minutes
     error_below = settings.checks.success_rate_error_percent
     try:
-        with open_state(settings) as state:
-            monitor = HealthReport(state.warehouse())
+        with open_warehouse(settings) as warehouse:
+            monitor = HealthReport(warehouse)
             monitor.ping()
             report["warehouse"] = {"ok": True, "detail": f"{settings.warehouse} reachable"}
             report["stuck_executions"] = monitor.stuck_executions(stuck_after, limit=20)
@@ -144,7 +147,7 @@ def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
             rate = monitor.success_rate(24)
             report["success_rate_24h"] = rate.__dict__
             report["last_api_calls"] = monitor.last_api_calls(10)
-            guard = read_guard(state.store())
+            guard = read_guard(_store(warehouse))
             report["api_guard"] = {
                 "state": guard.state.value,
                 "consecutive_failures": guard.consecutive_failures,
@@ -214,21 +217,6 @@ def _print_diagnosis(report: dict[str, Any], stuck_after: int) -> None:
         print("All good.")
 
 
-def _audit_operator(store: Any, row: Any, action: str, reason: str) -> None:
-    from policy_pipeline.core.store.state_store import AuditEvent
-
-    store.audit(
-        AuditEvent(
-            execution_id=row.execution_id,
-            policy_name=row.policy_name,
-            event_type="override",
-            message=f"{action} by {getpass.getuser()}: {reason}",
-            detail={"action": action, "operator": getpass.getuser(), "reason": reason},
-        )
-    )
-    store.flush()
-
-
 # How often ``retry --wait`` looks at the run.
 WAIT_POLL_SECONDS = 1.0
 RETRY_TRIGGER = "retry"  # the run's policy_pipeline/trigger tag
@@ -238,15 +226,16 @@ OPERATOR_TAG = "policy_pipeline/operator"
 def launch_command(job: str, run_id: str, tags: dict[str, str]) -> list[str]:
     """``dagster job launch``: the run is submitted to the instance's run coordinator (queued
     with a QueuedRunCoordinator, under its limits; started at once in the background with the
-    DefaultRunCoordinator), not executed in this process."""
+    DefaultRunCoordinator), not executed in this process. Through workspace.yaml, so that the
+    run belongs to the code location a daemon or ``dagster dev`` knows (``policy_pipeline``)."""
     return [
         sys.executable,
         "-m",
         "dagster",
         "job",
         "launch",
-        "-m",
-        "policy_pipeline",
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
         "-j",
         job,
         "--run-id",
@@ -326,14 +315,14 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 def _audit_retry(settings: Settings, policy: str, reason: str) -> None:
     """Record the retry on the policy's execution, if it has one. The run is already submitted:
     a failure here is reported, not fatal."""
-    from policy_pipeline.resources import open_state
+    from policy_pipeline.core.operations import audit_operator
 
     try:
-        with open_state(settings) as state:
-            store = state.store()
+        with open_warehouse(settings) as warehouse:
+            store = _store(warehouse)
             row = store.current_execution(policy)
             if row is not None:
-                _audit_operator(store, row, "retry", reason)
+                audit_operator(store, row, "retry", reason, getpass.getuser())
     except Exception as exc:
         print(f"warning: the retry was not audited: {type(exc).__name__}: {exc}", file=sys.stderr)
 
@@ -341,8 +330,6 @@ def _audit_retry(settings: Settings, policy: str, reason: str) -> None:
 def _wait_for_run(instance: DagsterInstance, run_id: str, policy: str, settings: Settings) -> int:
     """Poll the instance until the run has ended: 0 if it succeeded, 1 otherwise."""
     from dagster import DagsterRunStatus
-
-    from policy_pipeline.resources import open_state
 
     shown: DagsterRunStatus | None = None
     try:
@@ -360,8 +347,8 @@ def _wait_for_run(instance: DagsterInstance, run_id: str, policy: str, settings:
     except KeyboardInterrupt:
         print(f"\nStopped waiting; run {run_id} goes on.", file=sys.stderr)
         return 1
-    with open_state(settings) as state:
-        row = state.store().current_execution(policy)
+    with open_warehouse(settings) as warehouse:
+        row = _store(warehouse).current_execution(policy)
     if row is not None:
         detail = f": {row.error_message}" if row.error_message else ""
         print(f"{policy}: execution {row.execution_id} is {row.status.value}{detail}")
@@ -398,96 +385,49 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
 
 
 def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
-    from policy_pipeline.core.domain import IllegalTransition
     from policy_pipeline.core.liveness import lease_owner
-    from policy_pipeline.resources import open_state
+    from policy_pipeline.core.operations import (
+        Override,
+        OverrideFailed,
+        OverrideRefused,
+        api_config,
+        override_circuit_breaker,
+    )
+    from policy_pipeline.core.policy_api import PolicyApiClient
 
-    owner = lease_owner(f"operator:{getpass.getuser()}")
-    with open_state(settings) as state:
-        store = state.store()
-        row = store.current_execution(args.policy)
-        if row is None:
-            return _refuse(f"no execution for policy '{args.policy}'")
-        if row.circuit_breaker_completed or row.status is ExecutionStatus.COMPLETED:
-            done = "triggered" if row.circuit_breaker_completed else "skipped"
-            return _refuse(
-                f"execution {row.execution_id} is already completed (circuit breaker {done}); "
-                "an override never fires it twice"
-            )
-        ready = row.status is ExecutionStatus.POLICY_READY
-        if not ready and not args.force:
-            return _refuse(
-                f"execution {row.execution_id} is '{row.status}', not 'policy_ready'; "
-                "use --force to override anyway"
-            )
-        if row.policy_id is None:
-            return _refuse(
-                f"execution {row.execution_id} is '{row.status}': the policy was never "
-                "created, so there is no circuit breaker to trigger or skip"
-            )
-        # Hold the policy's lease through the override: no run polls it, claims it or fires
-        # its circuit breaker meanwhile, and a run holding it now is not overridden under it.
-        if args.policy not in store.acquire_leases([args.policy], owner, state.lease_ttl_seconds):
-            holder = store.lease_holders([args.policy]).get(args.policy)
-            who = f"{holder[0].split('@')[0]} (until {holder[1]})" if holder else "a run"
-            return _refuse(
-                f"policy '{args.policy}' is being processed by {who}; wait for it, or stop "
-                "that run, then override"
-            )
-        try:
-            try:
-                code = _override(args, state, store, row, owner)
-            except IllegalTransition as exc:
-                return _refuse(f"execution {row.execution_id}: {exc}")
-        finally:
-            store.release_leases([args.policy], owner)
-    return code
+    user = getpass.getuser()
+    override = Override(
+        policy=args.policy,
+        action="skip_circuit_breaker" if args.skip_circuit_breaker else "trigger_circuit_breaker",
+        reason=args.reason,
+        force=args.force,
+        owner=lease_owner(f"operator:{user}"),
+        user=user,
+    )
+    lease = LeasePolicy(settings.leases.ttl_seconds, settings.leases.wait_seconds)
+    api = None
+    if args.trigger_circuit_breaker:
+        # A missing or unusable key fails the circuit breaker call as it fails a run's, and a
+        # forced policy_ready is put back.
+        api = PolicyApiClient(api_config(settings, Settings.secret_if_set(API_KEY_VAR) or ""))
+    try:
+        with open_warehouse(settings) as warehouse:
+            done = override_circuit_breaker(_store(warehouse), override, lease, api, log)
+    except OverrideRefused as exc:
+        return _refuse(str(exc))
+    except OverrideFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if api is not None:
+            api.close()
+    print(done)
+    return 0
 
 
 def _refuse(message: str) -> int:
     print(f"error: {message}; nothing done", file=sys.stderr)
     return 1
-
-
-def _override(args: argparse.Namespace, state: Any, store: Any, row: Any, owner: str) -> int:
-    """The override itself, under the policy's lease; audited only once it has happened."""
-    from policy_pipeline.core.engine.workflow import LeasePolicy, PolicyWorkflow, StepFailed
-    from policy_pipeline.resources import policy_api_resource
-
-    operator = owner.split("@")[0]
-    forced = " (forced)" if args.force else ""
-    if args.skip_circuit_breaker:
-        message = f"Circuit breaker skipped by {operator}: {args.reason}"
-        if not store.skip_circuit_breaker(row, message, force=args.force):
-            return _refuse("the execution changed meanwhile")
-        _audit_operator(store, row, "skip_circuit_breaker" + forced, args.reason)
-        print(f"Execution {row.execution_id} completed without the circuit breaker.")
-        return 0
-    if row.status is not ExecutionStatus.POLICY_READY:
-        message = f"Forced to policy_ready by {operator}: {args.reason}"
-        if not store.force_ready(row, message):
-            return _refuse("the execution changed meanwhile")
-    with policy_api_resource().process_config_and_initialize_cm() as api:
-        workflow = PolicyWorkflow(
-            store=store,
-            api=api.get_client(),
-            owner=owner,  # the lease this command holds
-            log=log,
-            lease=LeasePolicy(state.lease_ttl_seconds, state.lease_wait_seconds),
-            concurrency=1,
-        )
-        try:
-            outcome = workflow.activate_circuit_breaker(args.policy)
-        except StepFailed as exc:
-            undone = row.status is not ExecutionStatus.POLICY_READY and store.undo_force_ready(
-                row, f"Override by {operator} failed before the circuit breaker; put back"
-            )
-            after = " (the forced policy_ready was undone)" if undone else ""
-            print(f"error: {exc}{after}", file=sys.stderr)
-            return 1
-    _audit_operator(store, row, "trigger_circuit_breaker" + forced, args.reason)
-    print(f"Circuit breaker triggered for execution {outcome.execution_id}: {outcome.status}.")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,7 +78,8 @@ def _job(workspace: Workspace, name: str) -> subprocess.CompletedProcess[str]:
     """``dagster job execute`` for one partition, as an operator runs it."""
     return subprocess.run(
         [
-            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *(sys.executable, "-m", "dagster", "job", "execute"),
+            *("-m", "policy_pipeline.definitions"),
             *("-j", "policy_workflow_job", "--tags", json.dumps({"dagster/partition": name})),
         ],
         cwd=PROJECT_ROOT,

@@ -428,6 +428,37 @@ def test_exhausted_retries_raise_a_transient_error(
     assert_no_secret([err])
 
 
+def test_on_attempt_ends_a_calls_retries_by_returning_an_error(
+    make_sim: SimFactory, make_rig: RigFactory
+) -> None:
+    # How the engine's API guard and lease fence stop a call: the error the callback returns
+    # for an attempt the client would retry is raised as is, with no further attempt.
+    sim = make_sim(scripted_faults=[{"endpoint": "policy_status", "fault": "5xx", "times": 4}])
+    rig = make_rig(sim.base_url, max_attempts=5)
+    stop = PolicyApiError("stopped by the caller", transient=True)
+    verdicts = iter([None, stop])
+
+    def on_attempt(attempt: ApiAttempt) -> PolicyApiError | None:
+        rig.record(attempt)
+        return next(verdicts)
+
+    with pytest.raises(PolicyApiError) as info:
+        rig.api.get_policy_status("pol_x", on_attempt)
+    assert info.value is stop
+    assert rig.outcomes() == ["retry", "retry"] and len(rig.sleeps) == 1
+    assert sim.counts()["requests"]["policy_status"] == 2
+
+    # What it returns for the last attempt, or for an answer, changes nothing.
+    last = make_rig(sim.base_url, max_attempts=2)
+    with pytest.raises(PolicyApiError, match="failed after 2 attempts"):
+        last.api.get_policy_status(
+            "pol_x", lambda a: last.record(a) or (stop if a.outcome == "failed" else None)
+        )
+    assert last.outcomes() == ["retry", "failed"]
+    answered = make_rig(sim.base_url)  # the faults are spent: a 404
+    assert answered.api.get_policy_status("pol_x", lambda a: stop).http_status == 404
+
+
 def test_exhausted_429_names_the_status(make_sim: SimFactory, make_rig: RigFactory) -> None:
     sim = make_sim(
         retry_after_seconds=1,
@@ -666,7 +697,7 @@ def test_concurrent_first_calls_share_one_http_client(
     sim = make_sim()
     rig = make_rig(sim.base_url)
     built: list[requests.Session] = []
-    real_session = policy_api._PolicySession
+    real_session = policy_api.transport._PolicySession
 
     class SlowSession(real_session):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -674,7 +705,7 @@ def test_concurrent_first_calls_share_one_http_client(
             super().__init__()
             built.append(self)
 
-    monkeypatch.setattr(policy_api, "_PolicySession", SlowSession)
+    monkeypatch.setattr(policy_api.transport, "_PolicySession", SlowSession)
     barrier = threading.Barrier(4)
     lock = threading.Lock()
 

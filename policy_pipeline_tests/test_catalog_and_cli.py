@@ -90,7 +90,9 @@ def test_hostile_strings_are_stored_through_bound_parameters(workspace: Workspac
 
 def _readme_job_command() -> str:
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"^(dagster job execute -m policy_pipeline .+)$", readme, re.MULTILINE)
+    match = re.search(
+        r"^(dagster job execute -m policy_pipeline\.definitions .+)$", readme, re.MULTILINE
+    )
     assert match, "README shows the dagster job execute form"
     return match.group(1)
 
@@ -159,7 +161,8 @@ def test_bad_catalog_stops_the_cli_before_anything_is_written(workspace: Workspa
     env = subprocess_env(workspace)
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *(sys.executable, "-m", "dagster", "job", "execute"),
+            *("-m", "policy_pipeline.definitions"),
             *("-j", "policy_workflow_job", "--tags", '{"dagster/partition": "broken"}'),
         ],
         cwd=PROJECT_ROOT,

@@ -91,13 +91,22 @@ class LeaseSampler:
 
 
 def test_the_celery_instance_matches_the_single_host_one_and_its_worker_config() -> None:
-    """deploy/celery/dagster.yaml differs from deploy/dagster.yaml only in the run launcher
-    and run monitoring, and the worker's Celery settings are the launcher's."""
+    """deploy/celery/dagster.yaml differs from deploy/dagster.yaml only in the run launcher,
+    run monitoring and the run queue's size, and the worker's Celery settings are the
+    launcher's."""
     single = yaml.safe_load((DEPLOY_DIR / "dagster.yaml").read_text())
     cluster = yaml.safe_load((DEPLOY_DIR / "celery" / "dagster.yaml").read_text())
     worker = yaml.safe_load((DEPLOY_DIR / "celery" / "worker.yaml").read_text())
-    for section in ("storage", "run_coordinator", "run_retries", "telemetry"):
+    for section in ("storage", "run_retries", "telemetry"):
         assert cluster[section] == single[section], section
+    # The same queue and its limits, but no more runs at once than the workers have slots (a
+    # run beyond them would wait in the broker until run monitoring fails it).
+    coordinator, queue = cluster["run_coordinator"], single["run_coordinator"]
+    assert {**coordinator["config"], "max_concurrent_runs": 0} == {
+        **queue["config"],
+        "max_concurrent_runs": 0,
+    }
+    assert coordinator["config"]["max_concurrent_runs"] == 2  # two workers, one slot each
     launcher = cluster["run_launcher"]
     # dagster-celery's launcher with the health check that notices a lost worker host.
     assert (launcher["module"], launcher["class"]) == (

@@ -181,7 +181,7 @@ def test_a_duckdb_file_held_past_the_ttl_fires_no_circuit_breaker_twice(
         POLICY_POLL_DEADLINE_SECONDS="240",
     )
     command = [
-        *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+        *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline.definitions"),
         *("-j", "policy_workflow_job", "-c", str(config)),
     ]
 

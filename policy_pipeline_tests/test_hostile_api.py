@@ -21,9 +21,6 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
-import requests
-import requests.adapters
-import urllib3
 
 from policy_pipeline.core.policy_api_types import (
     ApiResponse,
@@ -603,17 +600,10 @@ def test_calls_beyond_the_pool_wait_within_their_deadline(
         server.base_url, timeout_seconds=TIMEOUT, max_attempts=1, max_concurrent_requests=1
     )
     assert rig.api.get_policy_status(FIXED_POLICY_ID, rig.record).ok
-    # Hold the only connection, as a call in flight would: the next call waits for it, and
-    # gives up when its attempt's deadline passes instead of opening a second connection.
-    url = f"{server.base_url}/policy/{FIXED_POLICY_ID}"
-    session = rig.api._connection().session
-    verify = session.merge_environment_settings(url, {}, None, None, None)["verify"]
-    request = requests.Request("GET", url).prepare()
-    adapter = session.get_adapter(url)
-    assert isinstance(adapter, requests.adapters.HTTPAdapter)
-    pool = adapter.get_connection_with_tls_context(request, verify)
-    assert isinstance(pool, urllib3.HTTPConnectionPool)
-    held = pool._get_conn(timeout=0)
+    # Hold the only connection slot, as a call in flight would: the next call waits for it,
+    # and gives up when its attempt's deadline passes instead of opening a second connection.
+    transport, _ = rig.api._connection()
+    assert transport.slots.acquire(timeout=0)
     try:
         started = time.monotonic()
         with pytest.raises(PolicyApiError) as info:
@@ -622,7 +612,7 @@ def test_calls_beyond_the_pool_wait_within_their_deadline(
         assert "PoolTimeout: no complete answer within the 1s attempt limit" in str(info.value)
         assert TIMEOUT * 0.9 <= elapsed <= TIMEOUT + MARGIN
     finally:
-        pool._put_conn(held)
+        transport.slots.release()
     assert rig.api.get_policy_status(FIXED_POLICY_ID, rig.record).ok
 
 

@@ -79,7 +79,8 @@ def _wait_for(what: str, condition: Any, timeout: float = TIMEOUT_SECONDS) -> No
 def _job(workspace: Workspace, config: str, zone: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
-            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *(sys.executable, "-m", "dagster", "job", "execute"),
+            *("-m", "policy_pipeline.definitions"),
             *("-j", "policy_workflow_job", "-c", config),
         ],
         cwd=PROJECT_ROOT,
@@ -267,7 +268,8 @@ def test_progress_sensor_under_another_tz_resumes_a_crashed_utc_run(
     # A run on UTC crashes right after the policy is created: its lease lapses after the TTL.
     crashed = subprocess.run(
         [
-            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *(sys.executable, "-m", "dagster", "job", "execute"),
+            *("-m", "policy_pipeline.definitions"),
             *("-j", "policy_workflow_job", "--tags", json.dumps({"dagster/partition": name})),
         ],
         cwd=PROJECT_ROOT,

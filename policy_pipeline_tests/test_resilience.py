@@ -27,7 +27,8 @@ LEASE_TTL_SECONDS = 30
 def _job(workspace: Workspace, partition: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [
-            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *(sys.executable, "-m", "dagster", "job", "execute"),
+            *("-m", "policy_pipeline.definitions"),
             *("-j", "policy_workflow_job", "--tags", json.dumps({"dagster/partition": partition})),
         ],
         cwd=PROJECT_ROOT,

@@ -171,7 +171,8 @@ def files_holding(token: str, *roots: Path) -> list[str]:
 def dagster_job(env: dict[str, str], job: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
-            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *(sys.executable, "-m", "dagster", "job", "execute"),
+            *("-m", "policy_pipeline.definitions"),
             *("-j", job, *args),
         ],
         cwd=PROJECT_ROOT,

@@ -305,7 +305,8 @@ def test_each_policy_moves_on_its_own_in_one_cli_run(workspace: Workspace) -> No
     }
     run = subprocess.run(
         [
-            *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline"),
+            *(sys.executable, "-m", "dagster", "job", "execute"),
+            *("-m", "policy_pipeline.definitions"),
             *("-j", "policy_workflow_job", "--tags", json.dumps(tags)),
         ],
         cwd=PROJECT_ROOT,
@@ -358,7 +359,8 @@ def test_one_asset_alone_for_policies_already_ready(workspace: Workspace) -> Non
     register = [sys.executable, "-m", "policy_pipeline.cli", "register-partitions"]
     subprocess.run(register, cwd=PROJECT_ROOT, env=env, check=True, capture_output=True)
     command = [
-        *(sys.executable, "-m", "dagster", "asset", "materialize", "-m", "policy_pipeline"),
+        *(sys.executable, "-m", "dagster", "asset", "materialize"),
+        *("-m", "policy_pipeline.definitions"),
         *("--select", "circuit_breaker_activation", "--partition", name),
     ]
     result = subprocess.run(

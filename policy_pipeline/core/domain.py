@@ -112,7 +112,7 @@ class PolicyDefinition(BaseModel):
         return None
 
     def payload(self) -> dict[str, Any]:
-        """The JSON body of the create request, as the seed's ``policy_data``."""
+        """The JSON body of the create request, as the original ``policy_data``."""
         return self.model_dump(mode="json")
 
     def content_hash(self) -> str:
@@ -131,7 +131,7 @@ class PolicyDefinition(BaseModel):
 
 
 class ExecutionStatus(StrEnum):
-    """The seed's workflow states, in order; ``error`` can follow any of them."""
+    """The workflow states, in order; ``error`` can follow any of them."""
 
     PENDING = "pending"
     POLICY_CREATED = "policy_created"

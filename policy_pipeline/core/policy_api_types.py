@@ -74,7 +74,11 @@ class InvalidApiKeyError(ValueError):
     """POLICY_API_KEY cannot be sent as a bearer token. The message never quotes the key."""
 
 
-AttemptCallback = Callable[[ApiAttempt], None]
+# Told of every attempt of a call. What it returns for an attempt the client would retry
+# (outcome "retry") decides whether the call goes on: None lets it; an error ends the call's
+# retries and the client raises it (how the engine's API guard and lease fence stop a call).
+# What it returns for any other attempt is ignored.
+AttemptCallback = Callable[[ApiAttempt], PolicyApiError | None]
 
 
 def api_key_problem(raw: str) -> str | None:

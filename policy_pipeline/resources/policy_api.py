@@ -96,7 +96,7 @@ class PolicyApiResource(ConfigurableResource):
     def get_client(self) -> PolicyApiClient:
         """The client of this resource instance: one, created on first use (steps call from
         many threads), so all calls share its connection pool; closed at teardown. The key is
-        checked when the client first calls the API, as before the split."""
+        checked when the client first calls the API."""
         with self._client_lock:
             if self._client is None:
                 self._client = PolicyApiClient(self.client_config())

@@ -6,20 +6,15 @@ A Dagster resource that holds configuration and hands out the plain store
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import duckdb
 from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
 from policy_pipeline.core.engine.leases import LeasePolicy
 from policy_pipeline.core.store.connection import WarehouseConnection
-from policy_pipeline.core.store.dialect import SqlDialect
+from policy_pipeline.core.store.duckdb_file import duckdb_warehouse
 from policy_pipeline.core.store.state_store import StateStore
 
 
@@ -64,39 +59,7 @@ class DuckDBStateResource(PolicyStateResource):
     duckdb: DuckDBResource
 
     def _connect_warehouse(self) -> WarehouseConnection:
-        # The folder is made when the first run connects, not when the definitions load.
-        Path(self.duckdb.database).parent.mkdir(parents=True, exist_ok=True)
-        database = str(Path(self.duckdb.database).resolve())
         wait = LeasePolicy(ttl_seconds=self.lease_ttl_seconds).warehouse_wait_seconds
-        config = {"custom_user_agent": "dagster", **self.duckdb.connection_config}
-
-        # dagster-duckdb's own connect waits about 100 s for a file another process holds
-        # (a reader, a backup): longer than a lease lives. This one gives up within a third
-        # of the TTL, so a run's lease renewals fail (and fence its calls) before it lapses.
-        @contextmanager
-        def connect() -> Iterator[duckdb.DuckDBPyConnection]:
-            connection = connect_duckdb(database, config, wait)
-            try:
-                yield connection
-            finally:
-                connection.close()
-
-        return WarehouseConnection(SqlDialect.DUCKDB, connect, database)
-
-
-def connect_duckdb(
-    database: str, config: dict[str, Any], wait_seconds: float
-) -> duckdb.DuckDBPyConnection:
-    """Open the DuckDB file, retrying while another process holds its lock, for at most
-    ``wait_seconds``."""
-    deadline = time.monotonic() + wait_seconds
-    delay = 0.05
-    while True:
-        try:
-            return duckdb.connect(database, read_only=False, config=config)
-        except (duckdb.IOException, RuntimeError):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 1.0)
+        return duckdb_warehouse(
+            Path(self.duckdb.database), wait_seconds=wait, config=self.duckdb.connection_config
+        )

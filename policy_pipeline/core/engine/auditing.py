@@ -25,7 +25,9 @@ class LeaseFenced(PolicyApiError):
 
 class AttemptRecorder:
     """Audits every API attempt of one execution, keeps the figures for metadata, tells the
-    guard, and stops a call's retries past its lease's fence (``fenced`` says why, or None)."""
+    guard, and ends a call's retries once the guard opens or past its lease's fence
+    (``fenced`` says why, or None) by returning the error the client then raises
+    (`AttemptCallback`)."""
 
     def __init__(
         self,
@@ -41,7 +43,7 @@ class AttemptRecorder:
         self.calls = 0
         self.latency_ms = 0.0
 
-    def __call__(self, attempt: ApiAttempt) -> None:
+    def __call__(self, attempt: ApiAttempt) -> PolicyApiError | None:
         self.calls += 1
         self.latency_ms += attempt.latency_ms
         self.store.audit(
@@ -62,11 +64,14 @@ class AttemptRecorder:
         )
         if self.guard is not None:
             self.guard.observe(attempt)
-            self.guard.stop_retrying(attempt)
+            guard_open = self.guard.stops_retry(attempt)
+            if guard_open is not None:
+                return guard_open
         if attempt.outcome == "retry" and self.fenced is not None:
             reason = self.fenced()
             if reason is not None:
-                raise LeaseFenced(reason)
+                return LeaseFenced(reason)
+        return None
 
 
 def warning_event(execution_id: str | None, policy_name: str, message: str) -> AuditEvent:

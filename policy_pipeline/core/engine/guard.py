@@ -167,12 +167,14 @@ class ApiGuard:
             return str(exc)
         return None
 
-    def stop_retrying(self, attempt: ApiAttempt) -> None:
-        """Called after ``observe``: abort a call's remaining retries once the guard is open."""
+    def stops_retry(self, attempt: ApiAttempt) -> GuardOpen | None:
+        """Called after ``observe``: the error that ends a call's remaining retries once the
+        guard is open, or None."""
         with self._lock:
             opened = self._state is not GuardState.CLOSED and not self._probing
             if attempt.outcome == "retry" and opened:
-                raise GuardOpen(f"the Policy API guard opened ({self._last_error})")
+                return GuardOpen(f"the Policy API guard opened ({self._last_error})")
+        return None
 
     # --- internals ------------------------------------------------------------------------------
 

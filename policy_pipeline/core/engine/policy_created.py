@@ -196,7 +196,7 @@ class PolicyCreatedStep:
             run.fail(track, STEP_CREATE, f"policy '{track.name}' is not in the catalog")
 
     def write_intents(self, tracks: list[Track]) -> None:
-        """The seed's rule: the intent (a ``pending`` execution with its idempotency key) is
+        """The original rule: the intent (a ``pending`` execution with its idempotency key) is
         committed before the create call. Executions being replaced are retired first, in
         the same batch, under the policy's lease."""
         run = self.run
@@ -357,7 +357,7 @@ class PolicyCreatedStep:
         with run.changed:
             for track, policy_id, _body in created:
                 assert track.row is not None
-                # The seed's "verify database storage" before going on.
+                # The original "verify database storage" before going on.
                 stored = after.get(track.row.execution_id)
                 others = [
                     (e, n) for e, n in holders.get(policy_id, []) if e != track.row.execution_id

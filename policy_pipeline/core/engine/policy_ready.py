@@ -32,9 +32,8 @@ NOT_FOUND_GRACE_SECONDS = 60.0
 @dataclass(frozen=True)
 class PollingPolicy:
     """How a policy is polled until ready: the first poll one initial interval after it
-    entered the step, then growing intervals. The seed's behaviour is ``max_polls=3`` with a
-    fixed interval. The limits are per policy: one policy's exhausted polls end only its own
-    wait."""
+    entered the step, then growing intervals (the original design polled 3 times at a fixed
+    interval). The limits are per policy: one policy's exhausted polls end only its own wait."""
 
     initial_interval_seconds: float = 1.0
     max_interval_seconds: float = 30.0

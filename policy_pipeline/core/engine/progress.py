@@ -43,7 +43,12 @@ from policy_pipeline.core.engine.workflow import (
     PolicyApi,
 )
 from policy_pipeline.core.liveness import lease_owner
-from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
+from policy_pipeline.core.policy_api_types import (
+    ApiAttempt,
+    ApiResponse,
+    AttemptCallback,
+    PolicyApiError,
+)
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
 # How long the sensor holds a policy's lease to retire its intent (one statement).
@@ -180,21 +185,24 @@ class ProgressTick:
         stop = threading.Event()
         deadline = time.monotonic() + self.policy.tick_budget_seconds
 
-        def one_attempt(recorder: AttemptRecorder) -> Any:
-            def on_attempt(attempt: ApiAttempt) -> None:
-                recorder(attempt)
+        def one_attempt(recorder: AttemptRecorder) -> AttemptCallback:
+            def on_attempt(attempt: ApiAttempt) -> PolicyApiError | None:
+                guard_open = recorder(attempt)
+                if guard_open is not None:
+                    return guard_open
                 with lock:
                     report.api_calls += 1
                 if attempt.retry_after is not None:
                     with lock:
                         report.retry_after = max(report.retry_after or 0.0, attempt.retry_after)
                     stop.set()
-                if attempt.outcome == "retry":
-                    raise _NextTick(
+                if attempt.outcome == "retry":  # not retried inside the tick
+                    return _NextTick(
                         f"{attempt.method} {attempt.path}: {attempt.http_status or attempt.error}"
                         " (polled again later)",
                         transient=True,
                     )
+                return None
 
             return on_attempt
 

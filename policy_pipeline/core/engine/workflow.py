@@ -13,7 +13,7 @@ Plain Python over the state store and the Policy API (no Dagster). One run of th
   with its number of policies. As each write commits, the policies it moved go on to their
   next call at once, and ``on_progress`` hears of each policy passing (or failing) each step.
 
-The seed's rules hold per policy: the intent is committed before the create call, the
+The original rules hold per policy: the intent is committed before the create call, the
 circuit breaker is called only after the state row says ``policy_ready`` (the API said so,
 and a conditional update agreed) and after a conditional claim, and a failure in one step
 keeps the steps before it recorded. A recoverable failure is recorded so that a later run
@@ -113,7 +113,7 @@ AUTH_STATUSES = frozenset({401})
 
 
 class PolicyWorkflow:
-    """The seed's three steps for any number of policies, each policy on its own."""
+    """The three steps for any number of policies, each policy on its own."""
 
     def __init__(
         self,

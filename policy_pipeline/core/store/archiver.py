@@ -1,5 +1,5 @@
 """Archiving: terminal executions older than the retention, and their events, move to the
-history tables (replacing the seeds' manual DELETE), one transaction per batch, with every
+history tables (instead of a manual DELETE), one transaction per batch, with every
 archive run itself recorded.
 """
 

@@ -1,4 +1,4 @@
-"""Health checks and operator reports over the warehouse: the seeds' health, success-rate and
+"""Health checks and operator reports over the warehouse: the original health, success-rate and
 diagnostic queries, and the state machine's invariants. Read-only.
 
 Every figure is computed by SQL in the warehouse; only the (limited) result rows come back.

@@ -1,7 +1,7 @@
 """The warehouse's tables, each column declared once: the DDL, the migrations, the INSERT column
 lists and the row types (`rows.py`) are all derived from these declarations.
 
-Quoted lower-case names, so the seeds' own monitoring queries run verbatim on Snowflake. Types
+Quoted lower-case names, so the original monitoring queries run verbatim on Snowflake. Types
 are Snowflake's (the dialect translator maps them for DuckDB).
 """
 
@@ -99,7 +99,7 @@ def _table(name: str, *columns: Column) -> Table:
     return Table(name, columns)
 
 
-# The second seed's DDL, column for column, then what this project adds.
+# The original DDL, column for column, then what this project adds.
 STATE = _table(
     "policy_execution_state",
     Column("execution_id", "VARCHAR"),

@@ -1,4 +1,4 @@
-"""Asset checks on the results view: the seeds' health and success-rate queries and the state
+"""Asset checks on the results view: the health and success-rate queries and the state
 machine's invariants, each run as SQL in the warehouse. A schedule runs them on their own."""
 
 from dagster import (
@@ -35,13 +35,13 @@ class StuckConfig(Config):
     older_than_minutes: int = Field(
         default_factory=lambda: Settings.from_env().checks.stuck_after_minutes,
         description="An execution still in flight after this long is stuck "
-        "(env POLICY_STUCK_AFTER_MINUTES, default 60: the seed's hour).",
+        "(env POLICY_STUCK_AFTER_MINUTES, default 60: an hour).",
     )
 
 
 @asset_check(
     asset=RESULTS_VIEW,
-    description="The seed's health check: no execution still in flight (not completed) that "
+    description="Health: no execution still in flight (not completed) that "
     "started more than the threshold ago.",
 )
 def no_stuck_executions(
@@ -78,7 +78,7 @@ class SuccessRateConfig(Config):
 
 @asset_check(
     asset=RESULTS_VIEW,
-    description="The seed's success-rate query over the last 24 hours, counting finished "
+    description="The success rate over the last 24 hours, counting finished "
     "executions (one still polling is not a failure), against WARN and ERROR thresholds. "
     "No finished executions in the window is a pass.",
 )

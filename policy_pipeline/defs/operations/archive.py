@@ -1,4 +1,4 @@
-"""Archiving, replacing the seeds' manual DELETE: a daily job moves terminal executions older
+"""Archiving, instead of a manual DELETE: a daily job moves terminal executions older
 than the retention, and their events, to the history tables."""
 
 from dagster import (

@@ -81,7 +81,7 @@ PROCESS_TAG = "policy_pipeline/process"
 
 
 class WorkflowConfig(Config):
-    """Run config of the workflow step. The seed's polling: max_polls=3, backoff_multiplier=1."""
+    """Run config of the workflow step: which policies, and how a run polls them."""
 
     policies: list[str] = Field(
         default_factory=list,
@@ -439,8 +439,7 @@ def build_workflow_assets(settings: Settings) -> AssetsDefinition:
             description="Step 1: the policy exists in the Policy API (POST /createpolicy) and "
             "its policy_id is stored and verified in policy_execution_state. Resumes an active "
             "execution instead of creating a second policy, and creates none for content that "
-            "has already completed (run config force_new_execution to override). "
-            "Code: policy_pipeline/core/engine/policy_created.py.",
+            "has already completed (run config force_new_execution to override).",
             **common,
         ),
         AssetSpec(
@@ -448,15 +447,14 @@ def build_workflow_assets(settings: Settings) -> AssetsDefinition:
             deps=[STEP_CREATE],
             description="Step 2: the Policy API reports the policy ready (GET "
             "/policy/{policy_id} polled with backoff and jitter) and the state row agrees "
-            "(status policy_ready). Code: policy_pipeline/core/engine/policy_ready.py.",
+            "(status policy_ready).",
             **common,
         ),
         AssetSpec(
             STEP_CIRCUIT,
             deps=[STEP_READY],
             description="Step 3: the circuit breaker was triggered exactly once (POST /circuit) "
-            "for a ready policy, and the execution is completed. "
-            "Code: policy_pipeline/core/engine/circuit_breaker_activation.py.",
+            "for a ready policy, and the execution is completed.",
             **common,
         ),
     ]
@@ -493,7 +491,8 @@ def build_workflow_assets(settings: Settings) -> AssetsDefinition:
 policy_workflow_job = define_asset_job(
     JOB_NAME,
     selection=AssetSelection.assets(*STEPS),
-    description="The seed's three-step policy workflow for one or more policies.",
+    description="The three-step policy workflow (create, wait until ready, circuit breaker) "
+    "for one or more policies.",
     # The step is I/O-bound (it fans out over threads inside), so one process per step would
     # only add interpreter start-up to every run.
     executor_def=in_process_executor,

@@ -156,7 +156,7 @@ HAND_OFF = update_from_rows(
     status_in([POLLED_STATUS], _S),
 )
 
-# The seed's dual validation: the API said ready for this policy_id AND the row still agrees.
+# The original dual validation: the API said ready for this policy_id AND the row still agrees.
 MARK_READY = update_from_rows(
     "mark_ready",
     STATE,

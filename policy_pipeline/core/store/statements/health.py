@@ -1,4 +1,4 @@
-"""Health checks and operator reports (`HealthReport`): the seeds' monitoring queries, the
+"""Health checks and operator reports (`HealthReport`): the original monitoring queries, the
 state machine's invariants, and what the CLI's status and diagnose commands show."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ _S = STATE.name
 _COMPLETED = status_in([ExecutionStatus.COMPLETED])
 _ERROR = status_in([ExecutionStatus.ERROR])
 
-# The seed's health check ("not completed and started more than an hour ago"), limited to
+# The original health check ("not completed and started more than an hour ago"), limited to
 # executions still in flight: a failed execution is reported as failed, not as stuck.
 STUCK_EXECUTIONS = Statement(
     "stuck_executions",
@@ -28,7 +28,7 @@ STUCK_EXECUTION_COUNT = Statement(
     f'AND NOT {WAITING} AND "start_time" < DATEADD(minute, ?, SYSDATE())',
 )
 
-# The seed's 24-hour success rate, over finished executions (an execution still polling is not
+# The original 24-hour success rate, over finished executions (an execution still polling is not
 # a failure), with NULLIF so a window with none finished is no division by zero.
 SUCCESS_RATE = Statement(
     "success_rate",
@@ -66,7 +66,7 @@ CONSISTENCY_VIOLATIONS = Statement(
     f"ORDER BY 1, 3 LIMIT ?",
 )
 
-# The seed's "View recent executions" query, with the policy name and optional filters.
+# The original "View recent executions" query, with the policy name and optional filters.
 FILTERED_EXECUTIONS = Statement(
     "filtered_executions",
     f'SELECT "policy_name", "execution_id", "policy_id", "status", "poll_count", '
