@@ -14,6 +14,7 @@ from dagster import EnvVar
 from dagster_snowflake import SnowflakeResource
 
 from policy_pipeline.core.engine.leases import LeasePolicy
+from policy_pipeline.core.engine.workflow import WAREHOUSE_GIVE_UP_TTLS
 from policy_pipeline.core.settings import SNOWFLAKE_PASSPHRASE_VAR, Settings, SettingsError
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
@@ -54,12 +55,16 @@ def snowflake_resource(settings: Settings | None = None) -> SnowflakeResource:
         extra["port"] = snowflake.port
     if snowflake.protocol:
         extra["protocol"] = snowflake.protocol
-    if extra:
-        args["additional_snowflake_connection_args"] = extra
     # A login gives up within a third of the lease TTL (the connector's default is 60 s), so
     # a run cut off from Snowflake fences its calls before its leases lapse.
     lease = LeasePolicy(ttl_seconds=settings.leases.ttl_seconds)
     args["login_timeout"] = max(1, int(lease.warehouse_wait_seconds))
+    # A statement on a connection already open when the network goes retries without end by
+    # default. Its calls are fenced all the same (no renewal lands meanwhile); this bound ends
+    # the run when the warehouse stays gone as long as a run tolerates failed logins, while a
+    # shorter cut lets the statement through when the network is back.
+    extra["network_timeout"] = WAREHOUSE_GIVE_UP_TTLS * lease.ttl_seconds
+    args["additional_snowflake_connection_args"] = extra
     return SnowflakeResource(**args)
 
 
