@@ -13,25 +13,15 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
 from policy_pipeline_tests.dagster_dev import DagsterDev, dagster_dev, prepare_dagster_home
+from policy_pipeline_tests.harness.graphql import LAUNCH_BACKFILL
 
 STEPS = ("policy_created", "policy_ready", "circuit_breaker_activation")
-LAUNCH = """
-mutation ($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-    ... on UnauthorizedError { message }
-  }
-}
-"""
 FINISHED = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
 def _launch(server: DagsterDev, names: list[str]) -> str:
     params = {"partitionNames": names, "assetSelection": [{"path": [step]} for step in STEPS]}
-    result = server.graphql(LAUNCH, {"params": params})["launchPartitionBackfill"]
+    result = server.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
     assert result["__typename"] == "LaunchBackfillSuccess", result
     return str(result["backfillId"])
 
@@ -41,7 +31,7 @@ def _runs_of(instance: DagsterInstance, backfill_id: str, expected: int, log: Pa
     while True:
         runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
         if len(runs) >= expected and all(run.status in FINISHED for run in runs):
-            return runs
+            return list(runs)
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"backfill {backfill_id}: {[(r.run_id, r.status) for r in runs]}\n"

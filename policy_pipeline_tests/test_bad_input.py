@@ -18,21 +18,11 @@ from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, Attem
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.state_store import MAX_DETAIL_CHARS, StateStore
+from policy_pipeline_tests.conftest import RecordingLog
 
 POLICY = PolicyDefinition(
     policy_name="bad-input", policy_type="t", description="d", priority="low", parameters={}
 )
-
-
-class _Log:
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
-
-    def info(self, msg: str) -> None:
-        pass
-
-    def warning(self, msg: str) -> None:
-        self.warnings.append(msg)
 
 
 def _response(endpoint: str, method: str, path: str, status: int, text: str) -> ApiResponse:
@@ -82,8 +72,10 @@ def store(tmp_path: Path) -> StateStore:
     return StateStore(WarehouseConnection(SqlDialect.DUCKDB, lambda: duckdb.connect(database)))
 
 
-def _workflow(store: StateStore, api: ScriptedApi, log: _Log | None = None) -> PolicyWorkflow:
-    return PolicyWorkflow(store, api, owner="test", log=log or _Log())
+def _workflow(
+    store: StateStore, api: ScriptedApi, log: RecordingLog | None = None
+) -> PolicyWorkflow:
+    return PolicyWorkflow(store, api, owner="test", log=log or RecordingLog())
 
 
 @pytest.mark.parametrize(
@@ -137,7 +129,7 @@ def test_unknown_status_values_keep_polling_with_a_warning_until_the_deadline(
         create=lambda: (200, '{"policy_id": "pol_1"}'),
         status=lambda: (200, '{"status": "quantum-superposition"}'),
     )
-    log = _Log()
+    log = RecordingLog()
     workflow = _workflow(store, api, log)
     workflow.create_policies([POLICY])
     report = workflow.wait_until_ready(

@@ -43,6 +43,13 @@ from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT
 from policy_pipeline.defs.workflow.assets import JOB_NAME, PARTITIONS_NAME
 from policy_pipeline_tests.conftest import CATALOG, FAST_ENV
+from policy_pipeline_tests.harness.graphql import (
+    AUTOMATION_QUERY,
+    LAUNCH_RUN,
+    LOCATIONS_QUERY,
+    STOP_SCHEDULE,
+    STOP_SENSOR,
+)
 from policy_pipeline_tests.postgres_server import (
     HOST,
     PostgresServer,
@@ -149,52 +156,6 @@ class GraphQL:
         body = response.json()
         assert not body.get("errors"), body["errors"]
         return body["data"]
-
-
-LOCATIONS_QUERY = """
-query { workspaceOrError { __typename ... on Workspace { locationEntries {
-  name loadStatus
-  locationOrLoadError { __typename ... on PythonError { message } }
-} } } }
-"""
-
-AUTOMATION_QUERY = """
-query ($selector: RepositorySelector!) { repositoryOrError(repositorySelector: $selector) {
-  __typename
-  ... on Repository {
-    schedules { name scheduleState { id status } }
-    sensors { name sensorState { id status } }
-  }
-  ... on PythonError { message }
-} }
-"""
-
-STOP_SENSOR = """
-mutation ($id: String!) { stopSensor(id: $id) {
-  __typename
-  ... on StopSensorMutationResult { instigationState { status } }
-  ... on PythonError { message }
-} }
-"""
-
-STOP_SCHEDULE = """
-mutation ($id: String!) { stopRunningSchedule(id: $id) {
-  __typename
-  ... on ScheduleStateResult { scheduleState { status } }
-  ... on PythonError { message }
-} }
-"""
-
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) { launchRun(executionParams: $params) {
-  __typename
-  ... on LaunchRunSuccess { run { runId status tags { key value } } }
-  ... on PythonError { message }
-  ... on RunConfigValidationInvalid { errors { message } }
-  ... on InvalidSubsetError { message }
-  ... on PipelineNotFoundError { message }
-} }
-"""
 
 
 def wait_for(

@@ -32,19 +32,9 @@ from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.state_store import StateStore
 from policy_pipeline.resources.policy_api import PolicyApiResource
+from policy_pipeline_tests.conftest import RecordingLog
 
 FAST = PollingPolicy(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=400)
-
-
-class _Log:
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
-
-    def info(self, msg: str) -> None:
-        pass
-
-    def warning(self, msg: str) -> None:
-        self.warnings.append(msg)
 
 
 def _policies(*names: str) -> dict[str, PolicyDefinition]:
@@ -70,7 +60,7 @@ def _engine(
     ):
         owner = f"test:{uuid.uuid4().hex[:8]}"
         yield (
-            PolicyWorkflow(store, api.get_client(), owner=owner, log=_Log(), lease=lease),
+            PolicyWorkflow(store, api.get_client(), owner=owner, log=RecordingLog(), lease=lease),
             sim,
             store,
         )
@@ -190,7 +180,9 @@ def test_a_slow_call_keeps_its_lease_alive_and_a_dead_holder_is_taken_over_at_on
         )
         slow.start()
         time.sleep(6.5)  # the create call is still in flight, past the TTL
-        other = PolicyWorkflow(store, workflow.api, owner="run:other", log=_Log(), lease=lease)
+        other = PolicyWorkflow(
+            store, workflow.api, owner="run:other", log=RecordingLog(), lease=lease
+        )
         report = other.run(list(policies), definitions=policies, polling=FAST)
         assert "being processed by test:" in report.failures["slow"][1]
         stop.set()  # the slow run writes its create's answer and ends

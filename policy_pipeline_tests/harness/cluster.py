@@ -38,6 +38,13 @@ from dagster import DagsterInstance, DagsterRun, RunsFilter
 
 from policy_devtools.simulator import SimulatorConfig
 from policy_pipeline.core.settings import PROJECT_ROOT
+from policy_pipeline_tests.harness.graphql import (
+    AUTOMATION_QUERY,
+    LAUNCH_BACKFILL,
+    LOCATIONS_QUERY,
+    STOP_SCHEDULE,
+    STOP_SENSOR,
+)
 from policy_pipeline_tests.harness.hosts import Proc, Services, TestHosts, test_hosts
 
 DEPLOY_DIR = PROJECT_ROOT / "deploy"
@@ -48,39 +55,6 @@ REPOSITORY = "__repository__"
 CODE_SERVER_PORT = 4000
 WEBSERVER_PORT = 3000
 START_TIMEOUT_SECONDS = 180.0
-
-LOCATIONS_QUERY = """
-query { workspaceOrError { __typename ... on Workspace { locationEntries {
-  name loadStatus
-  locationOrLoadError { __typename ... on PythonError { message } }
-} } } }
-"""
-AUTOMATION_QUERY = """
-query ($selector: RepositorySelector!) { repositoryOrError(repositorySelector: $selector) {
-  __typename
-  ... on Repository {
-    schedules { name scheduleState { id status } }
-    sensors { name sensorState { id status } }
-  }
-} }
-"""
-STOP_SENSOR = """
-mutation ($id: String!) { stopSensor(id: $id) { __typename } }
-"""
-STOP_SCHEDULE = """
-mutation ($id: String!) { stopRunningSchedule(id: $id) { __typename } }
-"""
-LAUNCH_BACKFILL = """
-mutation ($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-    ... on UnauthorizedError { message }
-  }
-}
-"""
 
 
 class GraphQL:
