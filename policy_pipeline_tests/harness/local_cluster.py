@@ -26,7 +26,9 @@ from pathlib import Path
 import yaml
 
 from policy_devtools.simulator import SimulatorConfig
+from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT
+from policy_pipeline.defs.workflow.assets import register_policies
 from policy_pipeline_tests.harness.cluster import WEBSERVER_PORT, celery_cluster
 from policy_pipeline_tests.harness.hosts import unavailable_reason
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             root, catalog, simulator, workers=args.workers, env=env,
             keep_automation=["policy_progress_sensor"],
         ) as cluster:  # fmt: skip
+            # The catalog's policies as partitions, so that the UI offers them at once (as
+            # `policy-pipeline register-partitions` does on a new instance).
+            register_policies(cluster.instance, sorted(load_catalog(catalog)))
             control = cluster.hosts.hosts["control"].address
             print(
                 f"UI: http://{control}:{WEBSERVER_PORT}  (Assets > policy_workflow > Materialize)"
