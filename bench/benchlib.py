@@ -210,7 +210,7 @@ def open_warehouse(
         duckdb_path: Path | None = None
         if kind == "snowflake":
             from policy_pipeline.resources.snowflake_state import SnowflakeStateResource
-            from policy_pipeline_tests.fakesnow_server import fakesnow_server
+            from policy_pipeline_tests.harness.fakesnow_server import fakesnow_server
 
             server = stack.enter_context(fakesnow_server())
             pid = server.pid

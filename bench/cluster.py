@@ -228,7 +228,7 @@ def timed_backfill(
 ) -> Backfill:
     """Launch a backfill of the three asset keys over `names` through the webserver (as the
     UI does) and wait until it is done, sampling the hosts' memory meanwhile."""
-    from policy_pipeline.defs.workflow.assets import PROCESS_TAG  # the run's host and process
+    from policy_pipeline.defs.workflow.runs import PROCESS_TAG
 
     namespaces = {host: cluster.hosts.hosts[host].pid_namespace() for host in hosts}
     print(f"[{label}] launching the backfill over {len(names)} partitions ...", flush=True)
@@ -414,7 +414,7 @@ def host_env(args: argparse.Namespace) -> dict[str, str]:
         "POLICY_API_MAX_CONCURRENCY": str(args.concurrency),
         "POLICY_API_POOL_LIMIT": str(args.pool_limit),
         "POLICY_WORKER_CONCURRENCY": str(args.worker_concurrency),
-        "POLICY_POLL_INITIAL_SECONDS": f"{poll_initial(args):g}",
+        "POLICY_POLL_INITIAL_INTERVAL_SECONDS": f"{poll_initial(args):g}",
         "POLICY_POLL_MAX_INTERVAL_SECONDS": f"{poll_cap(args):g}",
         "POLICY_POLL_DEADLINE_SECONDS": f"{poll_deadline(args):g}",
     }

@@ -296,7 +296,7 @@ def new_instance(kind: str, home: Path, postgres: Postgres | None) -> Instance:
 
 
 def postgres_problem() -> str | None:
-    from policy_pipeline_tests.postgres_server import missing_reason
+    from policy_pipeline_tests.harness.postgres_server import missing_reason
 
     problem = missing_reason()
     if problem is None:
@@ -312,7 +312,7 @@ def maybe_postgres(needed: bool) -> Iterator[Postgres | None]:
     if not needed:
         yield None
         return
-    from policy_pipeline_tests.postgres_server import find_postgres, postgres_server
+    from policy_pipeline_tests.harness.postgres_server import find_postgres, postgres_server
 
     binaries = find_postgres()
     assert binaries is not None
@@ -346,7 +346,7 @@ def product_env(
             "POLICY_DUCKDB_PATH": str(tmp / "state.duckdb"),
             "POLICY_CATALOG_DIR": str(tmp / "catalog"),
             "POLICY_API_MAX_CONCURRENCY": str(args.concurrency),
-            "POLICY_POLL_INITIAL_SECONDS": f"{poll_initial(args):g}",
+            "POLICY_POLL_INITIAL_INTERVAL_SECONDS": f"{poll_initial(args):g}",
             "POLICY_POLL_MAX_INTERVAL_SECONDS": f"{poll_cap(args):g}",
             "POLICY_POLL_DEADLINE_SECONDS": f"{poll_deadline(args):g}",
         }

@@ -12,55 +12,11 @@ environment variables written while the definitions load are counted (there shou
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from bench.benchlib import REPO_ROOT, machine_line
-
-_PROBE = """
-import json, os, subprocess, time
-started = time.perf_counter()
-import dagster, dagster_dbt
-libraries = time.perf_counter() - started
-spawned, written = [], []
-original_popen = subprocess.Popen.__init__
-def spy(self, *args, **kwargs):
-    spawned.append(str(args[0] if args else kwargs.get("args")))
-    return original_popen(self, *args, **kwargs)
-subprocess.Popen.__init__ = spy
-environ_class = type(os.environ)
-original_set = environ_class.__setitem__
-def track(self, key, value):
-    written.append(key)
-    original_set(self, key, value)
-environ_class.__setitem__ = track
-started = time.perf_counter()
-import policy_pipeline.definitions as location
-definitions = time.perf_counter() - started
-keys = sorted(k.to_user_string() for k in location.defs.resolve_asset_graph().get_all_asset_keys())
-print(json.dumps({"libraries": libraries, "definitions": definitions,
-                  "subprocesses": spawned, "env_writes": written, "asset_keys": keys}))
-"""
-
-
-def measure(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """One load in a fresh interpreter (``env``: its whole environment, default this one's)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        cwd=REPO_ROOT,
-        env=None if env is None else dict(env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"loading the definitions failed:\n{result.stderr[-3000:]}")
-    loaded: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return loaded
+from bench.benchlib import machine_line
+from policy_pipeline_tests.harness.load_probe import measure
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,10 +62,11 @@ from bench.benchlib import (
     workdir,
 )
 from policy_devtools.simulator import SimulatorConfig
-from policy_pipeline.core.engine.workflow import STEP_READY, PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.domain import STEP_READY
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
 from policy_pipeline.core.policy_api import PolicyApiClient
 from policy_pipeline.core.policy_api_types import AttemptCallback
-from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.settings import PollingSettings, Settings
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.state_store import StateStore
 from policy_pipeline.defs.workflow.sensors import build_progress_sensor
@@ -204,11 +205,11 @@ def seed(store: StateStore, api: PolicyApiResource, n: int, due: int, prefix: st
 
 
 @contextmanager
-def sensor_env(wait_poll_seconds: float, batch: int) -> Iterator[None]:
+def sensor_env(wait_poll_interval_seconds: float, batch: int) -> Iterator[None]:
     with environ(
         {
             "POLICY_WAIT_POLL_BATCH": str(batch),
-            "POLICY_WAIT_POLL_INTERVAL_SECONDS": str(wait_poll_seconds),
+            "POLICY_WAIT_POLL_INTERVAL_SECONDS": str(wait_poll_interval_seconds),
             "POLICY_API_MAX_CONCURRENCY": str(CONCURRENCY),
             "POLICY_API_MAX_ATTEMPTS": "1",
             # The project's catalog: the bench's policies are not in it, and need not be
@@ -251,7 +252,7 @@ def scale_tick(
     counter = TimedCounter()
     with workdir("bench-progress-") as tmp, open_warehouse(args.warehouse, tmp, counter) as handle:
         api = CountingApi(
-            endpoint=sim_url, api_key=API_KEY, max_attempts=1, max_concurrent_requests=CONCURRENCY
+            endpoint=sim_url, api_key=API_KEY, max_attempts=1, max_concurrency=CONCURRENCY
         )
         _configure(sim_url, latency_ms=0.0)
         seed(handle.store(), api, n, due, f"wait{n}")
@@ -292,7 +293,7 @@ def misbehaving_api(args: argparse.Namespace, sim_url: str, counts: Any) -> dict
     counter = TimedCounter()
     with workdir("bench-progress-") as tmp, open_warehouse(args.warehouse, tmp, counter) as handle:
         api = CountingApi(
-            endpoint=sim_url, api_key=API_KEY, max_attempts=1, max_concurrent_requests=CONCURRENCY
+            endpoint=sim_url, api_key=API_KEY, max_attempts=1, max_concurrency=CONCURRENCY
         )
         _configure(sim_url, latency_ms=0.0, rate_limit_rate=0.0, error_rate=0.0)
         seed(handle.store(), api, 500, 500, "odd")
@@ -312,7 +313,7 @@ def misbehaving_api(args: argparse.Namespace, sim_url: str, counts: Any) -> dict
                     endpoint=sim_url,
                     api_key=API_KEY,
                     max_attempts=1,
-                    max_concurrent_requests=CONCURRENCY,
+                    max_concurrency=CONCURRENCY,
                     guard_failure_threshold=10,
                 )
                 _configure(sim_url, rate_limit_rate=0.0, error_rate=1.0)
@@ -357,7 +358,7 @@ def in_run_polling(args: argparse.Namespace, sim_url: str) -> tuple[list[float],
     counter = TimedCounter()
     with workdir("bench-progress-") as tmp, open_warehouse(args.warehouse, tmp, counter) as handle:
         api = PolicyApiResource(
-            endpoint=sim_url, api_key=API_KEY, max_attempts=1, max_concurrent_requests=CONCURRENCY
+            endpoint=sim_url, api_key=API_KEY, max_attempts=1, max_concurrency=CONCURRENCY
         )
         _configure(sim_url, latency_ms=0.0, ready_after_seconds=10 * HOUR)
         store = handle.store()
@@ -367,7 +368,7 @@ def in_run_polling(args: argparse.Namespace, sim_url: str) -> tuple[list[float],
         handle.query('UPDATE policy_execution_state SET "handed_off" = FALSE')
         _configure(sim_url, latency_ms=LATENCY_MS)
         workflow = PolicyWorkflow(
-            store, api.get_client(), "bench:inrun", QuietLog(), concurrency=CONCURRENCY
+            store, api.get_client(), "bench:inrun", QuietLog(), max_concurrency=CONCURRENCY
         )
         stop = threading.Event()
         counter.set_phase("in_run")
@@ -378,7 +379,7 @@ def in_run_polling(args: argparse.Namespace, sim_url: str) -> tuple[list[float],
         workflow.run(
             [p.policy_name for p in policies],
             [STEP_READY],
-            polling=PollingPolicy(max_polls=10_000, deadline_seconds=10 * HOUR),
+            polling=PollingSettings(max_polls=10_000, deadline_seconds=10 * HOUR),
             stop=stop,
         )
         timer.cancel()

@@ -55,7 +55,7 @@ from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.health import HealthReport
 from policy_pipeline.core.store.state_store import StateStore
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME
+from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME
 from policy_pipeline.defs.workflow.sensors import build_catalog_sensor
 from policy_pipeline.resources import DuckDBStateResource, open_state
 

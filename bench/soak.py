@@ -54,8 +54,9 @@ from bench.benchlib import (
     workdir,
 )
 from policy_devtools.simulator import ENDPOINTS, PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.core.domain import PolicyDefinition
-from policy_pipeline.core.engine.workflow import STEPS, LeasePolicy, PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.domain import STEPS, PolicyDefinition
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
+from policy_pipeline.core.settings import LeaseSettings, PollingSettings
 from policy_pipeline.core.store.health import HealthReport
 from policy_pipeline.core.store.state_store import ExecutionRow
 from policy_pipeline.resources.policy_api import PolicyApiResource
@@ -182,7 +183,7 @@ def run_rounds(
 ) -> SoakResult:
     by_name = {p.policy_name: p for p in policies}
     names = list(by_name)
-    polling = PollingPolicy(
+    polling = PollingSettings(
         initial_interval_seconds=args.poll_initial,
         max_interval_seconds=args.poll_max_interval,
         backoff_multiplier=args.poll_multiplier,
@@ -199,8 +200,8 @@ def run_rounds(
             api=client.get_client(),
             owner=f"run:{run_id}",
             log=log,
-            lease=LeasePolicy(ttl_seconds=300, wait_seconds=5.0),
-            concurrency=args.concurrency,
+            lease=LeaseSettings(ttl_seconds=300, wait_seconds=5.0),
+            max_concurrency=args.concurrency,
         )
         elapsed = stopwatch()
         handle.counter.set_phase(f"round {number}")
@@ -282,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backoff_initial_seconds=args.backoff_initial,
             backoff_max_seconds=args.backoff_max,
             retry_after_max_seconds=5.0,
-            max_concurrent_requests=args.concurrency,
+            max_concurrency=args.concurrency,
         )
         total = stopwatch()
         with api.process_config_and_initialize_cm() as client:

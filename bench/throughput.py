@@ -54,13 +54,10 @@ from bench.benchlib import (
 )
 from bench.sequential import SequentialResult, run_baseline
 from policy_devtools.simulator import ENDPOINTS, SimulatorConfig
-from policy_pipeline.core.engine.workflow import (
-    STEPS,
-    LeasePolicy,
-    PolicyWorkflow,
-    PollingPolicy,
-    Progress,
-)
+from policy_pipeline.core.domain import STEPS
+from policy_pipeline.core.engine.steps import Progress
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
+from policy_pipeline.core.settings import LeaseSettings, PollingSettings
 from policy_pipeline.resources.policy_api import PolicyApiResource
 
 TARGET_N = 1000  # the wall-time and memory targets are set for 1,000 policies
@@ -111,9 +108,9 @@ def lower_bound(n: int, latency: float, ready: float, concurrency: int) -> float
     return max(3 * n * latency / concurrency, ready + 3 * latency)
 
 
-def polling_policy(args: argparse.Namespace) -> PollingPolicy:
+def polling_policy(args: argparse.Namespace) -> PollingSettings:
     initial = args.ready_seconds / 2 if args.poll_initial is None else args.poll_initial
-    return PollingPolicy(
+    return PollingSettings(
         initial_interval_seconds=initial,
         max_interval_seconds=max(initial, args.poll_max_interval),
         backoff_multiplier=args.poll_multiplier,
@@ -165,7 +162,7 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
             endpoint=sim.base_url,
             api_key=key,
             timeout_seconds=30.0,
-            max_concurrent_requests=args.concurrency,
+            max_concurrency=args.concurrency,
         )
         with api.process_config_and_initialize_cm() as client:
             store = handle.store(run_id=f"bench-{uuid.uuid4()}")
@@ -174,8 +171,8 @@ def run_batch(n: int, args: argparse.Namespace) -> RunResult:
                 api=client.get_client(),
                 owner=f"bench:{uuid.uuid4()}",
                 log=log,
-                lease=LeasePolicy(),
-                concurrency=args.concurrency,
+                lease=LeaseSettings(),
+                max_concurrency=args.concurrency,
                 flush_seconds=args.flush_seconds,
             )
             polling = polling_policy(args)

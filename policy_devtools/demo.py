@@ -23,13 +23,13 @@ from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.cli import print_table
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError
-from policy_pipeline.defs.workflow.assets import (
-    JOB_NAME,
+from policy_pipeline.defs.workflow.partitions import (
     PARTITIONS_NAME,
     contiguous_ranges,
     partition_tags,
     register_policies,
 )
+from policy_pipeline.defs.workflow.runs import JOB_NAME
 
 
 def job_command(job: str, tags: dict[str, str] | None = None) -> list[str]:

@@ -28,10 +28,10 @@ from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
 
 from policy_pipeline.core.domain import ExecutionStatus
-from policy_pipeline.core.engine.leases import LeasePolicy
 from policy_pipeline.core.settings import (
     API_KEY_VAR,
     PROJECT_ROOT,
+    LeaseSettings,
     Settings,
     SettingsError,
     dagster_home_set,
@@ -91,7 +91,7 @@ def open_warehouse(settings: Settings) -> Iterator[WarehouseConnection]:
     if settings.warehouse == "duckdb":
         from policy_pipeline.core.store.duckdb_file import duckdb_warehouse
 
-        wait = LeasePolicy(ttl_seconds=settings.leases.ttl_seconds).warehouse_wait_seconds
+        wait = LeaseSettings(ttl_seconds=settings.leases.ttl_seconds).warehouse_wait_seconds
         yield duckdb_warehouse(settings.duckdb_path, wait_seconds=wait)
         return
     from policy_pipeline.resources import open_state
@@ -251,7 +251,8 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     from dagster import DagsterInstance
 
     from policy_pipeline.core.catalog import CatalogError, load_catalog
-    from policy_pipeline.defs.workflow.assets import JOB_NAME, SENSOR_TAG, partition_tags
+    from policy_pipeline.defs.workflow.partitions import partition_tags
+    from policy_pipeline.defs.workflow.runs import JOB_NAME, SENSOR_TAG
 
     if not dagster_home_set():
         print(
@@ -365,7 +366,7 @@ def cmd_register_partitions(args: argparse.Namespace, settings: Settings) -> int
     from dagster import DagsterInstance
 
     from policy_pipeline.core.catalog import CatalogError, load_catalog
-    from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, register_policies
+    from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME, register_policies
 
     if not dagster_home_set():
         print("error: DAGSTER_HOME is not set: it names the Dagster instance", file=sys.stderr)
@@ -404,7 +405,7 @@ def cmd_override(args: argparse.Namespace, settings: Settings) -> int:
         owner=lease_owner(f"operator:{user}"),
         user=user,
     )
-    lease = LeasePolicy(settings.leases.ttl_seconds, settings.leases.wait_seconds)
+    lease = LeaseSettings(settings.leases.ttl_seconds, settings.leases.wait_seconds)
     api = None
     if args.trigger_circuit_breaker:
         # A missing or unusable key fails the circuit breaker call as it fails a run's, and a

@@ -9,6 +9,9 @@ A team with its own Dagster project adds the workflow with a ``defs.yaml``::
       api_key_env: POLICY_API_KEY
       warehouse: duckdb                  # or snowflake (SNOWFLAKE_* variables)
       duckdb_path: data/policies.duckdb
+      polling: {initial_interval_seconds: 2, wait_handoff_seconds: 300}
+      leases: {ttl_seconds: 60}
+      max_concurrency: 8
 
 and gets the assets, checks, sensors, schedules, jobs and resources. Attributes left out take
 the environment's settings (README, "Configuration"). This project loads itself the same way
@@ -19,12 +22,45 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dagster import Component, ComponentLoadContext, Definitions, Model, Resolvable
 from pydantic import Field
 
-from policy_pipeline.core.settings import API_ENDPOINT_VAR, API_KEY_VAR, Settings
+from policy_pipeline.core.settings import (
+    API_ENDPOINT_VAR,
+    API_KEY_VAR,
+    ApiSettings,
+    LeaseSettings,
+    PollingSettings,
+    Settings,
+    override_field,
+    with_overrides,
+)
+
+
+def _knob(section: type, name: str) -> Any:
+    return override_field(section, name)
+
+
+class PollingAttributes(Model, Resolvable):
+    """How runs poll a policy until ready (run config overrides each for one run)."""
+
+    initial_interval_seconds: float | None = _knob(PollingSettings, "initial_interval_seconds")
+    max_interval_seconds: float | None = _knob(PollingSettings, "max_interval_seconds")
+    backoff_multiplier: float | None = _knob(PollingSettings, "backoff_multiplier")
+    max_polls: int | None = _knob(PollingSettings, "max_polls")
+    deadline_seconds: float | None = _knob(PollingSettings, "deadline_seconds")
+    wait_handoff_seconds: float | None = _knob(PollingSettings, "wait_handoff_seconds")
+    wait_poll_interval_seconds: float | None = _knob(PollingSettings, "wait_poll_interval_seconds")
+    not_found_grace_seconds: float | None = _knob(PollingSettings, "not_found_grace_seconds")
+
+
+class LeaseAttributes(Model, Resolvable):
+    """Per-policy leases."""
+
+    ttl_seconds: int | None = _knob(LeaseSettings, "ttl_seconds")
+    wait_seconds: float | None = _knob(LeaseSettings, "wait_seconds")
 
 
 class PolicyWorkflowComponent(Component, Model, Resolvable):
@@ -51,6 +87,13 @@ class PolicyWorkflowComponent(Component, Model, Resolvable):
         default=None,
         description="DuckDB file, relative to the project root (default: POLICY_DUCKDB_PATH).",
     )
+    polling: PollingAttributes | None = Field(
+        default=None, description="How runs poll a policy (POLICY_POLL_* and POLICY_WAIT_*)."
+    )
+    leases: LeaseAttributes | None = Field(
+        default=None, description="Per-policy leases (POLICY_LEASE_TTL_SECONDS, ..._WAIT_SECONDS)."
+    )
+    max_concurrency: int | None = override_field(ApiSettings, "max_concurrency")
     reporting: bool = Field(
         default=True,
         description="Also the dbt reporting models of dbt_project/ (their results view is "
@@ -66,6 +109,11 @@ class PolicyWorkflowComponent(Component, Model, Resolvable):
             changes["warehouse"] = self.warehouse
         if self.duckdb_path is not None:
             changes["duckdb_path"] = project_root / self.duckdb_path
+        if self.polling is not None:
+            changes["polling"] = with_overrides(settings.polling, self.polling.model_dump())
+        if self.leases is not None:
+            changes["leases"] = with_overrides(settings.leases, self.leases.model_dump())
+        changes["api"] = with_overrides(settings.api, {"max_concurrency": self.max_concurrency})
         return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
 
     def build_defs(self, context: ComponentLoadContext) -> Definitions:
@@ -93,7 +141,11 @@ def build_policy_defs(
     from policy_pipeline.defs.workflow import build_workflow_defs
     from policy_pipeline.resources import build_resources
 
-    areas = [build_workflow_defs(settings), build_monitoring_defs(), build_operations_defs()]
+    areas = [
+        build_workflow_defs(settings),
+        build_monitoring_defs(settings),
+        build_operations_defs(settings),
+    ]
     if reporting:
         from policy_pipeline.defs.reporting import build_reporting_defs
 

@@ -31,16 +31,21 @@ from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings
 from policy_pipeline.core.store.dialect import SqlDialect, Statement
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, contiguous_ranges, partition_tags
+from policy_pipeline.defs.workflow.partitions import (
+    PARTITIONS_NAME,
+    contiguous_ranges,
+    partition_tags,
+)
 from policy_pipeline.resources import open_state
-from policy_pipeline_tests.fakesnow_server import FakesnowServer, fakesnow_server
+from policy_pipeline_tests.harness.client_rig import clear_proxies
+from policy_pipeline_tests.harness.fakesnow_server import FakesnowServer, fakesnow_server
 
 CATALOG = PROJECT_ROOT / "policies"
 CATALOG_POLICIES = sorted(load_catalog(CATALOG))
 
 # Fast polling and retries for tests; the defaults are for real APIs.
 FAST_ENV = {
-    "POLICY_POLL_INITIAL_SECONDS": "0.05",
+    "POLICY_POLL_INITIAL_INTERVAL_SECONDS": "0.05",
     "POLICY_POLL_MAX_INTERVAL_SECONDS": "0.2",
     "POLICY_POLL_MAX_POLLS": "20",
     "POLICY_POLL_DEADLINE_SECONDS": "30",
@@ -90,6 +95,37 @@ def simulator() -> Iterator[PolicyApiSimulator]:
     config = SimulatorConfig(api_key="sim-key-" + secrets.token_hex(12), ready_after_polls=1)
     with PolicyApiSimulator(config) as sim:
         yield sim
+
+
+SimFactory = Callable[..., PolicyApiSimulator]
+
+
+def simulators(**defaults: Any) -> Iterator[SimFactory]:
+    """The body of a `make_sim` fixture: simulators started with the given config fields (over
+    ``defaults``), every one stopped after the test."""
+    started: list[PolicyApiSimulator] = []
+
+    def _make(**config: Any) -> PolicyApiSimulator:
+        sim = PolicyApiSimulator(SimulatorConfig.from_dict({**defaults, **config})).start()
+        started.append(sim)
+        return sim
+
+    yield _make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def make_sim() -> Iterator[SimFactory]:
+    """Start simulators with the given config fields; all are stopped after the test."""
+    yield from simulators()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy variables in the environment (``pytest.mark.usefixtures("no_proxy")``): the
+    client's requests session honours them, and loopback traffic must not use one."""
+    clear_proxies(monkeypatch)
 
 
 @dataclass
@@ -229,7 +265,7 @@ def _live_schema(schema: str) -> Callable[[], None]:
     def connect() -> Any:
         from policy_pipeline.resources.snowflake_state import snowflake_resource
 
-        resource = snowflake_resource().process_config_and_initialize()
+        resource = snowflake_resource(Settings.from_env()).process_config_and_initialize()
         return resource.get_connection()
 
     with connect() as conn:
@@ -251,15 +287,63 @@ def subprocess_env(workspace: Workspace, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(workspace: Workspace, *args: str) -> subprocess.CompletedProcess[str]:
-    """``policy-pipeline ARGS`` as an operator types it, in the workspace's environment."""
+# The instance as `dagster dev` or a plain DAGSTER_HOME without a daemon would need it: runs
+# start at once, each in a process of its own (Dagster's default is a queue for the daemon).
+DEFAULT_LAUNCHER = """\
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: DefaultRunCoordinator
+run_launcher:
+  module: dagster.core.launcher
+  class: DefaultRunLauncher
+telemetry:
+  enabled: false
+"""
+
+
+def dagster_home(workspace: Workspace, config: str = DEFAULT_LAUNCHER) -> Path:
+    """The DAGSTER_HOME the CLI runs with (``subprocess_env``), with this dagster.yaml."""
+    home = workspace.root / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").write_text(config)
+    return home
+
+
+def run_cli(
+    workspace: Workspace, *args: str, env: Mapping[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """``policy-pipeline ARGS`` as an operator types it, in the workspace's environment (or
+    ``env``)."""
     return subprocess.run(
         [sys.executable, "-m", "policy_pipeline.cli", *args],
         cwd=PROJECT_ROOT,
-        env=subprocess_env(workspace),
+        env=subprocess_env(workspace) if env is None else dict(env),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
+    )
+
+
+def job_command(*args: str, job: str = "policy_workflow_job") -> list[str]:
+    """``dagster job execute`` of one job of the code location, as an operator types it."""
+    return [
+        *(sys.executable, "-m", "dagster", "job", "execute"),
+        *("-m", "policy_pipeline.definitions"),
+        *("-j", job, *args),
+    ]
+
+
+def run_job(
+    env: Mapping[str, str], *args: str, job: str = "policy_workflow_job", timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """`job_command` run to its end in ``env``, its output captured."""
+    return subprocess.run(
+        job_command(*args, job=job),
+        cwd=PROJECT_ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

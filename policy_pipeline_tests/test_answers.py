@@ -1,6 +1,6 @@
 """Answers mean what they say, and a policy not found yet is polled again.
 
-Against the hostile test server (`hostile_api.py`): it ignores ``Idempotency-Key`` and counts
+Against the hostile test server (`harness.hostile_api`): it ignores ``Idempotency-Key`` and counts
 every raw request, so a repeated call would show as a second call. A circuit answer whose body
 says the breaker was not triggered is a failure in the API's words; a 204 or ``{}`` is the
 confirmation HTTP says it is; a poll answer about another policy is refused; error messages say
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,9 +22,13 @@ from dagster import SensorResult, SkipReason, build_sensor_context
 from policy_pipeline.core.engine.circuit_breaker_activation import read_circuit
 from policy_pipeline.core.engine.policy_ready import PollVerdict, read_poll
 from policy_pipeline.core.policy_api_types import ApiResponse, parse_body
-from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
-from policy_pipeline_tests.hostile_api import Behaviour, HostileApi, SeenRequest, json_answer
+from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_job, subprocess_env
+from policy_pipeline_tests.harness.hostile_api import (
+    Behaviour,
+    HostileApi,
+    SeenRequest,
+    json_answer,
+)
 
 TRIGGERED = {"status": "triggered", "circuit_breaker_id": "cb_1"}
 
@@ -76,18 +79,7 @@ def _events(workspace: Workspace, name: str, event_type: str) -> list[str]:
 
 def _job(workspace: Workspace, name: str) -> subprocess.CompletedProcess[str]:
     """``dagster job execute`` for one partition, as an operator runs it."""
-    return subprocess.run(
-        [
-            *(sys.executable, "-m", "dagster", "job", "execute"),
-            *("-m", "policy_pipeline.definitions"),
-            *("-j", "policy_workflow_job", "--tags", json.dumps({"dagster/partition": name})),
-        ],
-        cwd=PROJECT_ROOT,
-        env=subprocess_env(workspace),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_job(subprocess_env(workspace), "--tags", json.dumps({"dagster/partition": name}))
 
 
 # --- the circuit breaker's answer ------------------------------------------------------------

@@ -22,38 +22,24 @@ import pytest
 import requests
 from dagster import build_resources
 
-from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core import policy_api
 from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig, parse_retry_after
 from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, PolicyApiError
 from policy_pipeline.resources.policy_api import PolicyApiResource
-from policy_pipeline_tests.client_rig import Rig, RigFactory, clear_proxies, rigs
+from policy_pipeline_tests.conftest import SimFactory, simulators
+from policy_pipeline_tests.harness.client_rig import Rig, RigFactory, rigs
 
 API_KEY = "sk-test-S3CRET-7f3a9c1e"
 WRONG_KEY = "sk-test-WRONG-0000"
 
 
-SimFactory = Callable[..., PolicyApiSimulator]
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_proxies(monkeypatch)
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 
 @pytest.fixture
 def make_sim() -> Iterator[SimFactory]:
-    started: list[PolicyApiSimulator] = []
-
-    def _make(**config: Any) -> PolicyApiSimulator:
-        config.setdefault("api_key", API_KEY)
-        sim = PolicyApiSimulator(SimulatorConfig.from_dict(config)).start()
-        started.append(sim)
-        return sim
-
-    yield _make
-    for sim in started:
-        sim.stop()
+    """conftest's `make_sim`, its simulators wanting API_KEY unless told another."""
+    yield from simulators(api_key=API_KEY)
 
 
 @pytest.fixture
@@ -744,7 +730,7 @@ def test_concurrent_first_calls_share_one_http_client(
         ("backoff_initial_seconds", -0.1),
         ("backoff_max_seconds", -1),
         ("retry_after_max_seconds", -1),
-        ("max_concurrent_requests", 0),
+        ("max_concurrency", 0),
         ("guard_failure_threshold", 0),
         ("guard_cooldown_seconds", -1),
     ],

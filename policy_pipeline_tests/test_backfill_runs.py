@@ -12,7 +12,7 @@ from typing import Any
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
-from policy_pipeline_tests.dagster_dev import DagsterDev, dagster_dev, prepare_dagster_home
+from policy_pipeline_tests.harness.dagster_dev import DagsterDev, dagster_dev, prepare_dagster_home
 from policy_pipeline_tests.harness.graphql import LAUNCH_BACKFILL
 
 STEPS = ("policy_created", "policy_ready", "circuit_breaker_activation")

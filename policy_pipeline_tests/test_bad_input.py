@@ -13,8 +13,9 @@ import pytest
 
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.domain import PolicyDefinition
-from policy_pipeline.core.engine.workflow import PolicyWorkflow, PollingPolicy
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
 from policy_pipeline.core.policy_api_types import ApiAttempt, ApiResponse, AttemptCallback
+from policy_pipeline.core.settings import PollingSettings
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.state_store import MAX_DETAIL_CHARS, StateStore
@@ -133,7 +134,7 @@ def test_unknown_status_values_keep_polling_with_a_warning_until_the_deadline(
     workflow = _workflow(store, api, log)
     workflow.create_policies([POLICY])
     report = workflow.wait_until_ready(
-        ["bad-input"], PollingPolicy(initial_interval_seconds=0.001, max_polls=4)
+        ["bad-input"], PollingSettings(initial_interval_seconds=0.001, max_polls=4)
     )
     assert "not ready after 4 polls" in report.failures["bad-input"]
     assert len(log.warnings) == 4
@@ -150,7 +151,9 @@ def test_wrong_status_type_is_unknown_not_a_crash(store: StateStore) -> None:
     api = ScriptedApi(create=lambda: (200, '{"policy_id": "pol_1"}'), status=lambda: next(answers))
     workflow = _workflow(store, api)
     workflow.create_policies([POLICY])
-    report = workflow.wait_until_ready(["bad-input"], PollingPolicy(initial_interval_seconds=0.001))
+    report = workflow.wait_until_ready(
+        ["bad-input"], PollingSettings(initial_interval_seconds=0.001)
+    )
     assert report.outcomes["bad-input"].status == "policy_ready"
     assert report.outcomes["bad-input"].poll_count == 3
 
@@ -234,7 +237,7 @@ def test_unreadable_circuit_confirmation_is_not_completion(store: StateStore, bo
     api = ScriptedApi(create=lambda: (200, '{"policy_id": "pol_1"}'), circuit=lambda: next(answers))
     workflow = _workflow(store, api)
     workflow.create_policies([POLICY])
-    workflow.wait_until_ready(["bad-input"], PollingPolicy(initial_interval_seconds=0.001))
+    workflow.wait_until_ready(["bad-input"], PollingSettings(initial_interval_seconds=0.001))
     first = workflow.activate_circuit_breakers(["bad-input"])
     assert "without a readable confirmation" in first.failures["bad-input"]
     row = store.current_execution("bad-input")

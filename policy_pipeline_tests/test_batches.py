@@ -18,15 +18,15 @@ import pytest
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.domain import PolicyDefinition
-from policy_pipeline.core.engine.workflow import FLUSH_SECONDS, PolicyWorkflow, PollingPolicy
-from policy_pipeline.core.settings import Settings
+from policy_pipeline.core.engine.workflow import FLUSH_SECONDS, PolicyWorkflow
+from policy_pipeline.core.settings import PollingSettings, Settings
 from policy_pipeline.core.store import batches as store_batches
 from policy_pipeline.core.store.connection import Params, Session, WarehouseConnection
 from policy_pipeline.core.store.dialect import Statement
 from policy_pipeline.core.store.state_store import AuditEvent, StateStore
 from policy_pipeline.resources import open_state
 from policy_pipeline.resources.policy_api import PolicyApiResource
-from policy_pipeline_tests.conftest import Workspace
+from policy_pipeline_tests.conftest import RecordingLog, Workspace
 
 # --- bind_rows ------------------------------------------------------------------------------
 
@@ -226,8 +226,10 @@ def _run_all(workspace: Workspace, count: int) -> tuple[Counter[str], float]:
         ).process_config_and_initialize_cm() as api,
         _store(workspace) as (store, warehouse),
     ):
-        workflow = PolicyWorkflow(store, api.get_client(), owner=f"test-{count}", log=_QuietLog())
-        polling = PollingPolicy(initial_interval_seconds=0.05, backoff_multiplier=1.0)
+        workflow = PolicyWorkflow(
+            store, api.get_client(), owner=f"test-{count}", log=RecordingLog()
+        )
+        polling = PollingSettings(initial_interval_seconds=0.05, backoff_multiplier=1.0)
         before = warehouse.statements.copy()
         started = time.monotonic()
         report = workflow.run(list(policies), definitions=policies, polling=polling)
@@ -235,14 +237,6 @@ def _run_all(workspace: Workspace, count: int) -> tuple[Counter[str], float]:
         assert not report.failures, report.failures
         assert sim.counts()["circuits_triggered"] == count
         return warehouse.statements - before, elapsed
-
-
-class _QuietLog:
-    def info(self, msg: str) -> None:
-        pass
-
-    def warning(self, msg: str) -> None:
-        pass
 
 
 WRITES = ("insert_executions", "mark_created", "mark_ready", "claim_circuit_breakers")

@@ -12,7 +12,13 @@ import pytest
 
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
+from policy_pipeline_tests.conftest import (
+    CATALOG_POLICIES,
+    Workspace,
+    run_cli,
+    run_job,
+    subprocess_env,
+)
 
 VALID = """\
 policy_name: {name}
@@ -142,14 +148,7 @@ def test_readme_partition_range_commands_on_a_new_dagster_home(workspace: Worksp
 def test_register_partitions_needs_a_dagster_home(workspace: Workspace) -> None:
     env = subprocess_env(workspace)
     del env["DAGSTER_HOME"]
-    result = subprocess.run(
-        [sys.executable, "-m", "policy_pipeline.cli", "register-partitions"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(workspace, "register-partitions", env=env, timeout=300)
     assert result.returncode == 2
     assert "DAGSTER_HOME is not set" in result.stderr
 
@@ -159,18 +158,7 @@ def test_bad_catalog_stops_the_cli_before_anything_is_written(workspace: Workspa
         VALID.format(name="broken").replace("priority: low", "priority: 3"), encoding="utf-8"
     )
     env = subprocess_env(workspace)
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "dagster", "job", "execute"),
-            *("-m", "policy_pipeline.definitions"),
-            *("-j", "policy_workflow_job", "--tags", '{"dagster/partition": "broken"}'),
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_job(env, "--tags", '{"dagster/partition": "broken"}', timeout=900)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "broken.yaml: field 'priority'" in output

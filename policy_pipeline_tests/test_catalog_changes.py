@@ -30,7 +30,7 @@ from dagster import (
 
 from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import Settings
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME
+from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME
 from policy_pipeline.resources import open_state
 from policy_pipeline_tests.conftest import (
     CATALOG_POLICIES,

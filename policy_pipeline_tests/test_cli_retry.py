@@ -18,22 +18,16 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
 from policy_pipeline.core.liveness import Holder, lease_owner
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings
-from policy_pipeline.defs.workflow.assets import JOB_NAME, PROCESS_TAG, SENSOR_TAG
+from policy_pipeline.defs.workflow.runs import JOB_NAME, PROCESS_TAG, SENSOR_TAG
 from policy_pipeline.resources import open_state
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli, subprocess_env
+from policy_pipeline_tests.conftest import (
+    CATALOG_POLICIES,
+    Workspace,
+    dagster_home,
+    run_cli,
+    subprocess_env,
+)
 
-# The instance as `dagster dev` or a plain DAGSTER_HOME without a daemon would need it: runs
-# start at once, each in a process of its own (Dagster's default is a queue for the daemon).
-DEFAULT_LAUNCHER = """\
-run_coordinator:
-  module: dagster.core.run_coordinator
-  class: DefaultRunCoordinator
-run_launcher:
-  module: dagster.core.launcher
-  class: DefaultRunLauncher
-telemetry:
-  enabled: false
-"""
 QUEUED = """\
 run_coordinator:
   module: dagster.core.run_coordinator
@@ -50,14 +44,6 @@ telemetry:
   enabled: false
 """
 RUN_TIMEOUT_SECONDS = 240
-
-
-def dagster_home(workspace: Workspace, config: str = DEFAULT_LAUNCHER) -> Path:
-    """The DAGSTER_HOME the CLI runs with (``subprocess_env``), with this dagster.yaml."""
-    home = workspace.root / "dagster_home"
-    home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").write_text(config)
-    return home
 
 
 @contextmanager

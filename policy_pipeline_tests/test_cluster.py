@@ -22,8 +22,9 @@ from dagster import DagsterRunStatus, RunsFilter
 
 from policy_devtools.simulator import SimulatorConfig
 from policy_pipeline.core.liveness import Holder
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, PROCESS_TAG
 from policy_pipeline.defs.workflow.cluster import DUCKDB_ON_CELERY
+from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME
+from policy_pipeline.defs.workflow.runs import PROCESS_TAG
 from policy_pipeline_tests.conftest import FAST_ENV
 from policy_pipeline_tests.harness.cluster import Cluster, celery_cluster
 from policy_pipeline_tests.harness.hosts import skip_or_fail, unavailable_reason

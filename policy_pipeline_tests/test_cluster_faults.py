@@ -28,7 +28,8 @@ import yaml
 from dagster import DagsterRun, DagsterRunStatus, RunsFilter
 
 from policy_devtools.simulator import SimulatorConfig
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, PROCESS_TAG, SENSOR_TAG
+from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME
+from policy_pipeline.defs.workflow.runs import PROCESS_TAG, SENSOR_TAG
 from policy_pipeline_tests.conftest import FAST_ENV
 from policy_pipeline_tests.harness.cluster import Cluster, celery_cluster
 from policy_pipeline_tests.harness.hosts import skip_or_fail, unavailable_reason
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.cluster
 
 STEPS = ["policy_created", "policy_ready", "circuit_breaker_activation"]
 TTL = 10  # POLICY_LEASE_TTL_SECONDS: short, so that lapses take seconds
-FENCE = TTL * 5 / 6  # LeasePolicy.fence_seconds
+FENCE = TTL * 5 / 6  # LeaseSettings.fence_seconds
 # A call that starts right at the fence reaches the API a little later on a loaded machine.
 TRANSIT_SLACK_SECONDS = 1.5
 RUN_TIMEOUT_SECONDS = 240.0
@@ -333,7 +334,7 @@ def test_a_host_cut_off_from_the_warehouse_stops_calling_and_another_host_takes_
         **FAST_ENV,
         "POLICY_LEASE_TTL_SECONDS": str(TTL),
         "POLICY_LEASE_WAIT_SECONDS": "30",
-        "POLICY_POLL_INITIAL_SECONDS": "0.5",
+        "POLICY_POLL_INITIAL_INTERVAL_SECONDS": "0.5",
         "POLICY_POLL_MAX_INTERVAL_SECONDS": "1",
         "POLICY_POLL_MAX_POLLS": "2000",
         "POLICY_POLL_DEADLINE_SECONDS": "600",

@@ -5,6 +5,7 @@ its own endpoint and key variables and its own DuckDB file. ``dg check defs`` ac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,10 +14,19 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pytest
 from dagster import AssetKey, DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 
 from policy_devtools.simulator import PolicyApiSimulator
+from policy_pipeline.component import (
+    LeaseAttributes,
+    PolicyWorkflowComponent,
+    PollingAttributes,
+    build_policy_defs,
+)
+from policy_pipeline.core.settings import PROJECT_ROOT, LeaseSettings, PollingSettings
+from policy_pipeline.defs.workflow.assets import WorkflowConfig
 from policy_pipeline_tests.conftest import CATALOG, FAST_ENV
 
 POLICY = "customer_data_retention"
@@ -171,3 +181,81 @@ def test_component_in_a_team_project(tmp_path: Path, simulator: PolicyApiSimulat
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(homes["launch"]))) as instance:
         event = instance.get_latest_materialization_event(AssetKey("circuit_breaker_activation"))
     assert event is not None
+
+
+def test_workflow_settings_are_component_attributes_under_their_own_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POLICY_POLL_MAX_POLLS", "7")
+    monkeypatch.setenv("POLICY_LEASE_TTL_SECONDS", "40")
+    component = PolicyWorkflowComponent.model_validate(
+        {
+            "polling": {"wait_handoff_seconds": 5},
+            "leases": {"wait_seconds": 9},
+            "max_concurrency": 3,
+        }
+    )
+    settings = component.settings(tmp_path)
+    # What the attributes set wins; what they leave out keeps the environment's setting.
+    assert settings.polling.wait_handoff_seconds == 5 and settings.polling.max_polls == 7
+    assert (settings.leases.ttl_seconds, settings.leases.wait_seconds) == (40, 9)
+    assert settings.api.max_concurrency == 3
+    defs = build_policy_defs(settings, reporting=False)
+    assert defs.resources["policy_state"].lease_ttl_seconds == 40
+    assert defs.resources["policy_state"].lease_wait_seconds == 9
+    assert defs.resources["policy_api"].max_concurrency == 3
+
+    # One name per knob: the attributes, the run config and the settings say the same.
+    def knobs(section: type) -> set[str]:
+        return {knob.name for knob in dataclasses.fields(section) if "env" in knob.metadata}
+
+    assert set(PollingAttributes.model_fields) == knobs(PollingSettings)
+    assert set(LeaseAttributes.model_fields) == knobs(LeaseSettings)
+    overrides = set(WorkflowConfig.model_fields) - {"policies", "force_new_execution"}
+    assert overrides <= knobs(PollingSettings)
+    run = WorkflowConfig(max_polls=2).polling(settings.polling)
+    assert (run.max_polls, run.wait_handoff_seconds) == (2, 5)
+
+
+def test_a_bad_attribute_is_refused_by_dg_check_yaml(tmp_path: Path) -> None:
+    project = _team_project(tmp_path / "team_policies")
+    defs_yaml = project / "team_policies" / "defs" / "policies" / "defs.yaml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POLICY_", "SNOWFLAKE_"))}
+    env.update(
+        VIRTUAL_ENV=sys.prefix, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    )
+    env.pop("PYTHONHOME", None)
+    defs_yaml.write_text(DEFS_YAML + "  polling:\n    max_polls: 0\n", encoding="utf-8")
+    refused = _dg(project, env, "check", "yaml")
+    stdout, stderr = refused.communicate(timeout=300)
+    assert refused.returncode != 0, stdout + stderr
+    assert "max_polls" in stdout + stderr
+    defs_yaml.write_text(DEFS_YAML + "  polling:\n    max_polls: 5\n", encoding="utf-8")
+    _finished(_dg(project, env, "check", "yaml"), "dg check yaml")
+
+
+def test_definitions_read_no_environment_after_they_load() -> None:
+    """Settings are built once (the component, the CLI) and passed down: nothing in a run, a
+    tick or a config default reads the environment again."""
+    readers = []
+    for path in sorted((PROJECT_ROOT / "policy_pipeline").rglob("*.py")):
+        relative = path.relative_to(PROJECT_ROOT).as_posix()
+        if relative in SETTINGS_READERS:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "from_env(" in text or "os.environ" in text or "getenv(" in text:
+            readers.append(relative)
+    assert readers == []
+
+
+# Where the environment is read: the settings themselves, the component and the CLI (which
+# build them), the dbt project file that `dagster-dbt project prepare-and-package` loads on its
+# own, the failpoints of the tests, and dbt's environment while it runs (written, not read).
+SETTINGS_READERS = {
+    "policy_pipeline/core/settings.py",
+    "policy_pipeline/component.py",
+    "policy_pipeline/cli.py",
+    "policy_pipeline/defs/reporting/project.py",
+    "policy_pipeline/core/failpoints.py",
+    "policy_pipeline/defs/reporting/dbt_assets.py",
+}

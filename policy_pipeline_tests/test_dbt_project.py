@@ -33,7 +33,7 @@ from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.defs.reporting import dbt_assets
 from policy_pipeline.defs.reporting.project import DBT_PROJECT_DIR, policy_dbt_project
 from policy_pipeline.resources import state_resource
-from policy_pipeline_tests.fakesnow_server import FakesnowServer
+from policy_pipeline_tests.harness.fakesnow_server import FakesnowServer
 
 DBT = str(Path(sys.executable).parent / "dbt")
 PROJECT_DIR = DBT_PROJECT_DIR

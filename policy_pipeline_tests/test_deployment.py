@@ -41,16 +41,19 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunSta
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
 from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline.defs.workflow.assets import JOB_NAME, PARTITIONS_NAME
+from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME
+from policy_pipeline.defs.workflow.runs import JOB_NAME
 from policy_pipeline_tests.conftest import CATALOG, FAST_ENV
 from policy_pipeline_tests.harness.graphql import (
     AUTOMATION_QUERY,
     LAUNCH_RUN,
+    LOCATION,
     LOCATIONS_QUERY,
+    REPOSITORY,
     STOP_SCHEDULE,
     STOP_SENSOR,
 )
-from policy_pipeline_tests.postgres_server import (
+from policy_pipeline_tests.harness.postgres_server import (
     HOST,
     PostgresServer,
     find_postgres,
@@ -62,8 +65,6 @@ from policy_pipeline_tests.postgres_server import (
 pytestmark = pytest.mark.deployment
 
 DEPLOY_DIR = PROJECT_ROOT / "deploy"
-LOCATION = "policy_pipeline"
-REPOSITORY = "__repository__"  # the repository of a Definitions object
 API_TAG_KEY = "policy_pipeline/api"
 API_TAG_VALUE = "true"
 CATALOG_SENSOR = "policy_catalog_sensor"

@@ -17,24 +17,18 @@ import duckdb
 import pytest
 
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.core.domain import PolicyDefinition
-from policy_pipeline.core.engine.workflow import (
-    STEP_CIRCUIT,
-    STEP_CREATE,
-    STEP_READY,
-    LeasePolicy,
-    PolicyWorkflow,
-    PollingPolicy,
-    Progress,
-)
+from policy_pipeline.core.domain import STEP_CIRCUIT, STEP_CREATE, STEP_READY, PolicyDefinition
+from policy_pipeline.core.engine.steps import Progress
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
 from policy_pipeline.core.liveness import this_process
+from policy_pipeline.core.settings import LeaseSettings, PollingSettings
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.core.store.state_store import StateStore
 from policy_pipeline.resources.policy_api import PolicyApiResource
 from policy_pipeline_tests.conftest import RecordingLog
 
-FAST = PollingPolicy(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=400)
+FAST = PollingSettings(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=400)
 
 
 def _policies(*names: str) -> dict[str, PolicyDefinition]:
@@ -48,7 +42,7 @@ def _policies(*names: str) -> dict[str, PolicyDefinition]:
 
 @contextmanager
 def _engine(
-    tmp_path: Path, config: SimulatorConfig, lease: LeasePolicy | None = None
+    tmp_path: Path, config: SimulatorConfig, lease: LeaseSettings | None = None
 ) -> Iterator[tuple[PolicyWorkflow, PolicyApiSimulator, StateStore]]:
     database = str(tmp_path / "state.duckdb")
     store = StateStore(WarehouseConnection(SqlDialect.DUCKDB, lambda: duckdb.connect(database)))
@@ -74,7 +68,7 @@ def test_a_policy_another_run_holds_does_not_hold_up_the_others(tmp_path: Path) 
     """One policy's lease is held by another run: the others finish at once; the held one
     goes on as soon as the lease is free, within the same run, and nothing is lost."""
     policies = _policies("held", "free-1", "free-2")
-    lease = LeasePolicy(ttl_seconds=30, wait_seconds=20)
+    lease = LeaseSettings(ttl_seconds=30, wait_seconds=20)
     with _engine(tmp_path, _config(), lease) as (workflow, sim, store):
         assert store.acquire_leases(["held"], "run:other", 30) == {"held"}
         passed: dict[str, float] = {}
@@ -100,7 +94,7 @@ def test_a_policy_another_run_holds_does_not_hold_up_the_others(tmp_path: Path) 
 
 def test_a_lease_never_freed_fails_only_that_policy(tmp_path: Path) -> None:
     policies = _policies("held", "free")
-    with _engine(tmp_path, _config(), LeasePolicy(ttl_seconds=60, wait_seconds=1)) as (
+    with _engine(tmp_path, _config(), LeaseSettings(ttl_seconds=60, wait_seconds=1)) as (
         workflow,
         sim,
         store,
@@ -170,7 +164,7 @@ def test_a_slow_call_keeps_its_lease_alive_and_a_dead_holder_is_taken_over_at_on
     """The lease is renewed while a call takes longer than its TTL, so a second run does not
     take a slow run for a dead one; a holder whose process is gone is taken over at once."""
     policies = _policies("slow")
-    lease = LeasePolicy(ttl_seconds=5, wait_seconds=1.5)
+    lease = LeaseSettings(ttl_seconds=5, wait_seconds=1.5)
     with _engine(tmp_path, _config(latency_ms=8_000), lease) as (workflow, sim, store):
         stop = threading.Event()
         slow = threading.Thread(
@@ -191,7 +185,7 @@ def test_a_slow_call_keeps_its_lease_alive_and_a_dead_holder_is_taken_over_at_on
 
     # A holder on this host whose process is gone: taken over without waiting for the TTL.
     (tmp_path / "dead").mkdir()
-    with _engine(tmp_path / "dead", _config(), LeasePolicy(ttl_seconds=300, wait_seconds=10)) as (
+    with _engine(tmp_path / "dead", _config(), LeaseSettings(ttl_seconds=300, wait_seconds=10)) as (
         workflow,
         sim,
         store,

@@ -6,7 +6,6 @@ only the fencing keeps a policy from being created or fired twice."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,20 +18,16 @@ import pytest
 
 from policy_pipeline.core.domain import PolicyDefinition
 from policy_pipeline.core.engine import workflow as workflow_module
-from policy_pipeline.core.engine.workflow import (
-    LeasePolicy,
-    PolicyWorkflow,
-    PollingPolicy,
-    RunReport,
-)
-from policy_pipeline.core.settings import PROJECT_ROOT, Settings
+from policy_pipeline.core.engine.steps import RunReport
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
+from policy_pipeline.core.settings import PROJECT_ROOT, LeaseSettings, PollingSettings, Settings
 from policy_pipeline.core.store.connection import WarehouseConnection, WarehouseUnavailable
 from policy_pipeline.core.store.state_store import StateStore
 from policy_pipeline.resources.policy_api import PolicyApiResource
 from policy_pipeline.resources.snowflake_state import snowflake_resource
-from policy_pipeline_tests.conftest import RecordingLog, Workspace, subprocess_env
+from policy_pipeline_tests.conftest import RecordingLog, Workspace, job_command, subprocess_env
 
-POLLING = PollingPolicy(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=2000)
+POLLING = PollingSettings(initial_interval_seconds=0.05, max_interval_seconds=0.2, max_polls=2000)
 TTL = 6  # seconds: short, so the test waits for lapses of a few seconds only
 
 
@@ -90,7 +85,7 @@ def test_a_run_cut_off_from_the_warehouse_stops_calling_before_its_leases_lapse(
     store_a = StateStore(WarehouseConnection(dialect, cuttable))
     # Run B's own connection (on DuckDB, the same in-process database).
     store_b = StateStore(WarehouseConnection(dialect, _connect(workspace)))
-    lease = LeasePolicy(ttl_seconds=TTL, wait_seconds=60)
+    lease = LeaseSettings(ttl_seconds=TTL, wait_seconds=60)
     api = PolicyApiResource(
         endpoint=sim.base_url, api_key=sim.config.api_key or "", backoff_initial_seconds=0.01
     )
@@ -180,10 +175,7 @@ def test_a_duckdb_file_held_past_the_ttl_fires_no_circuit_breaker_twice(
         POLICY_POLL_MAX_POLLS="2000",
         POLICY_POLL_DEADLINE_SECONDS="240",
     )
-    command = [
-        *(sys.executable, "-m", "dagster", "job", "execute", "-m", "policy_pipeline.definitions"),
-        *("-j", "policy_workflow_job", "-c", str(config)),
-    ]
+    command = job_command("-c", str(config))
 
     def start() -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -252,7 +244,7 @@ def test_a_run_whose_warehouse_stays_gone_ends_and_leaves_its_policies_resumable
     }
     cuttable = _CuttableWarehouse(_connect(workspace))
     store = StateStore(WarehouseConnection(workspace.dialect, cuttable))
-    lease = LeasePolicy(ttl_seconds=TTL, wait_seconds=60)
+    lease = LeaseSettings(ttl_seconds=TTL, wait_seconds=60)
     api = PolicyApiResource(
         endpoint=sim.base_url, api_key=sim.config.api_key or "", backoff_initial_seconds=0.01
     )

@@ -19,9 +19,9 @@ from typing import Any
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from policy_pipeline.core.liveness import Holder
-from policy_pipeline.defs.workflow.assets import PROCESS_TAG
+from policy_pipeline.defs.workflow.runs import PROCESS_TAG
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
-from policy_pipeline_tests.dagster_dev import dagster_dev, prepare_dagster_home
+from policy_pipeline_tests.harness.dagster_dev import dagster_dev, prepare_dagster_home
 
 READY_AFTER_SECONDS = 180.0
 HANDS_OFF_ENV = {

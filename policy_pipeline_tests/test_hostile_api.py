@@ -1,5 +1,5 @@
-"""The Policy API client against a hostile API (`hostile_api.HostileApi`): an API that echoes
-the key, drips its answer one byte at a time, or answers 409/422 to an idempotent POST.
+"""The Policy API client against a hostile API (`harness.hostile_api.HostileApi`): an API that
+echoes the key, drips its answer one byte at a time, or answers 409/422 to an idempotent POST.
 
 Back-off sleeps are recorded instead of slept (``PolicyApiClient(..., sleep=...)``); only the drip
 tests spend wall time, bounded by the client's per-attempt deadline.
@@ -27,10 +27,11 @@ from policy_pipeline.core.policy_api_types import (
     InvalidApiKeyError,
     PolicyApiError,
 )
+from policy_pipeline.core.settings import Settings
 from policy_pipeline.resources import policy_api_resource
 from policy_pipeline.resources.policy_api import PolicyApiResource
-from policy_pipeline_tests.client_rig import Rig, RigFactory, clear_proxies, rigs
-from policy_pipeline_tests.hostile_api import (
+from policy_pipeline_tests.harness.client_rig import Rig, RigFactory, rigs
+from policy_pipeline_tests.harness.hostile_api import (
     FIXED_POLICY_ID,
     Behaviour,
     HostileApi,
@@ -48,9 +49,7 @@ API_KEY = "sk-hostile/\"Q7z\\W+%&<k>'x9"
 ApiFactory = Callable[..., HostileApi]
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_proxies(monkeypatch)
+pytestmark = pytest.mark.usefixtures("no_proxy")
 
 
 @pytest.fixture
@@ -254,7 +253,7 @@ def test_bad_key_is_refused_when_the_code_location_loads(
     monkeypatch.setenv("POLICY_API_KEY", key)
     monkeypatch.setenv("POLICY_API_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(InvalidApiKeyError) as info:
-        policy_api_resource()
+        policy_api_resource(Settings.from_env())
     assert isinstance(info.value, ValueError)
     message = str(info.value)
     assert message.startswith(f"POLICY_API_KEY {problem}")
@@ -263,9 +262,11 @@ def test_bad_key_is_refused_when_the_code_location_loads(
 
 def test_good_or_unset_key_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLICY_API_KEY", API_KEY + "\n")  # a secret file's newline is fine
-    assert isinstance(policy_api_resource(), PolicyApiResource)
+    assert isinstance(policy_api_resource(Settings.from_env()), PolicyApiResource)
     monkeypatch.delenv("POLICY_API_KEY")
-    assert isinstance(policy_api_resource(), PolicyApiResource)  # resolved (and checked) later
+    assert isinstance(
+        policy_api_resource(Settings.from_env()), PolicyApiResource
+    )  # resolved (and checked) later
 
 
 def test_non_ascii_key_gives_a_clean_non_transient_error(
@@ -307,9 +308,7 @@ def test_dripping_answer_times_out_within_the_attempt_deadline(
 ) -> None:
     # Each byte comes well within the per-read timeout; only a total deadline stops this.
     server = hostile({"GET /policy/*": drip})
-    rig = make_rig(
-        server.base_url, timeout_seconds=TIMEOUT, max_attempts=2, max_concurrent_requests=1
-    )
+    rig = make_rig(server.base_url, timeout_seconds=TIMEOUT, max_attempts=2, max_concurrency=1)
     started = time.monotonic()
     with pytest.raises(PolicyApiError) as info:
         rig.api.get_policy_status(FIXED_POLICY_ID, rig.record)
@@ -354,9 +353,7 @@ def test_deadlines_are_per_thread_on_a_shared_resource(
             "GET /policy/pol_fast*": json_answer(200, {"status": "success"}),
         }
     )
-    rig = make_rig(
-        server.base_url, timeout_seconds=TIMEOUT, max_attempts=1, max_concurrent_requests=8
-    )
+    rig = make_rig(server.base_url, timeout_seconds=TIMEOUT, max_attempts=1, max_concurrency=8)
     results: dict[str, tuple[str, float]] = {}
     lock = threading.Lock()
     barrier = threading.Barrier(8)
@@ -596,9 +593,7 @@ def test_calls_beyond_the_pool_wait_within_their_deadline(
     hostile: ApiFactory, make_rig: RigFactory
 ) -> None:
     server = hostile()
-    rig = make_rig(
-        server.base_url, timeout_seconds=TIMEOUT, max_attempts=1, max_concurrent_requests=1
-    )
+    rig = make_rig(server.base_url, timeout_seconds=TIMEOUT, max_attempts=1, max_concurrency=1)
     assert rig.api.get_policy_status(FIXED_POLICY_ID, rig.record).ok
     # Hold the only connection slot, as a call in flight would: the next call waits for it,
     # and gives up when its attempt's deadline passes instead of opening a second connection.

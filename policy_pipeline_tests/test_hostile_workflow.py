@@ -29,7 +29,7 @@ from policy_pipeline.core.store.state_store import AuditEvent
 from policy_pipeline.core.store.statements import archive as sql_archive
 from policy_pipeline.resources import open_state
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli
-from policy_pipeline_tests.hostile_api import Behaviour, HostileApi, well_behaved
+from policy_pipeline_tests.harness.hostile_api import Behaviour, HostileApi, well_behaved
 
 Reply = tuple[int, Any]
 

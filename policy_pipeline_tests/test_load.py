@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import policy_pipeline.core
-from bench.load import measure
 from policy_pipeline.core.settings import PROJECT_ROOT
 from policy_pipeline.defs.reporting.project import policy_dbt_project
+from policy_pipeline_tests.harness.load_probe import measure
 
 
 def test_loading_the_definitions_is_pure(tmp_path: Path) -> None:
@@ -29,7 +29,7 @@ def test_loading_the_definitions_is_pure(tmp_path: Path) -> None:
         "POLICY_CATALOG_DIR": str(tmp_path / "no-catalog-here"),  # read by runs, not loads
         "POLICY_DUCKDB_PATH": str(database),
     }
-    loaded = measure(env)  # bench/load.py's probe, as `python -m bench.load` runs it
+    loaded = measure(env)  # the probe `python -m bench.load` times
     assert loaded["subprocesses"] == []
     assert loaded["env_writes"] == []
     assert {"policy_created", "policy_ready", "circuit_breaker_activation"} <= set(

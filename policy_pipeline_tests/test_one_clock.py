@@ -30,7 +30,13 @@ from policy_pipeline.core.settings import PROJECT_ROOT, Settings
 from policy_pipeline.core.store import schema
 from policy_pipeline.core.store.dialect import SqlDialect, render
 from policy_pipeline.resources import open_state
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
+from policy_pipeline_tests.conftest import (
+    CATALOG_POLICIES,
+    Workspace,
+    job_command,
+    run_job,
+    subprocess_env,
+)
 
 # Polling that outlasts the second run's start (a policy is ready only when the test says so),
 # never handed off, and a lease wait the second run gives up after.
@@ -78,11 +84,7 @@ def _wait_for(what: str, condition: Any, timeout: float = TIMEOUT_SECONDS) -> No
 
 def _job(workspace: Workspace, config: str, zone: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            *(sys.executable, "-m", "dagster", "job", "execute"),
-            *("-m", "policy_pipeline.definitions"),
-            *("-j", "policy_workflow_job", "-c", config),
-        ],
+        job_command("-c", config),
         cwd=PROJECT_ROOT,
         env=subprocess_env(workspace, **SLOW_POLICY_ENV, TZ=zone),
         stdout=subprocess.PIPE,
@@ -266,21 +268,15 @@ def test_progress_sensor_under_another_tz_resumes_a_crashed_utc_run(
     }.items():
         monkeypatch.setenv(variable, value)
     # A run on UTC crashes right after the policy is created: its lease lapses after the TTL.
-    crashed = subprocess.run(
-        [
-            *(sys.executable, "-m", "dagster", "job", "execute"),
-            *("-m", "policy_pipeline.definitions"),
-            *("-j", "policy_workflow_job", "--tags", json.dumps({"dagster/partition": name})),
-        ],
-        cwd=PROJECT_ROOT,
-        env=subprocess_env(
+    crashed = run_job(
+        subprocess_env(
             workspace,
             TZ="UTC",
             POLICY_FAILPOINT="after_created",
             POLICY_LEASE_TTL_SECONDS=str(LEASE_TTL_SECONDS),
         ),
-        capture_output=True,
-        text=True,
+        "--tags",
+        json.dumps({"dagster/partition": name}),
         timeout=TIMEOUT_SECONDS,
     )
     crashed_at = time.monotonic()

@@ -23,8 +23,7 @@ from dagster import (
     build_sensor_context,
 )
 
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, run_cli
-from policy_pipeline_tests.test_cli_retry import dagster_home
+from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, dagster_home, run_cli
 
 VALID = """\
 policy_name: {name}

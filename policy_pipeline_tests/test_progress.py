@@ -23,7 +23,8 @@ from dagster import (
     build_sensor_context,
 )
 
-from policy_pipeline.core.engine.progress import ProgressPolicy, group_runs
+from policy_pipeline.core.engine.progress import group_runs
+from policy_pipeline.core.settings import ProgressSettings
 from policy_pipeline_tests.conftest import (
     CATALOG_POLICIES,
     Workspace,
@@ -266,5 +267,5 @@ def test_resumptions_group_neighbours_of_one_kind_only() -> None:
         ("circuit", "c", "c", ["c"]),
         ("circuit", "e", "f", ["e", "f"]),
     ]
-    assert ProgressPolicy(resume_backoff_seconds=10).resume_backoff(3) == 80
-    assert ProgressPolicy(resume_backoff_max_seconds=100).resume_backoff(50) == 100
+    assert ProgressSettings(resume_backoff_seconds=10).resume_backoff(3) == 80
+    assert ProgressSettings(resume_backoff_max_seconds=100).resume_backoff(50) == 100

@@ -10,9 +10,11 @@ from dagster import (
     evaluate_automation_conditions,
 )
 
+from policy_pipeline.core.domain import STEP_CIRCUIT
 from policy_pipeline.core.settings import Settings
 from policy_pipeline.definitions import build_definitions
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME, POLICY_API_POOL, STEP_CIRCUIT
+from policy_pipeline.defs.workflow.assets import POLICY_API_POOL
+from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME
 
 RESULTS = AssetKey("policy_execution_results")
 DAILY = AssetKey("policy_execution_daily_stats")

@@ -16,7 +16,7 @@ from dagster import DagsterInstance
 
 from policy_pipeline.core.failpoints import POINTS
 from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
+from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, job_command, subprocess_env
 
 # The default lease TTL (30 s), and a lease wait that covers it: a re-run never gives up on a
 # crashed run's lease, whether it sees the holder's process is gone or waits for the lapse.
@@ -26,11 +26,7 @@ LEASE_TTL_SECONDS = 30
 
 def _job(workspace: Workspace, partition: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            *(sys.executable, "-m", "dagster", "job", "execute"),
-            *("-m", "policy_pipeline.definitions"),
-            *("-j", "policy_workflow_job", "--tags", json.dumps({"dagster/partition": partition})),
-        ],
+        job_command("--tags", json.dumps({"dagster/partition": partition})),
         cwd=PROJECT_ROOT,
         env=subprocess_env(workspace, **CRASH_ENV, **env),
         stdout=subprocess.PIPE,

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,26 +26,10 @@ from policy_devtools.simulator import (
     SimulatorConfig,
     is_loopback_host,
 )
+from policy_pipeline_tests.conftest import SimFactory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLICY_ID_RE = re.compile(r"pol_[0-9a-f]{16}")
-
-SimFactory = Callable[..., PolicyApiSimulator]
-
-
-@pytest.fixture
-def make_sim() -> Iterator[SimFactory]:
-    """Start simulators with the given config fields; all are stopped after the test."""
-    started: list[PolicyApiSimulator] = []
-
-    def _make(**config: Any) -> PolicyApiSimulator:
-        sim = PolicyApiSimulator(SimulatorConfig.from_dict(config)).start()
-        started.append(sim)
-        return sim
-
-    yield _make
-    for sim in started:
-        sim.stop()
 
 
 @pytest.fixture

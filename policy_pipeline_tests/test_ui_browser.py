@@ -42,15 +42,15 @@ import pytest
 from dagster import DagsterInstance
 
 from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline.defs.workflow.assets import PARTITIONS_NAME
+from policy_pipeline.defs.workflow.partitions import PARTITIONS_NAME
 from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
-from policy_pipeline_tests.dagster_dev import (
+from policy_pipeline_tests.harness.dagster_dev import (
     LOCATION_NAME,
     DagsterDev,
     dagster_dev,
     prepare_dagster_home,
 )
-from policy_pipeline_tests.test_deployment import (
+from policy_pipeline_tests.harness.graphql import (
     AUTOMATION_QUERY,
     LOCATION,
     REPOSITORY,

@@ -18,8 +18,6 @@ import http.client
 import json
 import os
 import secrets
-import subprocess
-import sys
 import threading
 import traceback
 from collections.abc import Iterator
@@ -37,12 +35,11 @@ from dagster._serdes import serialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster_snowflake import SnowflakeResource
 
-from policy_pipeline.core.settings import PROJECT_ROOT
 from policy_pipeline.core.store.connection import WarehouseConnection, WarehouseError
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.resources.snowflake_state import SnowflakeStateResource
-from policy_pipeline_tests.conftest import Workspace, run_cli, subprocess_env
-from policy_pipeline_tests.fakesnow_server import FakesnowServer
+from policy_pipeline_tests.conftest import Workspace, run_cli, run_job, subprocess_env
+from policy_pipeline_tests.harness.fakesnow_server import FakesnowServer
 
 REFUSAL = "Incorrect username or password was specified."
 
@@ -168,21 +165,6 @@ def files_holding(token: str, *roots: Path) -> list[str]:
     return found
 
 
-def dagster_job(env: dict[str, str], job: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            *(sys.executable, "-m", "dagster", "job", "execute"),
-            *("-m", "policy_pipeline.definitions"),
-            *("-j", job, *args),
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def stored_events(dagster_home: str) -> list[str]:
     """Every event of every run in the instance, serialized as Dagster stores it."""
     instance = DagsterInstance.from_config(dagster_home)
@@ -207,9 +189,7 @@ def test_snowflake_login_error_echoing_the_password_reaches_no_output_or_storage
         )
         diagnose = run_cli(workspace, "diagnose", "--json")
         env = subprocess_env(workspace)
-        run = dagster_job(
-            env, "policy_workflow_job", "--tags", '{"dagster/partition": "pii_access_review"}'
-        )
+        run = run_job(env, "--tags", '{"dagster/partition": "pii_access_review"}')
     assert snowflake.refused >= 2  # both commands logged in and were refused
 
     assert diagnose.returncode == 1, diagnose.stderr[-3000:]
@@ -241,7 +221,7 @@ def test_dbt_login_error_echoing_the_password_reaches_no_output_or_storage(
         schema = f"POLICY_SECRETS_{secrets.token_hex(4).upper()}"
         workspace.env.update({"POLICY_WAREHOUSE": "snowflake", **snowflake.env(password, schema)})
         env = subprocess_env(workspace, DBT_TARGET_PATH=str(dbt_target))
-        run = dagster_job(env, "policy_reporting_job")
+        run = run_job(env, job="policy_reporting_job")
     assert snowflake.logins - snowflake.refused == 1 and snowflake.refused >= 1
 
     output = run.stdout + run.stderr
@@ -260,7 +240,7 @@ def test_reporting_job_succeeds_on_a_new_warehouse(workspace: Workspace) -> None
     env = subprocess_env(workspace, DBT_TARGET_PATH=str(workspace.root / "dbt-target"))
     assert not workspace.duckdb_path.exists()
 
-    run = dagster_job(env, "policy_reporting_job")
+    run = run_job(env, job="policy_reporting_job")
 
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert workspace.query("SELECT COUNT(*) FROM policy_execution_results") == [(0,)]

@@ -11,8 +11,14 @@ import pytest
 from dagster import AssetKey, AssetPartitionStatus, DagsterInstance
 
 from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline.defs.workflow.assets import POLICY_PARTITIONS
-from policy_pipeline_tests.conftest import CATALOG_POLICIES, Workspace, subprocess_env
+from policy_pipeline.defs.workflow.partitions import POLICY_PARTITIONS
+from policy_pipeline_tests.conftest import (
+    CATALOG_POLICIES,
+    Workspace,
+    run_cli,
+    run_job,
+    subprocess_env,
+)
 
 WORKFLOW_ASSETS = ["policy_created", "policy_ready", "circuit_breaker_activation"]
 
@@ -290,31 +296,13 @@ def test_each_policy_moves_on_its_own_in_one_cli_run(workspace: Workspace) -> No
     env = subprocess_env(
         workspace, POLICY_POLL_MAX_POLLS="1000", POLICY_POLL_DEADLINE_SECONDS="120"
     )
-    register = subprocess.run(
-        [sys.executable, "-m", "policy_pipeline.cli", "register-partitions"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    register = run_cli(workspace, "register-partitions", env=env, timeout=300)
     assert register.returncode == 0, register.stderr[-2000:]
     tags = {
         "dagster/asset_partition_range_start": names[0],
         "dagster/asset_partition_range_end": names[-1],
     }
-    run = subprocess.run(
-        [
-            *(sys.executable, "-m", "dagster", "job", "execute"),
-            *("-m", "policy_pipeline.definitions"),
-            *("-j", "policy_workflow_job", "--tags", json.dumps(tags)),
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_job(env, "--tags", json.dumps(tags))
     assert run.returncode != 0  # a run with a failed policy ends failed ...
     assert f"1 of {len(names)} policies failed" in run.stdout + run.stderr  # ... naming it
     assert f"- {failing}: " in run.stdout + run.stderr

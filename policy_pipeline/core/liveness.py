@@ -75,3 +75,8 @@ class Holder:
             return False
         now = _start_ticks(self.pid)
         return now is None or now != self.start
+
+
+def certainly_gone(owner: str) -> bool:
+    """Whether a lease owner's process has certainly stopped (see ``Holder.certainly_dead``)."""
+    return Holder.parse(owner).certainly_dead()

@@ -10,11 +10,11 @@ from logging import Logger
 from typing import Literal
 
 from policy_pipeline.core.domain import ExecutionStatus, IllegalTransition
-from policy_pipeline.core.engine.leases import LeasePolicy
-from policy_pipeline.core.engine.workflow import PolicyWorkflow, StepFailed
+from policy_pipeline.core.engine.steps import StepFailed
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
 from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig
 from policy_pipeline.core.policy_api_types import ApiAttempt, PolicyApiError, api_key_problem
-from policy_pipeline.core.settings import API_ENDPOINT_VAR, API_KEY_VAR, Settings
+from policy_pipeline.core.settings import API_ENDPOINT_VAR, API_KEY_VAR, LeaseSettings, Settings
 from policy_pipeline.core.store.rows import AuditEvent, ExecutionRow
 from policy_pipeline.core.store.state_store import StateStore
 
@@ -61,7 +61,7 @@ def audit_operator(
 def override_circuit_breaker(
     store: StateStore,
     override: Override,
-    lease: LeasePolicy,
+    lease: LeaseSettings,
     api: PolicyApiClient | None,
     log: Logger,
 ) -> str:
@@ -111,7 +111,7 @@ def _override(
     store: StateStore,
     row: ExecutionRow,
     override: Override,
-    lease: LeasePolicy,
+    lease: LeaseSettings,
     api: PolicyApiClient | None,
     log: Logger,
 ) -> str:
@@ -130,7 +130,7 @@ def _override(
         if not store.force_ready(row, message):
             raise OverrideRefused("the execution changed meanwhile")
     workflow = PolicyWorkflow(
-        store=store, api=api, owner=override.owner, log=log, lease=lease, concurrency=1
+        store=store, api=api, owner=override.owner, log=log, lease=lease, max_concurrency=1
     )
     try:
         outcome = workflow.activate_circuit_breaker(override.policy)
@@ -146,17 +146,9 @@ def _override(
 
 def api_config(settings: Settings, api_key: str) -> PolicyApiConfig:
     """The client configuration the Dagster resource builds from these settings."""
-    api = settings.api
+    # The settings' knobs have the client's names.
     return PolicyApiConfig(
-        endpoint=api.endpoint,
-        api_key=api_key,
-        timeout_seconds=api.timeout_seconds,
-        max_attempts=api.max_attempts,
-        backoff_initial_seconds=api.backoff_initial_seconds,
-        backoff_max_seconds=api.backoff_max_seconds,
-        max_concurrent_requests=api.max_concurrency,
-        guard_failure_threshold=api.guard_failure_threshold,
-        guard_cooldown_seconds=api.guard_cooldown_seconds,
+        endpoint=settings.api_endpoint, api_key=api_key, **dataclasses.asdict(settings.api)
     )
 
 
@@ -169,7 +161,7 @@ class Reachability:
 def api_reachability(settings: Settings, api_key: str | None) -> Reachability:
     """Whether the Policy API answers, and accepts the key: one status request (the client's
     configured path, deadline and scrubbing; one attempt) for a policy id no API has."""
-    if not settings.api.endpoint:
+    if not settings.api_endpoint:
         return Reachability(False, f"{API_ENDPOINT_VAR} is not set")
     problem = api_key_problem(api_key or "")
     if api_key is None or problem is not None:

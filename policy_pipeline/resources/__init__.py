@@ -7,6 +7,7 @@ chosen because dagster-snowflake takes seconds to import). Secrets reach the res
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,7 +32,7 @@ __all__ = [
 
 
 def policy_api_resource(
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     endpoint_var: str = API_ENDPOINT_VAR,
     key_var: str = API_KEY_VAR,
@@ -39,7 +40,6 @@ def policy_api_resource(
     """The Policy API client. The key stays an EnvVar (resolved per run), but a key that is set
     and unusable fails here, when the code location loads, not mid-run after state was written
     (the client checks again when it builds its HTTP session)."""
-    settings = settings or Settings.from_env()
     key = Settings.secret_if_set(key_var)
     if key is not None:
         problem = api_key_problem(key)
@@ -48,17 +48,9 @@ def policy_api_resource(
                 f"{key_var} {problem}; it must be printable ASCII without spaces "
                 "(the value is not shown)"
             )
-    api = settings.api
+    # The settings' knobs have the resource's field names.
     return PolicyApiResource(
-        endpoint=EnvVar(endpoint_var),
-        api_key=EnvVar(key_var),
-        timeout_seconds=api.timeout_seconds,
-        max_attempts=api.max_attempts,
-        backoff_initial_seconds=api.backoff_initial_seconds,
-        backoff_max_seconds=api.backoff_max_seconds,
-        max_concurrent_requests=api.max_concurrency,
-        guard_failure_threshold=api.guard_failure_threshold,
-        guard_cooldown_seconds=api.guard_cooldown_seconds,
+        endpoint=EnvVar(endpoint_var), api_key=EnvVar(key_var), **dataclasses.asdict(settings.api)
     )
 
 

@@ -11,15 +11,22 @@ way dagster-fivetran's resource does::
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import Field, PrivateAttr
 
 from policy_pipeline.core.policy_api import PolicyApiClient, PolicyApiConfig
+from policy_pipeline.core.settings import ApiSettings, GuardSettings, setting_field
 
-# The client's defaults are the single source; the fields below repeat the limits that
-# PolicyApiConfig checks so that Dagster rejects a bad value when the run is launched.
+# The client's defaults are the single source (the settings take theirs from it); the fields
+# carry the limits that PolicyApiConfig checks, so that Dagster rejects a bad value when the run
+# is launched.
 _DEFAULT = PolicyApiConfig
+
+
+def _setting(name: str) -> Any:
+    return setting_field(ApiSettings, name)
 
 
 class PolicyApiResource(ConfigurableResource):
@@ -33,31 +40,17 @@ class PolicyApiResource(ConfigurableResource):
     status_path: str = _DEFAULT.status_path
     circuit_path: str = _DEFAULT.circuit_path
     timeout_seconds: float = Field(default=_DEFAULT.timeout_seconds, gt=0)
-    max_attempts: int = Field(
-        default=_DEFAULT.max_attempts, ge=1, description="Attempts per call, first included."
-    )
-    backoff_initial_seconds: float = Field(default=_DEFAULT.backoff_initial_seconds, ge=0)
-    backoff_max_seconds: float = Field(default=_DEFAULT.backoff_max_seconds, ge=0)
+    max_attempts: int = _setting("max_attempts")
+    backoff_initial_seconds: float = _setting("backoff_initial_seconds")
+    backoff_max_seconds: float = _setting("backoff_max_seconds")
     retry_after_max_seconds: float = Field(
         default=_DEFAULT.retry_after_max_seconds,
         ge=0,
         description="Cap on a server-requested Retry-After wait.",
     )
-    max_concurrent_requests: int = Field(
-        default=_DEFAULT.max_concurrent_requests,
-        ge=1,
-        description="Policies a step works on at once (API calls in flight).",
-    )
-    guard_failure_threshold: int = Field(
-        default=_DEFAULT.guard_failure_threshold,
-        ge=1,
-        description="Consecutive transient failures that open the guard.",
-    )
-    guard_cooldown_seconds: int = Field(
-        default=_DEFAULT.guard_cooldown_seconds,
-        ge=0,
-        description="How long the guard stays open before one probe call.",
-    )
+    max_concurrency: int = _setting("max_concurrency")
+    guard_failure_threshold: int = _setting("guard_failure_threshold")
+    guard_cooldown_seconds: int = _setting("guard_cooldown_seconds")
 
     _client: PolicyApiClient | None = PrivateAttr(default=None)
     _client_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -88,9 +81,15 @@ class PolicyApiResource(ConfigurableResource):
             backoff_initial_seconds=self.backoff_initial_seconds,
             backoff_max_seconds=self.backoff_max_seconds,
             retry_after_max_seconds=self.retry_after_max_seconds,
-            max_concurrent_requests=self.max_concurrent_requests,
+            max_concurrency=self.max_concurrency,
             guard_failure_threshold=self.guard_failure_threshold,
             guard_cooldown_seconds=self.guard_cooldown_seconds,
+        )
+
+    def guard_settings(self) -> GuardSettings:
+        return GuardSettings(
+            failure_threshold=self.guard_failure_threshold,
+            cooldown_seconds=self.guard_cooldown_seconds,
         )
 
     def get_client(self) -> PolicyApiClient:

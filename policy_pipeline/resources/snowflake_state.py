@@ -13,17 +13,20 @@ from typing import Any
 from dagster import EnvVar
 from dagster_snowflake import SnowflakeResource
 
-from policy_pipeline.core.engine.leases import LeasePolicy
 from policy_pipeline.core.engine.workflow import WAREHOUSE_GIVE_UP_TTLS
-from policy_pipeline.core.settings import SNOWFLAKE_PASSPHRASE_VAR, Settings, SettingsError
+from policy_pipeline.core.settings import (
+    SNOWFLAKE_PASSPHRASE_VAR,
+    LeaseSettings,
+    Settings,
+    SettingsError,
+)
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.resources.state import PolicyStateResource
 
 
-def snowflake_resource(settings: Settings | None = None) -> SnowflakeResource:
+def snowflake_resource(settings: Settings) -> SnowflakeResource:
     """A SnowflakeResource from the SNOWFLAKE_* variables."""
-    settings = settings or Settings.from_env()
     snowflake = settings.snowflake()
     if snowflake.missing:
         raise SettingsError(
@@ -57,7 +60,7 @@ def snowflake_resource(settings: Settings | None = None) -> SnowflakeResource:
         extra["protocol"] = snowflake.protocol
     # A login gives up within a third of the lease TTL (the connector's default is 60 s), so
     # a run cut off from Snowflake fences its calls before its leases lapse.
-    lease = LeasePolicy(ttl_seconds=settings.leases.ttl_seconds)
+    lease = LeaseSettings(ttl_seconds=settings.leases.ttl_seconds)
     args["login_timeout"] = max(1, int(lease.warehouse_wait_seconds))
     # A statement on a connection already open when the network goes retries without end by
     # default. Its calls are fenced all the same (no renewal lands meanwhile); this bound ends

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
-from pydantic import Field, PrivateAttr
+from pydantic import PrivateAttr
 
-from policy_pipeline.core.engine.leases import LeasePolicy
+from policy_pipeline.core.settings import LeaseSettings, setting_field
 from policy_pipeline.core.store.connection import WarehouseConnection
 from policy_pipeline.core.store.duckdb_file import duckdb_warehouse
 from policy_pipeline.core.store.state_store import StateStore
@@ -21,17 +21,8 @@ from policy_pipeline.core.store.state_store import StateStore
 class PolicyStateResource(ConfigurableResource):
     """The state table, audit trail and per-policy leases, in one warehouse."""
 
-    lease_ttl_seconds: int = Field(
-        default=LeasePolicy().ttl_seconds,
-        ge=5,
-        description="How long a run's claim on a policy lasts without renewal (renewed every "
-        "third of it; a crashed run's policies are free again within it).",
-    )
-    lease_wait_seconds: float = Field(
-        default=LeasePolicy().wait_seconds,
-        ge=0,
-        description="How long a step waits for another run's claim.",
-    )
+    lease_ttl_seconds: int = setting_field(LeaseSettings, "ttl_seconds")
+    lease_wait_seconds: float = setting_field(LeaseSettings, "wait_seconds")
 
     _warehouse: WarehouseConnection | None = PrivateAttr(default=None)
 
@@ -59,7 +50,7 @@ class DuckDBStateResource(PolicyStateResource):
     duckdb: DuckDBResource
 
     def _connect_warehouse(self) -> WarehouseConnection:
-        wait = LeasePolicy(ttl_seconds=self.lease_ttl_seconds).warehouse_wait_seconds
+        wait = LeaseSettings(ttl_seconds=self.lease_ttl_seconds).warehouse_wait_seconds
         return duckdb_warehouse(
             Path(self.duckdb.database), wait_seconds=wait, config=self.duckdb.connection_config
         )

@@ -1,4 +1,8 @@
-"""The GraphQL documents the tests send to a Dagster webserver, as its UI sends them."""
+"""The GraphQL documents the tests send to a Dagster webserver, as its UI sends them, and the
+names of the code location's repository they select."""
+
+LOCATION = "policy_pipeline"
+REPOSITORY = "__repository__"  # the repository of a Definitions object
 
 LOCATIONS_QUERY = """
 query { workspaceOrError { __typename ... on Workspace { locationEntries {

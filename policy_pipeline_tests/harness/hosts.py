@@ -82,8 +82,8 @@ import httpx
 
 from policy_devtools.simulator import API_KEY_ENV_VAR, LISTENING_PREFIX, SimulatorConfig
 from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline_tests.postgres_server import find_postgres
-from policy_pipeline_tests.postgres_server import missing_reason as postgres_missing
+from policy_pipeline_tests.harness.postgres_server import find_postgres
+from policy_pipeline_tests.harness.postgres_server import missing_reason as postgres_missing
 
 SERVICES = "services"
 PG_PORT = 5432
@@ -603,7 +603,7 @@ class TestHosts:
         self._wait_port(proc, self.services_address, REDIS_PORT)
 
     def _start_fakesnow(self) -> int:
-        from policy_pipeline_tests import fakesnow_server
+        from policy_pipeline_tests.harness import fakesnow_server
 
         port_file = self.workdir / "fakesnow.port"
         proc = self.spawn(

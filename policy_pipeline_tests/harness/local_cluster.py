@@ -28,7 +28,7 @@ import yaml
 from policy_devtools.simulator import SimulatorConfig
 from policy_pipeline.core.catalog import load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT
-from policy_pipeline.defs.workflow.assets import register_policies
+from policy_pipeline.defs.workflow.partitions import register_policies
 from policy_pipeline_tests.harness.cluster import WEBSERVER_PORT, celery_cluster
 from policy_pipeline_tests.harness.hosts import unavailable_reason
 

@@ -18,12 +18,12 @@ from typing import Any
 
 from policy_pipeline.core.domain import (
     FAILURE_STATUSES,
+    STEP_CIRCUIT,
     TRIGGER_REASON,
     ExecutionStatus,
     circuit_idempotency_key,
 )
 from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
-from policy_pipeline.core.engine.steps import STEP_CIRCUIT
 from policy_pipeline.core.failpoints import failpoint
 from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError
 

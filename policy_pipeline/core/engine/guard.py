@@ -15,6 +15,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from policy_pipeline.core.policy_api_types import ApiAttempt, PolicyApiError
+from policy_pipeline.core.settings import GuardSettings
 from policy_pipeline.core.store.state_store import AuditEvent, StateStore
 from policy_pipeline.core.store.statements import guard as sql_guard
 
@@ -43,13 +44,6 @@ class GuardStatus:
     last_error: str | None
 
 
-@dataclass(frozen=True)
-class GuardPolicy:
-    failure_threshold: int = 10
-    cooldown_seconds: int = 60
-    probe_timeout_seconds: int = 300
-
-
 def read_guard(store: StateStore) -> GuardStatus:
     """The shared state, read only: a guard whose row no writer has created yet never opened,
     so it reads as closed."""
@@ -64,7 +58,7 @@ def read_guard(store: StateStore) -> GuardStatus:
 class ApiGuard:
     """One run's view of the guard. Thread-safe: the workflow's call threads share it."""
 
-    def __init__(self, store: StateStore, owner: str, policy: GuardPolicy) -> None:
+    def __init__(self, store: StateStore, owner: str, policy: GuardSettings) -> None:
         self.store = store
         self.owner = owner
         self.policy = policy

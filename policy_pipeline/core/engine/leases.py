@@ -3,7 +3,7 @@
 A run acquires every policy's lease as it starts, renews what it holds every third of the TTL
 (its heartbeat: a crashed run's policies are free within the TTL), releases each policy as it
 finishes with it, and retries the ones another run holds: it takes over at once the leases of
-a holder known to be gone, and gives up on the rest after `LeasePolicy.wait_seconds`.
+a holder known to be gone, and gives up on the rest after `LeaseSettings.wait_seconds`.
 
 Fencing: each held policy's track knows until when its lease is surely the run's own
 (`Track.lease_until`: when the last confirming statement was sent, plus the TTL, minus a
@@ -23,42 +23,10 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from policy_pipeline.core.engine.run_state import Logger, Track
-from policy_pipeline.core.liveness import Holder
+from policy_pipeline.core.settings import LeaseSettings
 from policy_pipeline.core.store.state_store import StateStore
-
-
-@dataclass(frozen=True)
-class LeasePolicy:
-    """A run renews its leases every third of the TTL, so a crashed run's policies are free
-    within the TTL; a holder known to be gone (``holder_gone``) is taken over at once."""
-
-    ttl_seconds: int = 30
-    wait_seconds: float = 60.0
-
-    @property
-    def renew_seconds(self) -> float:
-        return self.ttl_seconds / 3
-
-    @property
-    def fence_seconds(self) -> float:
-        """How long after a confirming statement was sent calls may still start: the TTL less
-        a sixth of it, for the time between a call's start check and its request reaching the
-        API, and for warehouse and worker clocks that run at slightly different rates."""
-        return self.ttl_seconds * 5 / 6
-
-    @property
-    def warehouse_wait_seconds(self) -> float:
-        """The longest wait on the warehouse (a lock, a connection) that leaves a renewal time
-        to land before the fence: a third of the TTL."""
-        return self.ttl_seconds / 3
-
-
-def holder_certainly_gone(owner: str) -> bool:
-    """Whether a lease holder has certainly stopped (a finished run, a process gone)."""
-    return Holder.parse(owner).certainly_dead()
 
 
 class Leases:
@@ -68,7 +36,7 @@ class Leases:
         self,
         store: StateStore,
         owner: str,
-        policy: LeasePolicy,
+        policy: LeaseSettings,
         holder_gone: Callable[[str], bool],
         log: Logger,
         changed: threading.Condition,

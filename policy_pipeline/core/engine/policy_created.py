@@ -15,9 +15,14 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from policy_pipeline.core.domain import ExecutionStatus, PolicyDefinition
+from policy_pipeline.core.domain import (
+    ACTIVE_STATUSES,
+    STEP_CIRCUIT,
+    STEP_CREATE,
+    ExecutionStatus,
+    PolicyDefinition,
+)
 from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
-from policy_pipeline.core.engine.steps import ACTIVE_STATUSES, STEP_CIRCUIT, STEP_CREATE
 from policy_pipeline.core.failpoints import failpoint
 from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError, json_value_kind
 from policy_pipeline.core.store.schema import STATE

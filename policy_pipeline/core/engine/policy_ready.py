@@ -1,7 +1,7 @@
 """The rules of the ``policy_ready`` asset (step 2): poll each created policy until the API
 calls it ready.
 
-How polls are paced (`PollingPolicy`), the ``GET`` status call, what each answer means
+How polls are paced (`PollingSettings`), the ``GET`` status call, what each answer means
 (`read_poll`: ready, failed, still pending, unknown, not visible yet, an answer about another
 policy, an HTTP error; the progress sensor reads its polls with it too), when a policy's wait
 ends (max polls, deadline) or is handed off to the progress sensor (`progress.py`), and the
@@ -11,49 +11,23 @@ conditional ``policy_ready`` write. The run (`workflow.py`) calls these; the wor
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from policy_pipeline.core.domain import ApiPolicyStatus, ExecutionStatus, classify_api_status
+from policy_pipeline.core.domain import (
+    STEP_READY,
+    ApiPolicyStatus,
+    ExecutionStatus,
+    classify_api_status,
+)
 from policy_pipeline.core.engine.guard import GuardOpen
 from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
-from policy_pipeline.core.engine.steps import STEP_READY, Progress
+from policy_pipeline.core.engine.steps import Progress
 from policy_pipeline.core.failpoints import failpoint
 from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError, json_value_kind
-
-# How long after the create a 404 on a poll means "not visible yet" rather than an error
-# (POLICY_POLL_NOT_FOUND_GRACE_SECONDS): eventually consistent APIs answer so for a moment.
-NOT_FOUND_GRACE_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class PollingPolicy:
-    """How a policy is polled until ready: the first poll one initial interval after it
-    entered the step, then growing intervals (the original design polled 3 times at a fixed
-    interval). The limits are per policy: one policy's exhausted polls end only its own wait."""
-
-    initial_interval_seconds: float = 1.0
-    max_interval_seconds: float = 30.0
-    backoff_multiplier: float = 2.0
-    max_polls: int = 60
-    deadline_seconds: float = 900.0
-    # A policy still not ready after this long in the step is handed off (0: never): the
-    # run lets it go, and the progress sensor polls it every ``handoff_poll_seconds``.
-    handoff_seconds: float = 0.0
-    handoff_poll_seconds: float = 300.0
-    # A 404 this soon after the create answer is "not visible yet": polled again, counted.
-    not_found_grace_seconds: float = NOT_FOUND_GRACE_SECONDS
-
-    def interval(self, poll_number: int) -> float:
-        base = min(
-            self.max_interval_seconds,
-            self.initial_interval_seconds * self.backoff_multiplier ** min(poll_number - 1, 64),
-        )
-        # "Equal jitter": never zero, never more than the computed interval.
-        return base / 2 + random.uniform(0, base / 2)
+from policy_pipeline.core.settings import PollingSettings
 
 
 class PollVerdict(StrEnum):
@@ -135,7 +109,7 @@ class PolicyReadyStep:
 
     call = "poll"
 
-    def __init__(self, run: RunContext, polling: PollingPolicy) -> None:
+    def __init__(self, run: RunContext, polling: PollingSettings) -> None:
         self.run = run
         self.polling = polling
 
@@ -206,10 +180,10 @@ class PolicyReadyStep:
                 run.warn(track, reading.warning)
         wait_seconds = self.polling.interval(count)
         elapsed = time.monotonic() - track.polling_since
-        handoff = self.polling.handoff_seconds
+        handoff = self.polling.wait_handoff_seconds
         if handoff > 0 and elapsed >= handoff:
             # A long wait holds no run: the progress sensor polls it from now on.
-            next_in = max(wait_seconds, self.polling.handoff_poll_seconds)
+            next_in = max(wait_seconds, self.polling.wait_poll_interval_seconds)
             writes.handoffs.append((track, next_in))
             return
         if (

@@ -4,13 +4,13 @@ Two jobs, done by one tick of `policy_progress_sensor` (plain Python here; the s
 reports into Dagster events and run requests):
 
 - **Waiting without a held run.** A run hands off a policy that has waited long for readiness
-  (`PollingPolicy.handoff_seconds`); from then on each tick polls the handed-off policies that
-  are due, in one batch: at most ``concurrency`` calls in flight, within a time budget, one
-  attempt per poll (a transient failure is simply polled again later), ``Retry-After`` and the
-  API guard honoured. Every poll is recorded as a run records it (``poll_count``,
-  ``last_poll_time``, the response, the audit event). A policy found ready is moved to
-  ``policy_ready`` by the same conditional update a run uses, and claimed by this tick, so that
-  exactly one tick reports it and requests its circuit-breaker run.
+  (`PollingSettings.wait_handoff_seconds`); from then on each tick polls the handed-off
+  policies that are due, in one batch: at most ``max_concurrency`` calls in flight, within a
+  time budget, one attempt per poll (a transient failure is simply polled again later),
+  ``Retry-After`` and the API guard honoured. Every poll is recorded as a run records it
+  (``poll_count``, ``last_poll_time``, the response, the audit event). A policy found ready is
+  moved to ``policy_ready`` by the same conditional update a run uses, and claimed by this
+  tick, so that exactly one tick reports it and requests its circuit-breaker run.
 - **Automatic resumption.** An execution nothing is moving (an active one whose lease lapsed:
   its run crashed, was stopped, or failed around it; or a resumable error) is resumed with
   exponential backoff, by a run whose request this tick claimed in the warehouse (one tick
@@ -30,25 +30,27 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policy_pipeline.core.domain import RESUME_FROM, ExecutionStatus
-from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
-from policy_pipeline.core.engine.policy_created import deleted_before_create
-from policy_pipeline.core.engine.policy_ready import NOT_FOUND_GRACE_SECONDS, PollVerdict, read_poll
-from policy_pipeline.core.engine.workflow import (
+from policy_pipeline.core.domain import (
+    RESUME_FROM,
     STEP_CIRCUIT,
     STEP_CREATE,
     STEP_READY,
-    AttemptRecorder,
-    Logger,
-    PolicyApi,
+    ExecutionStatus,
 )
+from policy_pipeline.core.engine.auditing import AttemptRecorder
+from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
+from policy_pipeline.core.engine.policy_created import deleted_before_create
+from policy_pipeline.core.engine.policy_ready import PollVerdict, read_poll
+from policy_pipeline.core.engine.run_state import Logger
 from policy_pipeline.core.liveness import lease_owner
+from policy_pipeline.core.policy_api import PolicyApiClient
 from policy_pipeline.core.policy_api_types import (
     ApiAttempt,
     ApiResponse,
     AttemptCallback,
     PolicyApiError,
 )
+from policy_pipeline.core.settings import PollingSettings, ProgressSettings
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
 # How long the sensor holds a policy's lease to retire its intent (one statement).
@@ -56,30 +58,6 @@ RETIRE_LEASE_SECONDS = 30
 # The step an active execution is in, by status (where it is resumed, where it ends): the
 # step that starts from that status.
 STEP_OF_STATUS = {status: step for step, status in RESUME_FROM.items()}
-
-
-@dataclass(frozen=True)
-class ProgressPolicy:
-    """The progress sensor's settings (README, "Nothing waits on a person")."""
-
-    # How often a handed-off policy is polled; also how often the warehouse is touched at
-    # all while policies only wait (the warehouse-cost lever).
-    wait_poll_seconds: float = 300.0
-    # A handed-off policy not ready this long after its creation ends error for good.
-    wait_deadline_seconds: float = 86_400.0
-    poll_batch: int = 2_000  # due polls per tick at most; the rest go to the next tick
-    tick_budget_seconds: float = 20.0  # no poll starts later than this into a tick
-    concurrency: int = 16
-    resume_max_attempts: int = 5
-    resume_backoff_seconds: float = 60.0  # before the first resumption; doubles each time
-    resume_backoff_max_seconds: float = 3_600.0
-    resume_batch: int = 500  # candidates read per scan
-    # A 404 this soon after the create (the warehouse's clock) is "not visible yet".
-    not_found_grace_seconds: float = NOT_FOUND_GRACE_SECONDS
-
-    def resume_backoff(self, count: int) -> float:
-        growth = 2.0 ** min(count, 32)
-        return min(self.resume_backoff_max_seconds, self.resume_backoff_seconds * growth)
 
 
 @dataclass
@@ -118,14 +96,18 @@ class ProgressTick:
     def __init__(
         self,
         store: StateStore,
-        api: PolicyApi,
-        policy: ProgressPolicy,
+        api: PolicyApiClient,
+        settings: ProgressSettings,
+        polling: PollingSettings,
+        max_concurrency: int,
         log: Logger,
         guard: ApiGuard | None = None,
     ) -> None:
         self.store = store
         self.api = api
-        self.policy = policy
+        self.settings = settings
+        self.polling = polling
+        self.max_concurrency = max_concurrency
         self.log = log
         self.guard = guard
         # Which tick claimed what: two ticks racing never both win an execution.
@@ -141,11 +123,11 @@ class ProgressTick:
         if blocked is not None:
             report.blocked = blocked
             return report
-        due = self.store.due_waits(self.policy.poll_batch, lead_seconds)
+        due = self.store.due_waits(self.settings.wait_poll_batch, lead_seconds)
         read_at = time.monotonic()
         report.due = len(due)
-        report.cut_short = len(due) >= self.policy.poll_batch
-        deadline = self.policy.wait_deadline_seconds
+        report.cut_short = len(due) >= self.settings.wait_poll_batch
+        deadline = self.settings.wait_deadline_seconds
         overdue = [(row, waited) for row, waited in due if waited > deadline]
         if overdue:
             ended = self.store.give_up(
@@ -177,13 +159,13 @@ class ProgressTick:
     def _poll(
         self, rows: list[ExecutionRow], report: WaitReport
     ) -> list[tuple[ExecutionRow, ApiResponse | PolicyApiError]]:
-        """One attempt per due policy, ``concurrency`` at a time, until the budget is spent or
+        """One attempt per due policy, ``max_concurrency`` at a time, until the budget is spent or
         the API asks us to back off."""
         answers: list[tuple[ExecutionRow, ApiResponse | PolicyApiError]] = []
         pending = iter(rows)
         lock = threading.Lock()
         stop = threading.Event()
-        deadline = time.monotonic() + self.policy.tick_budget_seconds
+        deadline = time.monotonic() + self.settings.tick_budget_seconds
 
         def one_attempt(recorder: AttemptRecorder) -> AttemptCallback:
             def on_attempt(attempt: ApiAttempt) -> PolicyApiError | None:
@@ -229,7 +211,7 @@ class ProgressTick:
 
         workers = [
             threading.Thread(target=work, name=f"policy-progress-{i}", daemon=True)
-            for i in range(min(self.policy.concurrency, len(rows)))
+            for i in range(min(self.max_concurrency, len(rows)))
         ]
         for worker in workers:
             worker.start()
@@ -250,7 +232,7 @@ class ProgressTick:
         polls: list[tuple[ExecutionRow, int, Any, str, float | None]] = []
         ready: list[tuple[ExecutionRow, str]] = []
         failed: list[tuple[ExecutionRow, str, str, bool]] = []
-        later = self.policy.wait_poll_seconds
+        later = self.polling.wait_poll_interval_seconds
         for row, answer in answers:
             number = row.poll_count + 1
             if isinstance(answer, PolicyApiError):
@@ -265,7 +247,7 @@ class ProgressTick:
                 answer,
                 row.policy_id,
                 since_create.get(row.execution_id),
-                self.policy.not_found_grace_seconds,
+                self.polling.not_found_grace_seconds,
             )
             message = f"Poll {number}: {reading.note}"
             if reading.verdict is PollVerdict.REFUSED:
@@ -323,7 +305,7 @@ class ProgressTick:
         ``contents`` (catalog content hash by policy) picks the run for an execution whose
         content has changed since (`run_kind`)."""
         report = ResumeReport()
-        candidates = self.store.resume_candidates(self.policy.resume_batch)
+        candidates = self.store.resume_candidates(self.settings.resume_batch)
         report.candidates = len(candidates)
         due: list[ExecutionRow] = []
         orphans: list[ExecutionRow] = []
@@ -332,11 +314,11 @@ class ProgressTick:
                 report.busy += 1
             elif known is not None and row.policy_name not in known and row.policy_id is None:
                 orphans.append(row)
-            elif idle < self.policy.resume_backoff(row.auto_resume_count):
+            elif idle < self.settings.resume_backoff(row.auto_resume_count):
                 report.backing_off += 1
             else:
                 due.append(row)
-        spent = [row for row in due if row.auto_resume_count >= self.policy.resume_max_attempts]
+        spent = [row for row in due if row.auto_resume_count >= self.settings.resume_max_attempts]
         if spent:
             errors = {row.execution_id: _give_up_message(row) for row in spent}
             ended = self.store.give_up(
@@ -348,7 +330,7 @@ class ProgressTick:
         report.retired = self._retire_orphans(orphans)
         retired = {row.execution_id for row, _error in report.retired}
         report.unknown = [row.policy_name for row in orphans if row.execution_id not in retired]
-        rest = [row for row in due if row.auto_resume_count < self.policy.resume_max_attempts]
+        rest = [row for row in due if row.auto_resume_count < self.settings.resume_max_attempts]
         if not launch:
             report.deferred = len(rest)
             return report

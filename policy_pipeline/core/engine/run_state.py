@@ -1,6 +1,6 @@
 """What the parts of one engine run share: each policy's `Track`, the `Writes` the workers
 have gathered for the writer, and `RunContext`, the run as a step's rules see it (implemented
-by `workflow._Run`). Also what the engine needs from outside (`PolicyApi`, `Logger`) and the
+by `workflow._Run`). Also what the engine needs from outside (`Logger`) and the
 failure wording the steps share.
 
 Serves all three workflow assets. It imports no step module, so the step modules
@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from policy_pipeline.core.engine.auditing import AttemptRecorder
 from policy_pipeline.core.engine.guard import ApiGuard
 from policy_pipeline.core.engine.steps import Progress, RunReport, StepOutcome
-from policy_pipeline.core.policy_api_types import ApiResponse, AttemptCallback
+from policy_pipeline.core.policy_api import PolicyApiClient
+from policy_pipeline.core.policy_api_types import ApiResponse
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
 
@@ -27,25 +28,6 @@ class Logger(Protocol):
     def info(self, msg: str) -> None: ...
 
     def warning(self, msg: str) -> None: ...
-
-
-class PolicyApi(Protocol):
-    """What the engine needs from the Policy API client (`PolicyApiResource`)."""
-
-    def create_policy(
-        self, payload: dict[str, Any], idempotency_key: str, on_attempt: AttemptCallback
-    ) -> ApiResponse: ...
-
-    def get_policy_status(self, policy_id: str, on_attempt: AttemptCallback) -> ApiResponse: ...
-
-    def trigger_circuit_breaker(
-        self,
-        policy_id: str,
-        execution_id: str,
-        trigger_reason: str,
-        idempotency_key: str,
-        on_attempt: AttemptCallback,
-    ) -> ApiResponse: ...
 
 
 @dataclass(eq=False)
@@ -159,7 +141,7 @@ class RunContext(Protocol):
     are shared with the workers: use them with ``changed`` held."""
 
     store: StateStore
-    api: PolicyApi
+    api: PolicyApiClient
     guard: ApiGuard | None
     log: Logger
     steps: list[str]  # the steps chosen for this run

@@ -1,6 +1,6 @@
 """The call workers of one engine run and the queue they take calls from.
 
-At most ``concurrency`` API calls are in flight for the whole run: each worker takes whichever
+At most ``max_concurrency`` API calls are in flight for the whole run: each worker takes whichever
 call is due next, most urgent kind first (circuit > poll > create), makes it outside the lock,
 and hands the answer to the rules of the step that asked for it. A call whose policy's lease is
 past its fence (`Track.lease_until`, `leases.py`) does not start: it is parked until the

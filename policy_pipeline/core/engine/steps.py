@@ -16,26 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from policy_pipeline.core.domain import (
-    ACTIVE_STATUSES,
-    RESUME_FROM,
-    STEP_CIRCUIT,
-    STEP_CREATE,
-    STEP_READY,
     STEPS,
-    ExecutionStatus,
 )
-
-# The step names and the state machine are the domain's (declared once there); re-exported
-# because the engine's modules speak of steps.
-__all__ = [
-    "ACTIVE_STATUSES",
-    "RESUME_FROM",
-    "STEPS",
-    "STEP_CIRCUIT",
-    "STEP_CREATE",
-    "STEP_READY",
-    "ExecutionStatus",
-]
 
 
 class StepFailed(Exception):

@@ -2,10 +2,10 @@
 breaker on its own, as soon as it can, whatever the other policies do.
 
 Plain Python over the state store and the Policy API (no Dagster). One run of the engine has
-``concurrency`` call workers and one writer:
+``max_concurrency`` call workers and one writer:
 
 - the workers take whichever call is due next (a create, a status poll, a circuit-breaker
-  call) from one schedule, so at most ``concurrency`` calls are in flight for the whole run,
+  call) from one schedule, so at most ``max_concurrency`` calls are in flight for the whole run,
   and a slow or failing policy only ever occupies the worker of its own call;
 - the writer commits what the answers taught, in batches (group commit): whatever has
   gathered since the last write, at most ``flush_seconds`` apart. A batch is a few statements
@@ -19,7 +19,7 @@ and a conditional update agreed) and after a conditional claim, and a failure in
 keeps the steps before it recorded. A recoverable failure is recorded so that a later run
 resumes the same execution (same ``policy_id``, same idempotency keys).
 
-A policy that has waited ``PollingPolicy.handoff_seconds`` for readiness is handed off: the
+A policy that has waited ``PollingSettings.wait_handoff_seconds`` for readiness is handed off: the
 run lets it go (waiting, not failed) and `progress.py` polls it outside any run.
 
 Serves the three workflow assets. This module holds `PolicyWorkflow` and the run that ties
@@ -27,13 +27,14 @@ the other engine modules together (the writer's loop, entering policies, passing
 steps). Each step's rules are in the module named after its asset:
 
 - ``policy_created`` -> `policy_created.py`
-- ``policy_ready`` -> `policy_ready.py` (and `PollingPolicy`)
+- ``policy_ready`` -> `policy_ready.py`
 - ``circuit_breaker_activation`` -> `circuit_breaker_activation.py`
 
 and the machinery they share: `scheduling.py` (call queue, priorities, workers), `leases.py`
-(`LeasePolicy`, acquire/renew/take over), `auditing.py` (`AttemptRecorder`, audit events),
-`run_state.py` (each policy's track, the pending writes, `PolicyApi`), `steps.py` (step names,
-`RESUME_FROM`, `ACTIVE_STATUSES`, reports). The names callers import from here stay here.
+(acquire/renew/take over), `auditing.py` (`AttemptRecorder`, audit events), `run_state.py`
+(each policy's track, the pending writes), `steps.py` (what a run reports). The settings
+(`PollingSettings`, `LeaseSettings`) are `core/settings.py`'s; the step names and the state
+machine are `core/domain.py`'s.
 """
 
 from __future__ import annotations
@@ -43,59 +44,36 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from policy_pipeline.core.domain import ExecutionStatus, PolicyDefinition
-from policy_pipeline.core.engine.auditing import AttemptRecorder, warning_event
-from policy_pipeline.core.engine.circuit_breaker_activation import CircuitBreakerActivationStep
-from policy_pipeline.core.engine.guard import ApiGuard
-from policy_pipeline.core.engine.leases import LeasePolicy, Leases, holder_certainly_gone
-from policy_pipeline.core.engine.policy_created import POLICY_ID_PATTERN, PolicyCreatedStep
-from policy_pipeline.core.engine.policy_ready import PolicyReadyStep, PollingPolicy
-from policy_pipeline.core.engine.run_state import Logger, PolicyApi, Track, Writes
-from policy_pipeline.core.engine.scheduling import CALL_ORDER, Scheduler
-from policy_pipeline.core.engine.steps import (
-    ACTIVE_STATUSES,
+from policy_pipeline.core.domain import (
     RESUME_FROM,
     STEP_CIRCUIT,
     STEP_CREATE,
     STEP_READY,
     STEPS,
+    ExecutionStatus,
+    PolicyDefinition,
+)
+from policy_pipeline.core.engine.auditing import warning_event
+from policy_pipeline.core.engine.circuit_breaker_activation import CircuitBreakerActivationStep
+from policy_pipeline.core.engine.guard import ApiGuard
+from policy_pipeline.core.engine.leases import Leases
+from policy_pipeline.core.engine.policy_created import PolicyCreatedStep
+from policy_pipeline.core.engine.policy_ready import PolicyReadyStep
+from policy_pipeline.core.engine.run_state import Logger, Track, Writes
+from policy_pipeline.core.engine.scheduling import Scheduler
+from policy_pipeline.core.engine.steps import (
     Progress,
     RunReport,
     StepFailed,
     StepOutcome,
     StepReport,
 )
+from policy_pipeline.core.liveness import certainly_gone
+from policy_pipeline.core.policy_api import PolicyApiClient
 from policy_pipeline.core.policy_api_types import ApiResponse
+from policy_pipeline.core.settings import LeaseSettings, PollingSettings
 from policy_pipeline.core.store.connection import WarehouseUnavailable
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
-
-# The names other modules import from here (`progress.py`, the Dagster definitions, the CLI,
-# tests, bench), wherever they are defined now.
-__all__ = [
-    "ACTIVE_STATUSES",
-    "AUTH_STATUSES",
-    "CALL_ORDER",
-    "DETAILED_LOG_LIMIT",
-    "FLUSH_SECONDS",
-    "GUARD_REFRESH_SECONDS",
-    "POLICY_ID_PATTERN",
-    "RESUME_FROM",
-    "STEPS",
-    "STEP_CIRCUIT",
-    "STEP_CREATE",
-    "STEP_READY",
-    "AttemptRecorder",
-    "LeasePolicy",
-    "Logger",
-    "PolicyApi",
-    "PolicyWorkflow",
-    "PollingPolicy",
-    "Progress",
-    "RunReport",
-    "StepFailed",
-    "StepOutcome",
-    "StepReport",
-]
 
 # Per-policy log lines only for small runs; a thousand-policy run logs summaries.
 DETAILED_LOG_LIMIT = 25
@@ -118,21 +96,21 @@ class PolicyWorkflow:
     def __init__(
         self,
         store: StateStore,
-        api: PolicyApi,
+        api: PolicyApiClient,
         owner: str,
         log: Logger,
-        lease: LeasePolicy | None = None,
-        concurrency: int = 16,
+        lease: LeaseSettings | None = None,
+        max_concurrency: int = 16,
         flush_seconds: float = FLUSH_SECONDS,
-        holder_gone: Callable[[str], bool] = holder_certainly_gone,
+        holder_gone: Callable[[str], bool] = certainly_gone,
         guard: ApiGuard | None = None,
     ) -> None:
         self.store = store
         self.api = api
         self.owner = owner
         self.log = log
-        self.lease = lease or LeasePolicy()
-        self.concurrency = max(1, concurrency)
+        self.lease = lease or LeaseSettings()
+        self.max_concurrency = max(1, max_concurrency)
         # What a crash can lose: answers not yet written, which a re-run gets again by
         # re-sending the same idempotency keys (or polling again).
         self.flush_seconds = flush_seconds
@@ -147,7 +125,7 @@ class PolicyWorkflow:
         steps: Collection[str] = STEPS,
         *,
         definitions: Mapping[str, PolicyDefinition] | None = None,
-        polling: PollingPolicy | None = None,
+        polling: PollingSettings | None = None,
         force_new: bool = False,
         recreate_failed: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
@@ -173,7 +151,7 @@ class PolicyWorkflow:
             list(dict.fromkeys(names)),
             [step for step in STEPS if step in steps],
             definitions,
-            polling or PollingPolicy(),
+            polling or PollingSettings(),
             force_new,
             recreate_failed,
             on_progress or (lambda progress: None),
@@ -191,7 +169,7 @@ class PolicyWorkflow:
         )
         return report.step(STEP_CREATE)
 
-    def wait_until_ready(self, names: Sequence[str], polling: PollingPolicy) -> StepReport:
+    def wait_until_ready(self, names: Sequence[str], polling: PollingSettings) -> StepReport:
         return self.run(names, [STEP_READY], polling=polling).step(STEP_READY)
 
     def activate_circuit_breakers(self, names: Sequence[str]) -> StepReport:
@@ -216,7 +194,7 @@ class _Run:
         names: list[str],
         steps: list[str],
         definitions: Mapping[str, PolicyDefinition],
-        polling: PollingPolicy,
+        polling: PollingSettings,
         force_new: bool,
         recreate_failed: bool,
         on_progress: Callable[[Progress], None],
@@ -272,7 +250,7 @@ class _Run:
     def execute(self) -> RunReport:
         if not self.names:
             return self.report
-        workers = self.scheduler.workers(min(self.wf.concurrency, len(self.names)))
+        workers = self.scheduler.workers(min(self.wf.max_concurrency, len(self.names)))
         try:
             with self.store.batch():  # one connection for the leases, reads and intents
                 self._start()

@@ -70,7 +70,7 @@ class PolicyApiClient:
     """HTTP client for the Policy API (create policy, policy status, circuit breaker).
 
     Safe to share between threads: one session (built on first use) and at most
-    ``max_concurrent_requests`` connections serve them all. ``close()`` (or leaving a ``with``
+    ``max_concurrency`` connections serve them all. ``close()`` (or leaving a ``with``
     block) closes the connections; a later call opens new ones. ``sleep`` is how the client
     waits between attempts (tests record it instead)."""
 
@@ -118,7 +118,7 @@ class PolicyApiClient:
                     raise PolicyApiError(f"POLICY_API_KEY {problem}", transient=False)
                 key = self.config.api_key.strip()
                 config = self.config
-                self._http = Transport(key, config.max_concurrent_requests, config.timeout_seconds)
+                self._http = Transport(key, config.max_concurrency, config.timeout_seconds)
                 self._scrubber = ResponseScrubber(key)
             return self._http, self._scrubber
 

@@ -29,7 +29,7 @@ class PolicyApiConfig:
     backoff_initial_seconds: float = 0.5  # >= 0
     backoff_max_seconds: float = 30.0  # >= 0
     retry_after_max_seconds: float = 120.0  # >= 0; cap on a server-requested wait
-    max_concurrent_requests: int = 16  # >= 1; API calls in flight, and pooled connections
+    max_concurrency: int = 16  # >= 1; API calls in flight, and pooled connections
     guard_failure_threshold: int = 10  # >= 1; consecutive transient failures opening the guard
     guard_cooldown_seconds: int = 60  # >= 0; how long the guard stays open before one probe
 
@@ -42,6 +42,6 @@ class PolicyApiConfig:
         _check("backoff_initial_seconds", self.backoff_initial_seconds, float, 0, inclusive=True)
         _check("backoff_max_seconds", self.backoff_max_seconds, float, 0, inclusive=True)
         _check("retry_after_max_seconds", self.retry_after_max_seconds, float, 0, inclusive=True)
-        _check("max_concurrent_requests", self.max_concurrent_requests, int, 1, inclusive=True)
+        _check("max_concurrency", self.max_concurrency, int, 1, inclusive=True)
         _check("guard_failure_threshold", self.guard_failure_threshold, int, 1, inclusive=True)
         _check("guard_cooldown_seconds", self.guard_cooldown_seconds, int, 0, inclusive=True)

@@ -7,7 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import requests
-from dagster import DefaultSensorStatus, RunFailureSensorContext, run_failure_sensor
+from dagster import (
+    DefaultSensorStatus,
+    RunFailureSensorContext,
+    SensorDefinition,
+    run_failure_sensor,
+)
 
 from policy_pipeline.core.settings import Settings
 from policy_pipeline.core.store.state_store import AuditEvent
@@ -46,33 +51,36 @@ def _failure_summary(context: RunFailureSensorContext) -> dict[str, Any]:
     }
 
 
-@run_failure_sensor(
-    name="policy_run_failure_alert",
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Records every failed run in the audit table and, when POLICY_ALERT_WEBHOOK_URL "
-    "is set, posts a JSON alert (policy, step, error) to it.",
-)
-def policy_run_failure_alert(
-    context: RunFailureSensorContext, policy_state: PolicyStateResource
-) -> None:
-    summary = _failure_summary(context)
-    store = policy_state.store(run_id=summary["run_id"])
-    store.audit(
-        AuditEvent(
-            execution_id=None,
-            policy_name=summary["policy"] or "",
-            event_type="run_failure",
-            message=f"run {summary['run_id']} of {summary['job']} failed at {summary['step']}",
-            detail=summary,
-        )
+def build_run_failure_alert(settings: Settings) -> SensorDefinition:
+    @run_failure_sensor(
+        name="policy_run_failure_alert",
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Records every failed run in the audit table and, when "
+        "POLICY_ALERT_WEBHOOK_URL is set, posts a JSON alert (policy, step, error) to it.",
     )
-    store.flush()
-    post_alert(summary, context.log)
+    def policy_run_failure_alert(
+        context: RunFailureSensorContext, policy_state: PolicyStateResource
+    ) -> None:
+        summary = _failure_summary(context)
+        store = policy_state.store(run_id=summary["run_id"])
+        store.audit(
+            AuditEvent(
+                execution_id=None,
+                policy_name=summary["policy"] or "",
+                event_type="run_failure",
+                message=f"run {summary['run_id']} of {summary['job']} failed at {summary['step']}",
+                detail=summary,
+            )
+        )
+        store.flush()
+        post_alert(summary, context.log, settings.alert_webhook_url)
+
+    return policy_run_failure_alert
 
 
-def post_alert(summary: dict[str, Any], log: Any) -> None:
-    """POST the alert to POLICY_ALERT_WEBHOOK_URL when set (best effort: it is audited)."""
-    url = Settings.from_env().alert_webhook_url
+def post_alert(summary: dict[str, Any], log: Any, url: str) -> None:
+    """POST the alert to the webhook (POLICY_ALERT_WEBHOOK_URL) when set (best effort: it is
+    audited)."""
     if not url:
         return
     try:

@@ -2,8 +2,10 @@
 
 from dagster import Definitions
 
-from policy_pipeline.defs.operations.archive import policy_archive_job, policy_archive_schedule
+from policy_pipeline.core.settings import Settings
+from policy_pipeline.defs.operations.archive import build_archive_job, build_archive_schedule
 
 
-def build_operations_defs() -> Definitions:
-    return Definitions(jobs=[policy_archive_job], schedules=[policy_archive_schedule])
+def build_operations_defs(settings: Settings) -> Definitions:
+    archive_job = build_archive_job(settings)
+    return Definitions(jobs=[archive_job], schedules=[build_archive_schedule(archive_job)])

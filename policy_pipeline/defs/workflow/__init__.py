@@ -15,7 +15,8 @@ from dagster import (
 
 import policy_pipeline.core.engine.workflow as engine
 from policy_pipeline.core.settings import Settings
-from policy_pipeline.defs.workflow.assets import build_workflow_assets, policy_workflow_job
+from policy_pipeline.defs.workflow.assets import build_workflow_assets
+from policy_pipeline.defs.workflow.runs import policy_workflow_job
 from policy_pipeline.defs.workflow.sensors import build_catalog_sensor, build_progress_sensor
 
 CODE_REFERENCES = "dagster/code_references"

@@ -1,9 +1,7 @@
 """The workflow as three partitioned assets: policy_created -> policy_ready ->
 circuit_breaker_activation, one partition per catalog policy.
 
-The partitions are dynamic (named "policies") because the catalog is data, not code: the
-catalog sensor adds a partition when a policy file appears, and a run registers its own
-catalog policies if this Dagster instance has not seen them yet (a fresh DAGSTER_HOME).
+The partitions (``partitions.py``) are the catalog's policies.
 
 The three assets are one multi-asset step (`policy_workflow`), so that each policy of a run
 goes through the three steps on its own: the engine (`workflow.py`) works on all of them
@@ -26,62 +24,57 @@ from dagster import (
     AssetMaterialization,
     AssetObservation,
     AssetsDefinition,
-    AssetSelection,
     AssetSpec,
     BackfillPolicy,
     Config,
-    DagsterInstance,
-    DagsterRun,
-    DynamicPartitionsDefinition,
     Failure,
     MetadataValue,
-    define_asset_job,
-    in_process_executor,
     multi_asset,
 )
 from pydantic import Field
-from sqlalchemy.exc import IntegrityError
 
 from policy_pipeline.core.catalog import CatalogEntry, CatalogError, load_catalog
-from policy_pipeline.core.domain import is_active
-from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
-from policy_pipeline.core.engine.workflow import (
-    STEP_CIRCUIT,
-    STEP_CREATE,
-    STEP_READY,
-    STEPS,
-    LeasePolicy,
-    PolicyWorkflow,
-    PollingPolicy,
-    Progress,
-    RunReport,
-    StepOutcome,
+from policy_pipeline.core.domain import STEP_CIRCUIT, STEP_CREATE, STEP_READY, STEPS, is_active
+from policy_pipeline.core.engine.guard import ApiGuard
+from policy_pipeline.core.engine.steps import Progress, RunReport, StepOutcome
+from policy_pipeline.core.engine.workflow import PolicyWorkflow
+from policy_pipeline.core.liveness import lease_owner
+from policy_pipeline.core.settings import (
+    LeaseSettings,
+    PollingSettings,
+    Settings,
+    override_field,
+    with_overrides,
 )
-from policy_pipeline.core.liveness import Holder, lease_owner, this_process
-from policy_pipeline.core.settings import Settings
 from policy_pipeline.core.store.state_store import StateStore
 from policy_pipeline.defs.workflow.cluster import refuse_duckdb_on_celery
+from policy_pipeline.defs.workflow.partitions import POLICY_PARTITIONS, register_policies
+from policy_pipeline.defs.workflow.runs import (
+    JOB_NAME,
+    RETRY_NUMBER_TAG,
+    RUN_OWNER_PREFIX,
+    SENSOR_TAG,
+    holder_gone,
+    tag_this_process,
+)
 from policy_pipeline.resources import DuckDBStateResource, PolicyStateResource
 from policy_pipeline.resources.policy_api import PolicyApiResource
 
 WORKFLOW_GROUP = "policy_workflow"
 WORKFLOW_STEP = "policy_workflow"  # the op behind the three assets (its run config key)
 OWNERS = ["team:data-platform"]
-JOB_NAME = "policy_workflow_job"
-PARTITIONS_NAME = "policies"
-POLICY_PARTITIONS = DynamicPartitionsDefinition(name=PARTITIONS_NAME)
-RUN_OWNER_PREFIX = "run:"
 # A run names at most this many failed policies in its failure message (all in metadata).
 LISTED_FAILURES = 50
-RETRY_NUMBER_TAG = "dagster/retry_number"  # set by Dagster on an automatic retry of a run
-SENSOR_TAG = "policy_pipeline/trigger"  # which sensor launched a run ("catalog", "progress")
-# The process a run's step runs in (host, pid, start time): lets anyone on that host see for
-# sure that a STARTED run is dead.
-PROCESS_TAG = "policy_pipeline/process"
+
+
+def _polling(name: str) -> Any:
+    return override_field(PollingSettings, name)
 
 
 class WorkflowConfig(Config):
-    """Run config of the workflow step: which policies, and how a run polls them."""
+    """Run config of the workflow step: which policies, and how a run polls them. A polling
+    field left out takes this code location's setting (its environment variable, or the
+    Component attribute)."""
 
     policies: list[str] = Field(
         default_factory=list,
@@ -93,49 +86,17 @@ class WorkflowConfig(Config):
         description="Create a new policy even if this content has already completed "
         "(by default the same content is one policy).",
     )
-    initial_interval_seconds: float = Field(
-        default_factory=lambda: Settings.from_env().polling.initial_seconds,
-        description="Wait before the first poll and after it (env POLICY_POLL_INITIAL_SECONDS, 1).",
-    )
-    max_interval_seconds: float = Field(
-        default_factory=lambda: Settings.from_env().polling.max_interval_seconds,
-        description="Cap on the wait between polls (env POLICY_POLL_MAX_INTERVAL_SECONDS, 30).",
-    )
-    backoff_multiplier: float = Field(
-        default_factory=lambda: Settings.from_env().polling.backoff_multiplier,
-        description="Growth of the wait per poll (env POLICY_POLL_BACKOFF_MULTIPLIER, 2).",
-    )
-    max_polls: int = Field(
-        default_factory=lambda: Settings.from_env().polling.max_polls,
-        description="Polls per policy and run before giving up on it (env "
-        "POLICY_POLL_MAX_POLLS, default 60).",
-    )
-    deadline_seconds: float = Field(
-        default_factory=lambda: Settings.from_env().polling.deadline_seconds,
-        description="Polling deadline per policy and run (env POLICY_POLL_DEADLINE_SECONDS, 900).",
-    )
-    wait_handoff_seconds: float = Field(
-        default_factory=lambda: Settings.from_env().polling.handoff_seconds,
-        description="A policy still not ready after this long is handed off: the run lets it "
-        "go and policy_progress_sensor polls it (env POLICY_WAIT_HANDOFF_SECONDS, 120; 0 never).",
-    )
-    not_found_grace_seconds: float = Field(
-        default_factory=lambda: Settings.from_env().polling.not_found_grace_seconds,
-        description="A 404 on a poll this soon after the create is 'not visible yet': polled "
-        "again (env POLICY_POLL_NOT_FOUND_GRACE_SECONDS, 60).",
-    )
+    initial_interval_seconds: float | None = _polling("initial_interval_seconds")
+    max_interval_seconds: float | None = _polling("max_interval_seconds")
+    backoff_multiplier: float | None = _polling("backoff_multiplier")
+    max_polls: int | None = _polling("max_polls")
+    deadline_seconds: float | None = _polling("deadline_seconds")
+    wait_handoff_seconds: float | None = _polling("wait_handoff_seconds")
+    not_found_grace_seconds: float | None = _polling("not_found_grace_seconds")
 
-    def polling(self) -> PollingPolicy:
-        return PollingPolicy(
-            initial_interval_seconds=self.initial_interval_seconds,
-            max_interval_seconds=self.max_interval_seconds,
-            backoff_multiplier=self.backoff_multiplier,
-            max_polls=self.max_polls,
-            deadline_seconds=self.deadline_seconds,
-            handoff_seconds=self.wait_handoff_seconds,
-            handoff_poll_seconds=Settings.from_env().progress.wait_poll_seconds,
-            not_found_grace_seconds=self.not_found_grace_seconds,
-        )
+    def polling(self, settings: PollingSettings) -> PollingSettings:
+        """The code location's polling settings, with what this run's config overrides."""
+        return with_overrides(settings, self.model_dump())
 
 
 def _workflow(
@@ -146,45 +107,19 @@ def _workflow(
     guard = ApiGuard(
         store,
         owner,
-        GuardPolicy(
-            failure_threshold=api.guard_failure_threshold,
-            cooldown_seconds=api.guard_cooldown_seconds,
-        ),
+        api.guard_settings(),
     )
     return PolicyWorkflow(
         store=store,
         api=api.get_client(),
         owner=owner,
         log=context.log,
-        lease=LeasePolicy(
+        lease=LeaseSettings(
             ttl_seconds=state.lease_ttl_seconds, wait_seconds=state.lease_wait_seconds
         ),
-        concurrency=api.max_concurrent_requests,
+        max_concurrency=api.max_concurrency,
         holder_gone=lambda previous: holder_gone(context.instance, previous, context.run.run_id),
         guard=guard,
-    )
-
-
-def holder_gone(instance: DagsterInstance, owner: str, found_by: str) -> bool:
-    """Whether a lease holder has certainly stopped: its process is gone from this host. A run
-    Dagster calls finished is no proof (run monitoring fails a run whose worker host stopped
-    answering, and its process may live on, cut off): a holder on another host is waited for
-    until its lease lapses. A dead run still STARTED (killed; no run monitoring) is reported
-    failed, so Dagster no longer shows it running."""
-    holder = Holder.parse(owner)
-    if not holder.certainly_dead():
-        return False
-    run = instance.get_run_by_id(holder.run_id) if holder.run_id else None
-    if run is not None and not run.is_finished:
-        report_dead_run(instance, run, holder, found_by)
-    return True
-
-
-def report_dead_run(instance: DagsterInstance, run: DagsterRun, holder: Holder, by: str) -> None:
-    instance.report_run_failed(
-        run,
-        message=f"Run process {holder.pid} on {holder.host} is gone (killed, or its host "
-        f"restarted); {by} found it and took its policies over.",
     )
 
 
@@ -199,55 +134,6 @@ def _metadata(outcome: StepOutcome) -> dict[str, Any]:
         "resumed": MetadataValue.bool(outcome.resumed),
         "message": outcome.message,
     }
-
-
-def contiguous_ranges(ordered: Sequence[str], wanted: set[str]) -> list[tuple[str, str]]:
-    """The wanted partition keys as maximal runs of neighbours in the partitions' order: a run
-    can take a range of partitions, not an arbitrary set."""
-    ranges: list[tuple[str, str]] = []
-    start: str | None = None
-    previous: str | None = None
-    for key in ordered:
-        if key in wanted:
-            start = start or key
-            previous = key
-        elif start is not None and previous is not None:
-            ranges.append((start, previous))
-            start = None
-    if start is not None and previous is not None:
-        ranges.append((start, previous))
-    return ranges
-
-
-def partition_tags(first: str, last: str) -> dict[str, str]:
-    if first == last:
-        return {"dagster/partition": first}
-    return {
-        "dagster/asset_partition_range_start": first,
-        "dagster/asset_partition_range_end": last,
-    }
-
-
-def register_policies(instance: DagsterInstance, names: Sequence[str]) -> list[str]:
-    """Make these policies known partitions of the instance (a fresh DAGSTER_HOME has none
-    until the catalog sensor's first tick), in the order given, and return those it added.
-    Callers pass every catalog policy in name order, so that partition ranges follow the
-    catalog. The one place partitions are added outside the catalog sensor's own request: runs,
-    `policy-pipeline register-partitions` and the demo."""
-    for attempt in range(3):
-        known = set(instance.get_dynamic_partitions(PARTITIONS_NAME))
-        missing = [name for name in names if name not in known]
-        if not missing:
-            return []
-        try:
-            instance.add_dynamic_partitions(PARTITIONS_NAME, missing)
-            return missing
-        except IntegrityError:
-            # Another run registered some of them at the same moment (two runs started at
-            # once on a fresh instance): read again and add what is still missing.
-            if attempt == 2:
-                raise
-    return []
 
 
 def _run_policies(
@@ -317,6 +203,7 @@ def run_workflow(
     context: AssetExecutionContext,
     catalog: Mapping[str, CatalogEntry],
     config: WorkflowConfig,
+    settings: Settings,
     policy_api: PolicyApiResource,
     policy_state: PolicyStateResource,
 ) -> Iterator[AssetMaterialization | AssetObservation]:
@@ -325,7 +212,7 @@ def run_workflow(
     warehouse = "duckdb" if isinstance(policy_state, DuckDBStateResource) else "snowflake"
     refuse_duckdb_on_celery(context.instance, warehouse, context.job_def)
     # Who runs this step, so that a process on this host can tell for sure it died.
-    context.instance.add_run_tags(context.run.run_id, {PROCESS_TAG: this_process()})
+    tag_this_process(context.instance, context.run.run_id)
     # Every catalog policy not yet a partition, in name order (not just this run's): a
     # range then follows the catalog, whatever single runs came first.
     register_policies(context.instance, sorted(catalog))
@@ -341,7 +228,7 @@ def run_workflow(
         names=runnable,
         steps=steps,
         definitions={key: catalog[key].policy for key in runnable if key in catalog},
-        polling=config.polling(),
+        polling=config.polling(settings.polling),
         force_new=config.force_new_execution,
         # Dagster's run retries re-run the whole step, and the progress sensor resumes: both
         # resume, they do not start over.
@@ -458,7 +345,6 @@ def build_workflow_assets(settings: Settings) -> AssetsDefinition:
             **common,
         ),
     ]
-    catalog_dir = settings.catalog_dir
 
     @multi_asset(
         name=WORKFLOW_STEP,
@@ -483,20 +369,8 @@ def build_workflow_assets(settings: Settings) -> AssetsDefinition:
         policy_api: PolicyApiResource,
         policy_state: PolicyStateResource,
     ) -> Iterator[AssetMaterialization | AssetObservation]:
-        yield from run_workflow(context, _catalog(catalog_dir), config, policy_api, policy_state)
+        yield from run_workflow(
+            context, _catalog(settings.catalog_dir), config, settings, policy_api, policy_state
+        )
 
     return policy_workflow
-
-
-policy_workflow_job = define_asset_job(
-    JOB_NAME,
-    selection=AssetSelection.assets(*STEPS),
-    description="The three-step policy workflow (create, wait until ready, circuit breaker) "
-    "for one or more policies.",
-    # The step is I/O-bound (it fans out over threads inside), so one process per step would
-    # only add interpreter start-up to every run.
-    executor_def=in_process_executor,
-    # deploy/dagster.yaml also limits how many such runs are in progress at once by this tag
-    # (tag_concurrency_limits); the pool limits the steps, whatever launched them.
-    tags={"policy_pipeline/api": "true"},
-)

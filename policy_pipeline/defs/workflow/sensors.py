@@ -19,7 +19,6 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from dagster import (
@@ -39,27 +38,26 @@ from dagster import (
 )
 
 from policy_pipeline.core.catalog import CatalogError, load_catalog
-from policy_pipeline.core.engine.guard import ApiGuard, GuardPolicy
+from policy_pipeline.core.domain import STEP_CIRCUIT, STEP_READY
+from policy_pipeline.core.engine.guard import ApiGuard
 from policy_pipeline.core.engine.progress import (
-    ProgressPolicy,
     ProgressTick,
     group_runs,
     run_kind,
 )
-from policy_pipeline.core.engine.workflow import STEP_CIRCUIT, STEP_READY
-from policy_pipeline.core.liveness import Holder
 from policy_pipeline.core.settings import Settings
 from policy_pipeline.core.store.state_store import AuditEvent, ExecutionRow, StateStore
 from policy_pipeline.defs.monitoring.alerts import post_alert
-from policy_pipeline.defs.workflow.assets import (
-    JOB_NAME,
+from policy_pipeline.defs.workflow.partitions import (
     PARTITIONS_NAME,
-    PROCESS_TAG,
-    SENSOR_TAG,
     contiguous_ranges,
     partition_tags,
+)
+from policy_pipeline.defs.workflow.runs import (
+    JOB_NAME,
+    SENSOR_TAG,
+    fail_dead_runs,
     policy_workflow_job,
-    report_dead_run,
 )
 from policy_pipeline.resources import PolicyStateResource
 from policy_pipeline.resources.policy_api import PolicyApiResource
@@ -71,22 +69,6 @@ _WAITING_TO_START = [
     DagsterRunStatus.STARTING,
 ]
 _STARTED = DagsterRunStatus.STARTED
-
-
-def progress_policy(settings: Settings) -> ProgressPolicy:
-    """`policy_progress_sensor`'s settings (README, "Nothing waits on a person")."""
-    progress = settings.progress
-    return ProgressPolicy(
-        wait_poll_seconds=progress.wait_poll_seconds,
-        wait_deadline_seconds=progress.wait_deadline_seconds,
-        poll_batch=progress.poll_batch,
-        tick_budget_seconds=progress.tick_budget_seconds,
-        concurrency=settings.api.max_concurrency,
-        resume_max_attempts=progress.resume_max_attempts,
-        resume_backoff_seconds=progress.resume_backoff_seconds,
-        resume_backoff_max_seconds=progress.resume_backoff_max_seconds,
-        not_found_grace_seconds=settings.polling.not_found_grace_seconds,
-    )
 
 
 # The catalog sensor's runs that have not finished.
@@ -189,8 +171,6 @@ def build_catalog_sensor(settings: Settings) -> SensorDefinition:
 
 
 def build_progress_sensor(settings: Settings) -> SensorDefinition:
-    catalog_dir = settings.catalog_dir
-
     @sensor(
         name=PROGRESS_SENSOR,
         job=policy_workflow_job,
@@ -205,7 +185,7 @@ def build_progress_sensor(settings: Settings) -> SensorDefinition:
         policy_state: PolicyStateResource,
         policy_api: PolicyApiResource,
     ) -> SensorResult | SkipReason:
-        return progress_tick(context, policy_state, policy_api, catalog_dir)
+        return progress_tick(context, policy_state, policy_api, settings)
 
     return policy_progress_sensor
 
@@ -214,12 +194,10 @@ def progress_tick(
     context: SensorEvaluationContext,
     policy_state: PolicyStateResource,
     policy_api: PolicyApiResource,
-    catalog_dir: Path,
+    settings: Settings,
 ) -> SensorResult | SkipReason:
     """One tick: nothing at all until the cursor says the warehouse is due (so that it can
     suspend while policies only wait), then the due polls and the resumption scan together."""
-    settings = Settings.from_env()
-    policy = progress_policy(settings)
     cursor: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
     started = time.time()
     if started < cursor.get("next_at", 0.0):
@@ -228,17 +206,22 @@ def progress_tick(
     guard = ApiGuard(
         store,
         f"sensor:{PROGRESS_SENSOR}",
-        GuardPolicy(
-            failure_threshold=policy_api.guard_failure_threshold,
-            cooldown_seconds=policy_api.guard_cooldown_seconds,
-        ),
+        policy_api.guard_settings(),
     )
-    tick = ProgressTick(store, policy_api.get_client(), policy, context.log, guard)
+    tick = ProgressTick(
+        store,
+        policy_api.get_client(),
+        settings.progress,
+        settings.polling,
+        policy_api.max_concurrency,
+        context.log,
+        guard,
+    )
     # Poll what is due before the next wake too: one wake serves a whole cadence.
-    waits = tick.poll_waiting(lead_seconds=policy.wait_poll_seconds / 2)
+    waits = tick.poll_waiting(lead_seconds=settings.polling.wait_poll_interval_seconds / 2)
     asset_events = [_ready_event(row) for row in waits.ready]
     try:
-        catalog = load_catalog(catalog_dir)
+        catalog = load_catalog(settings.catalog_dir)
         # Content hash by policy: a ready execution whose content changed since gets the
         # whole workflow, which finishes it and then creates the new content.
         contents: dict[str, str] | None = {
@@ -258,7 +241,7 @@ def progress_tick(
         ordered,
     )
     for row, error in waits.failed:
-        _alert(context, store, row, "policy_ready", error)
+        _alert(context, store, row, "policy_ready", error, settings.alert_webhook_url)
     queue_limit = settings.progress.queue_limit
     runs = context.instance.get_runs(
         RunsFilter(tags={SENSOR_TAG: "progress"}, statuses=[*_WAITING_TO_START, _STARTED]),
@@ -273,7 +256,7 @@ def progress_tick(
         known, busy, launch=queued < queue_limit and blocked is None, contents=contents
     )
     for row, error in resumes.gave_up:
-        _alert(context, store, row, "resume budget spent", error)
+        _alert(context, store, row, "resume budget spent", error, settings.alert_webhook_url)
     for row, error in resumes.retired:
         context.log.warning(f"policy '{row.policy_name}': execution {row.execution_id} {error}")
     run_requests += _run_requests(
@@ -287,7 +270,7 @@ def progress_tick(
     _fail_dead_runs(context)
 
     waiting, _next_due = store.wait_summary()
-    next_in = policy.wait_poll_seconds
+    next_in = settings.polling.wait_poll_interval_seconds
     if waits.cut_short:
         next_in = 0.0  # more are due than one tick could poll
     if waits.retry_after is not None:
@@ -378,15 +361,16 @@ def _fail_dead_runs(context: SensorEvaluationContext) -> None:
     runs = context.instance.get_runs(
         RunsFilter(job_name=JOB_NAME, statuses=[DagsterRunStatus.STARTED]), limit=200
     )
-    for run in runs:
-        process = run.tags.get(PROCESS_TAG)
-        holder = Holder.parse(f"run:{run.run_id}@{process}") if process else None
-        if holder is not None and holder.certainly_dead():
-            report_dead_run(context.instance, run, holder, PROGRESS_SENSOR)
+    fail_dead_runs(context.instance, runs, PROGRESS_SENSOR)
 
 
 def _alert(
-    context: SensorEvaluationContext, store: StateStore, row: ExecutionRow, why: str, error: str
+    context: SensorEvaluationContext,
+    store: StateStore,
+    row: ExecutionRow,
+    why: str,
+    error: str,
+    webhook_url: str,
 ) -> None:
     """An execution ended for good outside any run: audit it and post the alert."""
     summary: dict[str, Any] = {
@@ -408,4 +392,4 @@ def _alert(
         )
     )
     store.flush()
-    post_alert(summary, context.log)
+    post_alert(summary, context.log, webhook_url)
