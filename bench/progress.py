@@ -258,8 +258,9 @@ def scale_tick(
         seed(handle.store(), api, n, due, f"wait{n}")
         _configure(sim_url, latency_ms=LATENCY_MS)
         state = bench_state(handle.warehouse)
-        sensor = build_progress_sensor(Settings.from_env())
         with DagsterInstance.ephemeral() as instance, sensor_env(300.0, args.batch):
+            # Built inside: the sensor takes its settings when it is built, as on loading.
+            sensor = build_progress_sensor(Settings.from_env())
             before = _status_calls(counts())
             api.take_max_in_flight()
             result, seconds, offsets = evaluate(sensor, instance, state, api, counter, "tick")
@@ -298,8 +299,9 @@ def misbehaving_api(args: argparse.Namespace, sim_url: str, counts: Any) -> dict
         _configure(sim_url, latency_ms=0.0, rate_limit_rate=0.0, error_rate=0.0)
         seed(handle.store(), api, 500, 500, "odd")
         state = bench_state(handle.warehouse)
-        sensor = build_progress_sensor(Settings.from_env())
         with DagsterInstance.ephemeral() as instance, sensor_env(300.0, args.batch):
+            # Built inside: the sensor takes its settings when it is built, as on loading.
+            sensor = build_progress_sensor(Settings.from_env())
             _configure(sim_url, latency_ms=LATENCY_MS, rate_limit_rate=1.0, retry_after_seconds=7)
             before = _status_calls(counts())
             result, _seconds, _ = evaluate(sensor, instance, state, api, counter, "retry_after")

@@ -47,11 +47,10 @@ def audit_operator(
 ) -> None:
     """Record what an operator did to an execution, and why."""
     store.audit(
-        AuditEvent(
-            execution_id=row.execution_id,
-            policy_name=row.policy_name,
-            event_type="override",
-            message=f"{action} by {user}: {reason}",
+        AuditEvent.about(
+            row,
+            "override",
+            f"{action} by {user}: {reason}",
             detail={"action": action, "operator": user, "reason": reason},
         )
     )

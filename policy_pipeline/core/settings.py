@@ -1,9 +1,12 @@
-"""Every setting the product reads from the environment: the one place that reads them.
+"""Every setting of the product: the one place that declares them and reads them.
 
-Each variable is named once, with its default and its lower bound, in the section it belongs
-to; ``Settings.from_env()`` reads them all (it is cheap: a dict lookup each), so a process
-that changes its environment sees the change on the next call. Nothing here is cached and
-nothing is written back to the environment.
+Each knob is declared once, in the section it belongs to, with its default, its environment
+variable, its lower bound and what it does (`_knob`); the engine, the client and the Dagster
+definitions take these sections as they are. ``Settings.from_env()`` reads them all when the
+code location loads (the Component) or the CLI starts, and the result is passed down: runs,
+sensor ticks and checks read no environment. Run config and the Component's attributes
+override a knob under its own name (`override_field`, `with_overrides`). Nothing is written
+back to the environment.
 
 Secrets (POLICY_API_KEY, SNOWFLAKE_PASSWORD, ...) are not read here: the Dagster resources
 get them as ``EnvVar`` references, resolved only at run time and never shown. Only whether

@@ -10,6 +10,7 @@ way dagster-fivetran's resource does::
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -70,20 +71,9 @@ class PolicyApiResource(ConfigurableResource):
     __str__ = __repr__
 
     def client_config(self) -> PolicyApiConfig:
+        # The resource's fields have the client configuration's names.
         return PolicyApiConfig(
-            endpoint=self.endpoint,
-            api_key=self.api_key,
-            create_path=self.create_path,
-            status_path=self.status_path,
-            circuit_path=self.circuit_path,
-            timeout_seconds=self.timeout_seconds,
-            max_attempts=self.max_attempts,
-            backoff_initial_seconds=self.backoff_initial_seconds,
-            backoff_max_seconds=self.backoff_max_seconds,
-            retry_after_max_seconds=self.retry_after_max_seconds,
-            max_concurrency=self.max_concurrency,
-            guard_failure_threshold=self.guard_failure_threshold,
-            guard_cooldown_seconds=self.guard_cooldown_seconds,
+            **{name.name: getattr(self, name.name) for name in dataclasses.fields(PolicyApiConfig)}
         )
 
     def guard_settings(self) -> GuardSettings:

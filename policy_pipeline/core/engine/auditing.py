@@ -47,11 +47,10 @@ class AttemptRecorder:
         self.calls += 1
         self.latency_ms += attempt.latency_ms
         self.store.audit(
-            AuditEvent(
-                execution_id=self.row.execution_id,
-                policy_name=self.row.policy_name,
-                event_type="api_call",
-                message=f"{attempt.method} {attempt.path} attempt {attempt.attempt}: "
+            AuditEvent.about(
+                self.row,
+                "api_call",
+                f"{attempt.method} {attempt.path} attempt {attempt.attempt}: "
                 f"{attempt.http_status or attempt.error}",
                 endpoint=attempt.endpoint,
                 http_method=attempt.method,

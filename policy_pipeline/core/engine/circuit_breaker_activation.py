@@ -23,7 +23,13 @@ from policy_pipeline.core.domain import (
     ExecutionStatus,
     circuit_idempotency_key,
 )
-from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
+from policy_pipeline.core.engine.run_state import (
+    Failure,
+    RunContext,
+    Track,
+    excerpt,
+    refusal,
+)
 from policy_pipeline.core.failpoints import failpoint
 from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError
 
@@ -185,7 +191,7 @@ class CircuitBreakerActivationStep:
         run = self.run
         writes = run.writes
         if isinstance(response, PolicyApiError):
-            writes.failed.append((track, str(response), STEP_CIRCUIT, True))
+            writes.failed.append(Failure(track, str(response), STEP_CIRCUIT, True))
             return
         if not response.ok:
             run.refused_credentials(response)
@@ -194,18 +200,18 @@ class CircuitBreakerActivationStep:
         if not response.text.strip():  # a 204: what the state keeps says so
             body = {"http_status": response.http_status, "empty_body": True}
         if reading.triggered:
-            writes.completed.append((track, body))
+            writes.completed[track] = body
             return
         assert reading.error is not None
-        writes.kept.setdefault("circuit_breaker_response", []).append((track, body))
-        writes.failed.append((track, reading.error, STEP_CIRCUIT, reading.resumable))
+        writes.kept.setdefault("circuit_breaker_response", {})[track] = body
+        writes.failed.append(Failure(track, reading.error, STEP_CIRCUIT, reading.resumable))
 
-    def write_completed(self, completed: list[tuple[Track, Any]]) -> None:
+    def write_completed(self, completed: dict[Track, Any]) -> None:
         run = self.run
-        after = run.store.mark_completed([(t.execution, body) for t, body in completed])
+        after = run.store.mark_completed([(t.execution, body) for t, body in completed.items()])
         failpoint("after_completed")
         with run.changed:
-            for track, _body in completed:
+            for track in completed:
                 assert track.row is not None
                 done = after.get(track.row.execution_id)
                 if done is None or done.status is not ExecutionStatus.COMPLETED:

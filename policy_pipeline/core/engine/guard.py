@@ -58,10 +58,10 @@ def read_guard(store: StateStore) -> GuardStatus:
 class ApiGuard:
     """One run's view of the guard. Thread-safe: the workflow's call threads share it."""
 
-    def __init__(self, store: StateStore, owner: str, policy: GuardSettings) -> None:
+    def __init__(self, store: StateStore, owner: str, settings: GuardSettings) -> None:
         self.store = store
         self.owner = owner
-        self.policy = policy
+        self.settings = settings
         self._lock = threading.Lock()
         self._settled = threading.Condition(self._lock)
         self._streak = 0
@@ -91,8 +91,8 @@ class ApiGuard:
                     [
                         self.owner,
                         GUARD_NAME,
-                        -self.policy.cooldown_seconds,
-                        -self.policy.probe_timeout_seconds,
+                        -self.settings.cooldown_seconds,
+                        -self.settings.probe_timeout_seconds,
                     ],
                 )
                 == 1
@@ -118,7 +118,7 @@ class ApiGuard:
                 raise GuardOpen(
                     f"the Policy API guard is {self._state} after repeated transient failures "
                     f"({self._last_error or 'no detail'}); no call was made. It lets one probe "
-                    f"through {self.policy.cooldown_seconds}s after opening"
+                    f"through {self.settings.cooldown_seconds}s after opening"
                 )
 
     def observe(self, attempt: ApiAttempt) -> None:
@@ -138,7 +138,10 @@ class ApiGuard:
             if self._probing:
                 self._settle(success=False)
                 return
-            if self._state is not GuardState.CLOSED or self._streak < self.policy.failure_threshold:
+            if (
+                self._state is not GuardState.CLOSED
+                or self._streak < self.settings.failure_threshold
+            ):
                 return
             self._state = GuardState.OPEN
             streak, error = self._streak, self._last_error

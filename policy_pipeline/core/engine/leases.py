@@ -36,14 +36,14 @@ class Leases:
         self,
         store: StateStore,
         owner: str,
-        policy: LeaseSettings,
+        settings: LeaseSettings,
         holder_gone: Callable[[str], bool],
         log: Logger,
         changed: threading.Condition,
     ) -> None:
         self.store = store
         self.owner = owner
-        self.policy = policy
+        self.settings = settings
         self.holder_gone = holder_gone
         self.log = log
         self.changed = changed  # the run's lock: the workers read ``Track.lease_until``
@@ -61,11 +61,11 @@ class Leases:
         wait for their lease."""
         self.tracks = dict(tracks)
         sent = time.monotonic()
-        self.held = self.store.acquire_leases(names, self.owner, self.policy.ttl_seconds)
+        self.held = self.store.acquire_leases(names, self.owner, self.settings.ttl_seconds)
         self._confirmed(self.held, sent)
         now = time.monotonic()
         self.waiting = {n: t for n, t in tracks.items() if n not in self.held}
-        self.deadline = now + self.policy.wait_seconds
+        self.deadline = now + self.settings.wait_seconds
         self.retry_at = now + self.delay
         return [t for n, t in tracks.items() if n in self.held]
 
@@ -74,11 +74,11 @@ class Leases:
         calls for them may start until the fence."""
         if not names:
             return
-        until = sent + self.policy.fence_seconds
+        until = sent + self.settings.fence_seconds
         with self.changed:
             for name in names:
                 self.tracks[name].lease_until = until
-        self.renew_at = min(self.renew_at, sent + self.policy.renew_seconds)
+        self.renew_at = min(self.renew_at, sent + self.settings.renew_seconds)
 
     def retry_due(self, now: float) -> bool:
         return bool(self.waiting) and now >= self.retry_at
@@ -102,7 +102,7 @@ class Leases:
     ) -> None:
         """Policies another run holds: take over a finished run's leases, claim the free
         ones, and ``enter`` those; ``give_up`` on the rest after the lease wait."""
-        store, owner, ttl = self.store, self.owner, self.policy.ttl_seconds
+        store, owner, ttl = self.store, self.owner, self.settings.ttl_seconds
         waiting = sorted(self.waiting)
         holders = store.lease_holders(waiting)
         for previous in {holder for holder, _until in holders.values()}:
@@ -143,7 +143,9 @@ class Leases:
         if not self.held:
             return set()
         sent = time.monotonic()
-        confirmed = self.store.renew_leases(sorted(self.held), self.owner, self.policy.ttl_seconds)
+        confirmed = self.store.renew_leases(
+            sorted(self.held), self.owner, self.settings.ttl_seconds
+        )
         self.renew_at = math.inf
         lost = self.held - confirmed
         self.held = confirmed

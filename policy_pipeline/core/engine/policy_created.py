@@ -22,7 +22,14 @@ from policy_pipeline.core.domain import (
     ExecutionStatus,
     PolicyDefinition,
 )
-from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
+from policy_pipeline.core.engine.run_state import (
+    Created,
+    Failure,
+    RunContext,
+    Track,
+    excerpt,
+    refusal,
+)
 from policy_pipeline.core.failpoints import failpoint
 from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError, json_value_kind
 from policy_pipeline.core.store.schema import STATE
@@ -137,7 +144,7 @@ class PolicyCreatedStep:
                 run.schedule("create", track)
             else:
                 problem = "stored policy_data is not a JSON object"
-                run.writes.failed.append((track, problem, STEP_CREATE, False))
+                run.writes.failed.append(Failure(track, problem, STEP_CREATE, False))
         else:
             run.detail(f"policy '{track.name}': resuming {row.execution_id} ({row.status})")
             run.passed(track, "resumed", claims)
@@ -312,55 +319,53 @@ class PolicyCreatedStep:
     def answer(self, track: Track, response: ApiResponse | PolicyApiError) -> None:
         writes = self.run.writes
         if isinstance(response, PolicyApiError):
-            writes.failed.append((track, str(response), STEP_CREATE, response.transient))
+            writes.failed.append(Failure(track, str(response), STEP_CREATE, response.transient))
             return
         if not response.ok:
             problem = f"{response.describe()}: {excerpt(response)}"
             writes.failed.append(
-                (track, problem, STEP_CREATE, self.run.refused_credentials(response))
+                Failure(track, problem, STEP_CREATE, self.run.refused_credentials(response))
             )
             return
         policy_id = response.field("policy_id")
         if not isinstance(policy_id, str) or not policy_id.strip():
-            writes.kept.setdefault("api_response", []).append((track, response.recorded_body))
+            writes.kept.setdefault("api_response", {})[track] = response.recorded_body
             # An unreadable body may hide a created policy: a later run re-sends the same
             # idempotency key and gets the original answer. JSON without the field is final.
             unreadable = response.data is None
             problem = _missing_field(response, "policy_id")
-            writes.failed.append((track, problem, STEP_CREATE, unreadable))
+            writes.failed.append(Failure(track, problem, STEP_CREATE, unreadable))
             return
         invalid = _invalid_policy_id(policy_id)
         if invalid is not None:
             # Refused before it reaches a URL or the table; the whole answer stays in the
             # audit trail (the attempt's event) and in api_response.
-            writes.kept.setdefault("api_response", []).append((track, response.recorded_body))
+            writes.kept.setdefault("api_response", {})[track] = response.recorded_body
             problem = f"{response.describe()} with {invalid}"
-            writes.failed.append((track, problem, STEP_CREATE, False))
+            writes.failed.append(Failure(track, problem, STEP_CREATE, False))
             return
         # When this run saw the create answer: the start of its grace for a 404 on the first
         # polls (an eventually consistent API may not show a new policy at once).
         track.created_answer_at = time.monotonic()
-        writes.created.append((track, policy_id, response.recorded_body))
+        writes.created.append(Created(track, policy_id, response.recorded_body))
 
-    def write_created(self, created: list[tuple[Track, str, Any]], claims: list[Track]) -> None:
+    def write_created(self, created: list[Created], claims: list[Track]) -> None:
         # One policy_id per execution: within this batch the first keeps it; against the
         # table, the conditional update refuses a policy_id another execution holds.
         run = self.run
         first: dict[str, Track] = {}
-        unique = [c for c in created if first.setdefault(c[1], c[0]) is c[0]]
-        after = run.store.mark_created(
-            [(t.execution, policy_id, body) for t, policy_id, body in unique]
-        )
+        unique = [c for c in created if first.setdefault(c.policy_id, c.track) is c.track]
+        after = run.store.mark_created([(c.track.execution, c.policy_id, c.body) for c in unique])
         failpoint("after_created")
-        refused = [
-            (t, p)
-            for t, p, _b in created
-            if after.get(t.execution.execution_id) is None
-            or after[t.execution.execution_id].policy_id != p
-        ]
-        holders = run.store.policy_id_holders(sorted({p for _t, p in refused})) if refused else {}
+        refused = {
+            c.policy_id
+            for c in created
+            if after.get(c.track.execution.execution_id) is None
+            or after[c.track.execution.execution_id].policy_id != c.policy_id
+        }
+        holders = run.store.policy_id_holders(sorted(refused)) if refused else {}
         with run.changed:
-            for track, policy_id, _body in created:
+            for track, policy_id in ((c.track, c.policy_id) for c in created):
                 assert track.row is not None
                 # The original "verify database storage" before going on.
                 stored = after.get(track.row.execution_id)
@@ -378,7 +383,7 @@ class PolicyCreatedStep:
                         "refused before any circuit breaker"
                     )
                     run.log.warning(f"policy '{track.name}': {error}")
-                    run.writes.failed.append((track, error, STEP_CREATE, False))
+                    run.writes.failed.append(Failure(track, error, STEP_CREATE, False))
                     continue
                 if stored is None or stored.policy_id != policy_id:
                     run.fail(

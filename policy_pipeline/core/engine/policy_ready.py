@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from policy_pipeline.core.domain import (
     STEP_READY,
@@ -23,7 +22,14 @@ from policy_pipeline.core.domain import (
     classify_api_status,
 )
 from policy_pipeline.core.engine.guard import GuardOpen
-from policy_pipeline.core.engine.run_state import RunContext, Track, excerpt, refusal
+from policy_pipeline.core.engine.run_state import (
+    Failure,
+    Polls,
+    RunContext,
+    Track,
+    excerpt,
+    refusal,
+)
 from policy_pipeline.core.engine.steps import Progress
 from policy_pipeline.core.failpoints import failpoint
 from policy_pipeline.core.policy_api_types import ApiResponse, PolicyApiError, json_value_kind
@@ -48,6 +54,13 @@ class PollReading:
     status: object = None  # the answer's status, as it came
     error: str | None = None  # FAILED and REFUSED: the execution's error
     warning: str | None = None  # an answer the engine did not expect (still pending)
+
+    def poll_note(self, number: int) -> str:
+        """The state row's message after poll ``number`` (runs and the progress sensor)."""
+        return f"Poll {number}: {self.note}"
+
+    def ready_note(self, number: int) -> str:
+        return f"Step 2 complete: API status {self.status!r} after {number} polls"
 
 
 def read_poll(
@@ -144,17 +157,17 @@ class PolicyReadyStep:
         writes = run.writes
         assert track.row is not None
         if isinstance(response, GuardOpen):  # no call was made: not a poll
-            writes.failed.append((track, str(response), STEP_READY, True))
+            writes.failed.append(Failure(track, str(response), STEP_READY, True))
             return
         track.polls += 1
         count = track.polls
-        record = writes.polls.setdefault(track.row.execution_id, [0, None, "", track])
-        record[0] += 1
+        record = writes.polls.setdefault(track.row.execution_id, Polls(track))
+        record.count += 1
         status: object = None
         if isinstance(response, PolicyApiError):
             # The client already retried; a poll that got no answer is still a poll.
-            record[1] = {"error": str(response)}
-            record[2] = f"Poll {count}: no answer ({response})"
+            record.body = {"error": str(response)}
+            record.message = no_answer_note(count, response)
         else:
             if not response.ok:
                 run.refused_credentials(response)
@@ -166,15 +179,15 @@ class PolicyReadyStep:
                 self.polling.not_found_grace_seconds,
             )
             status = reading.status
-            record[1], record[2] = response.recorded_body, f"Poll {count}: {reading.note}"
+            record.body, record.message = response.recorded_body, reading.poll_note(count)
             if reading.verdict is PollVerdict.READY:
-                message = f"Step 2 complete: API status {status!r} after {count} polls"
-                writes.ready.append((track, message))
+                message = reading.ready_note(count)
+                writes.ready[track] = message
                 return
             if reading.verdict is not PollVerdict.WAITING:
                 assert reading.error is not None
                 resumable = reading.verdict is PollVerdict.REFUSED
-                writes.failed.append((track, reading.error, STEP_READY, resumable))
+                writes.failed.append(Failure(track, reading.error, STEP_READY, resumable))
                 return
             if reading.warning is not None:
                 run.warn(track, reading.warning)
@@ -184,14 +197,14 @@ class PolicyReadyStep:
         if handoff > 0 and elapsed >= handoff:
             # A long wait holds no run: the progress sensor polls it from now on.
             next_in = max(wait_seconds, self.polling.wait_poll_interval_seconds)
-            writes.handoffs.append((track, next_in))
+            writes.handoffs[track] = next_in
             return
         if (
             count >= self.polling.max_polls
             or elapsed + wait_seconds > self.polling.deadline_seconds
         ):
             writes.failed.append(
-                (
+                Failure(
                     track,
                     f"policy {track.row.policy_id} not ready after {count} polls in "
                     f"{elapsed:.1f}s (last status {status!r}); a later run resumes polling the "
@@ -212,16 +225,13 @@ class PolicyReadyStep:
             return None
         return time.monotonic() - track.created_answer_at
 
-    def write_polls(self, polls: dict[str, list[Any]]) -> None:
+    def write_polls(self, polls: dict[str, Polls]) -> None:
         """Each policy's polls since the last write, as one statement."""
         self.run.store.record_polls(
-            [
-                (t.execution, count, body, message, None)
-                for count, body, message, t in polls.values()
-            ]
+            [(p.track.execution, p.count, p.body, p.message, None) for p in polls.values()]
         )
 
-    def write_handoffs(self, handoffs: list[tuple[Track, float]], claims: list[Track]) -> None:
+    def write_handoffs(self, handoffs: dict[Track, float], claims: list[Track]) -> None:
         """Let long waits go: the progress sensor polls them from now on, outside any run."""
         run = self.run
         after = run.store.hand_off(
@@ -232,11 +242,11 @@ class PolicyReadyStep:
                     f"Handed off after {t.polls} polls in this run: waiting for readiness "
                     f"outside any run (next poll in {delay:.0f}s)",
                 )
-                for t, delay in handoffs
+                for t, delay in handoffs.items()
             ]
         )
         with run.changed:
-            for track, _delay in handoffs:
+            for track in handoffs:
                 now = after.get(track.execution.execution_id)
                 if (
                     now is not None
@@ -256,13 +266,13 @@ class PolicyReadyStep:
                 else:
                     run.fail(track, STEP_READY, "state row is gone")
 
-    def write_ready(self, ready: list[tuple[Track, str]], claims: list[Track]) -> None:
+    def write_ready(self, ready: dict[Track, str], claims: list[Track]) -> None:
         # Moves only the rows still 'policy_created' with the policy_id the API called ready.
         run = self.run
-        after = run.store.mark_ready([(t.execution, message) for t, message in ready])
+        after = run.store.mark_ready([(t.execution, message) for t, message in ready.items()])
         failpoint("after_ready")
         with run.changed:
-            for track, _message in ready:
+            for track in ready:
                 assert track.row is not None
                 done = after.get(track.row.execution_id)
                 # Already ready (or further) for the same policy_id is fine: the progress
@@ -283,6 +293,11 @@ class PolicyReadyStep:
                 track.row = done
                 run.detail(f"policy '{track.name}': {done.policy_id} ready")
                 run.passed(track, f"ready after {done.poll_count} polls", claims)
+
+
+def no_answer_note(number: int, error: PolicyApiError) -> str:
+    """The state row's message after a poll that got no answer (the client's retries spent)."""
+    return f"Poll {number}: no answer ({error})"
 
 
 def _status_seen(response: ApiResponse) -> str:

@@ -40,7 +40,7 @@ from policy_pipeline.core.domain import (
 from policy_pipeline.core.engine.auditing import AttemptRecorder
 from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
 from policy_pipeline.core.engine.policy_created import deleted_before_create
-from policy_pipeline.core.engine.policy_ready import PollVerdict, read_poll
+from policy_pipeline.core.engine.policy_ready import PollVerdict, no_answer_note, read_poll
 from policy_pipeline.core.engine.run_state import Logger
 from policy_pipeline.core.liveness import lease_owner
 from policy_pipeline.core.policy_api import PolicyApiClient
@@ -90,28 +90,19 @@ class _NextTick(PolicyApiError):
     """A transient answer: not retried inside the tick, polled again later."""
 
 
+@dataclass
 class ProgressTick:
     """One evaluation of the progress sensor."""
 
-    def __init__(
-        self,
-        store: StateStore,
-        api: PolicyApiClient,
-        settings: ProgressSettings,
-        polling: PollingSettings,
-        max_concurrency: int,
-        log: Logger,
-        guard: ApiGuard | None = None,
-    ) -> None:
-        self.store = store
-        self.api = api
-        self.settings = settings
-        self.polling = polling
-        self.max_concurrency = max_concurrency
-        self.log = log
-        self.guard = guard
-        # Which tick claimed what: two ticks racing never both win an execution.
-        self.token = f"tick:{uuid.uuid4().hex}"
+    store: StateStore
+    api: PolicyApiClient
+    settings: ProgressSettings
+    polling: PollingSettings
+    max_concurrency: int
+    log: Logger
+    guard: ApiGuard | None = None
+    # Which tick claimed what: two ticks racing never both win an execution.
+    token: str = field(default_factory=lambda: f"tick:{uuid.uuid4().hex}")
 
     # --- waiting policies -----------------------------------------------------------------------
 
@@ -239,7 +230,8 @@ class ProgressTick:
                 # No answer is still a poll; it is polled again at its usual cadence (or after
                 # the Retry-After the API asked for).
                 next_in = max(later, report.retry_after or 0.0)
-                polls.append((row, 1, {"error": str(answer)}, f"Poll {number}: no answer", next_in))
+                note = no_answer_note(number, answer)
+                polls.append((row, 1, {"error": str(answer)}, note, next_in))
                 continue
             assert row.policy_id is not None
             # Read as a run reads it (`read_poll`): the same answer means the same here.
@@ -249,7 +241,7 @@ class ProgressTick:
                 since_create.get(row.execution_id),
                 self.polling.not_found_grace_seconds,
             )
-            message = f"Poll {number}: {reading.note}"
+            message = reading.poll_note(number)
             if reading.verdict is PollVerdict.REFUSED:
                 # No word about our policy (an HTTP error, another policy's answer): the
                 # execution stays resumable, and a run polls the same policy_id again.
@@ -259,8 +251,7 @@ class ProgressTick:
                 continue
             polls.append((row, 1, answer.recorded_body, message, later))
             if reading.verdict is PollVerdict.READY:
-                status = reading.status
-                ready.append((row, f"Step 2 complete: API status {status!r} after {number} polls"))
+                ready.append((row, reading.ready_note(number)))
             elif reading.verdict is PollVerdict.FAILED:
                 assert reading.error is not None
                 failed.append((row, reading.error, STEP_READY, False))

@@ -90,18 +90,48 @@ class Track:
 
 
 @dataclass
+class Polls:
+    """A policy's polls since the last write: how many, and the last answer."""
+
+    track: Track
+    count: int = 0
+    body: Any = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Created:
+    """The create call answered with this ``policy_id``."""
+
+    track: Track
+    policy_id: str
+    body: Any
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The policy failed at ``step``; ``resumable``: a later run goes on from where it is."""
+
+    track: Track
+    error: str
+    step: str
+    resumable: bool
+
+
+@dataclass
 class Writes:
     """What the workers learnt and the writer has not written yet."""
 
     intents: list[Track] = field(default_factory=list)
-    polls: dict[str, list[Any]] = field(default_factory=dict)  # id -> [polls, body, message, t]
-    created: list[tuple[Track, str, Any]] = field(default_factory=list)
-    ready: list[tuple[Track, str]] = field(default_factory=list)
-    handoffs: list[tuple[Track, float]] = field(default_factory=list)  # and next poll in
+    polls: dict[str, Polls] = field(default_factory=dict)  # by execution id
+    created: list[Created] = field(default_factory=list)
+    ready: dict[Track, str] = field(default_factory=dict)  # the API called it ready: why
+    handoffs: dict[Track, float] = field(default_factory=dict)  # let go: next poll in seconds
     claims: list[Track] = field(default_factory=list)
-    completed: list[tuple[Track, Any]] = field(default_factory=list)
-    kept: dict[str, list[tuple[Track, Any]]] = field(default_factory=dict)  # column -> bodies
-    failed: list[tuple[Track, str, str, bool]] = field(default_factory=list)
+    completed: dict[Track, Any] = field(default_factory=dict)  # the circuit answer's body
+    # Answer bodies to keep on the state rows, by column.
+    kept: dict[str, dict[Track, Any]] = field(default_factory=dict)
+    failed: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # logged by the writer, not the workers
 
     def __bool__(self) -> bool:
@@ -121,17 +151,17 @@ class Writes:
         return Writes(
             intents=[t for t in self.intents if keep(t)],
             polls=self.polls,
-            created=[w for w in self.created if keep(w[0])],
-            ready=[w for w in self.ready if keep(w[0])],
-            handoffs=[w for w in self.handoffs if keep(w[0])],
+            created=[w for w in self.created if keep(w.track)],
+            ready={t: why for t, why in self.ready.items() if keep(t)},
+            handoffs={t: delay for t, delay in self.handoffs.items() if keep(t)},
             claims=[t for t in self.claims if keep(t)],
-            completed=[w for w in self.completed if keep(w[0])],
+            completed={t: body for t, body in self.completed.items() if keep(t)},
             kept={
                 column: kept
                 for column, bodies in self.kept.items()
-                if (kept := [w for w in bodies if keep(w[0])])
+                if (kept := {t: body for t, body in bodies.items() if keep(t)})
             },
-            failed=[w for w in self.failed if keep(w[0])],
+            failed=[w for w in self.failed if keep(w.track)],
             warnings=self.warnings,
         )
 

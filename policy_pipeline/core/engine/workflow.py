@@ -435,14 +435,14 @@ class _Run:
         if writes.completed:
             self.circuit.write_completed(writes.completed)
         for column, kept in writes.kept.items():
-            store.set_responses(column, [(t.execution, body) for t, body in kept])
+            store.set_responses(column, [(t.execution, body) for t, body in kept.items()])
         if writes.failed:
             store.mark_errors(
-                [(t.execution, error, step, res) for t, error, step, res in writes.failed]
+                [(f.track.execution, f.error, f.step, f.resumable) for f in writes.failed]
             )
             with self.changed:
-                for track, error, step, _resumable in writes.failed:
-                    self.fail(track, step, error)
+                for failure in writes.failed:
+                    self.fail(failure.track, failure.step, failure.error)
         self.leases.release()
         store.flush()  # the audit events no state change above wrote
 

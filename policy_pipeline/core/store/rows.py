@@ -130,6 +130,11 @@ class AuditEvent:
     detail: Any = None
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
+    @classmethod
+    def about(cls, row: ExecutionRow, event_type: str, message: str, **fields: Any) -> AuditEvent:
+        """An event about this execution."""
+        return cls(row.execution_id, row.policy_name, event_type, message, **fields)
+
     def row(self, run_id: str | None) -> dict[str, Any]:
         """The event as a row of ``statements.executions.INSERT_EVENTS``."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -123,22 +123,23 @@ class StateStore:
 
     def current_executions(self, names: Sequence[str]) -> dict[str, ExecutionRow]:
         """Each policy's active execution, or else its latest (absent: never executed)."""
-        found: dict[str, ExecutionRow] = {}
-        with self.warehouse.session() as session:
-            for batch in bind_values("policy_name", names):
-                for row in session.rows(sql_executions.CURRENT_EXECUTIONS, [batch]):
-                    execution = ExecutionRow.from_row(row)
-                    found[execution.policy_name] = execution
-        return found
+        rows = self._executions(sql_executions.CURRENT_EXECUTIONS, "policy_name", names)
+        return {row.policy_name: row for row in rows}
 
     def executions(self, ids: Sequence[str]) -> dict[str, ExecutionRow]:
-        found: dict[str, ExecutionRow] = {}
+        rows = self._executions(sql_executions.EXECUTIONS_BY_ID, "execution_id", ids)
+        return {row.execution_id: row for row in rows}
+
+    def _executions(
+        self, statement: Statement, column: str, values: Sequence[str]
+    ) -> list[ExecutionRow]:
+        """The rows a statement reads for these values of ``column``, bound in batches."""
         with self.warehouse.session() as session:
-            for batch in bind_values("execution_id", ids):
-                for row in session.rows(sql_executions.EXECUTIONS_BY_ID, [batch]):
-                    execution = ExecutionRow.from_row(row)
-                    found[execution.execution_id] = execution
-        return found
+            return [
+                ExecutionRow.from_row(row)
+                for batch in bind_values(column, values)
+                for row in session.rows(statement, [batch])
+            ]
 
     def get(self, execution_id: str) -> ExecutionRow:
         rows = self.executions([execution_id])
@@ -402,11 +403,10 @@ class StateStore:
                     and now.error_message == error[:MAX_DETAIL_CHARS]
                 ):
                     self.audit(
-                        AuditEvent(
-                            execution_id=row.execution_id,
-                            policy_name=row.policy_name,
-                            event_type="retired",
-                            message=error,
+                        AuditEvent.about(
+                            row,
+                            "retired",
+                            error,
                             from_status=row.status.value,
                             to_status=ExecutionStatus.ERROR.value,
                             detail=dict(detail),
@@ -439,11 +439,10 @@ class StateStore:
             now = after.get(row.execution_id)
             if now is not None and now.handed_off and now.status is ExecutionStatus.POLICY_CREATED:
                 self.audit(
-                    AuditEvent(
-                        execution_id=row.execution_id,
-                        policy_name=row.policy_name,
-                        event_type="handoff",
-                        message=message,
+                    AuditEvent.about(
+                        row,
+                        "handoff",
+                        message,
                         detail={"next_poll_in_seconds": round(delay)},
                     )
                 )
@@ -495,11 +494,10 @@ class StateStore:
         for row in rows:
             if row.execution_id in claimed:
                 self.audit(
-                    AuditEvent(
-                        execution_id=row.execution_id,
-                        policy_name=row.policy_name,
-                        event_type="resume",
-                        message=f"automatic resumption {row.auto_resume_count + 1} ({why}): "
+                    AuditEvent.about(
+                        row,
+                        "resume",
+                        f"automatic resumption {row.auto_resume_count + 1} ({why}): "
                         f"{row.status}" + (f", {row.error_message}" if row.error_message else ""),
                     )
                 )
@@ -585,11 +583,10 @@ class StateStore:
     ) -> None:
         """Buffer the audit event of a move that happened (flushed with the next write)."""
         self.audit(
-            AuditEvent(
-                execution_id=row.execution_id,
-                policy_name=row.policy_name,
-                event_type="transition",
-                message=message,
+            AuditEvent.about(
+                row,
+                "transition",
+                message,
                 from_status=row.status.value,
                 to_status=target.value,
                 detail=detail,

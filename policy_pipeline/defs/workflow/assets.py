@@ -61,7 +61,7 @@ from policy_pipeline.resources import DuckDBStateResource, PolicyStateResource
 from policy_pipeline.resources.policy_api import PolicyApiResource
 
 WORKFLOW_GROUP = "policy_workflow"
-WORKFLOW_STEP = "policy_workflow"  # the op behind the three assets (its run config key)
+WORKFLOW_OP = "policy_workflow"  # the op behind the three assets (its run config key)
 OWNERS = ["team:data-platform"]
 # A run names at most this many failed policies in its failure message (all in metadata).
 LISTED_FAILURES = 50
@@ -347,7 +347,7 @@ def build_workflow_assets(settings: Settings) -> AssetsDefinition:
     ]
 
     @multi_asset(
-        name=WORKFLOW_STEP,
+        name=WORKFLOW_OP,
         specs=specs,
         partitions_def=POLICY_PARTITIONS,
         # A backfill hands many policies to one run, which works on them concurrently; a

@@ -383,11 +383,10 @@ def _alert(
         "steps": [],
     }
     store.audit(
-        AuditEvent(
-            execution_id=row.execution_id,
-            policy_name=row.policy_name,
-            event_type="alert",
-            message=f"execution {row.execution_id} ended: {error}"[:2000],
+        AuditEvent.about(
+            row,
+            "alert",
+            f"execution {row.execution_id} ended: {error}"[:2000],
             detail=summary,
         )
     )
