@@ -116,12 +116,14 @@ BENCH_WAREHOUSES: dict[str, WarehouseConnection] = {}
 class CountingClient(PolicyApiClient):
     """The product's Policy API client, with the status calls in flight counted."""
 
-    def get_policy_status(self, policy_id: str, on_attempt: AttemptCallback) -> Any:
+    def get_policy_status(
+        self, policy_id: str, on_attempt: AttemptCallback, max_attempts: int | None = None
+    ) -> Any:
         with GAUGE.lock:
             GAUGE.in_flight += 1
             GAUGE.peak = max(GAUGE.peak, GAUGE.in_flight)
         try:
-            return super().get_policy_status(policy_id, on_attempt)
+            return super().get_policy_status(policy_id, on_attempt, max_attempts)
         finally:
             with GAUGE.lock:
                 GAUGE.in_flight -= 1

@@ -57,7 +57,9 @@ class ScriptedApi:
     def create_policy(self, payload: dict[str, Any], key: str, cb: AttemptCallback) -> ApiResponse:
         return self._answer("createpolicy", "POST", "/createpolicy", self.create(), cb)
 
-    def get_policy_status(self, policy_id: str, cb: AttemptCallback) -> ApiResponse:
+    def get_policy_status(
+        self, policy_id: str, cb: AttemptCallback, max_attempts: int | None = None
+    ) -> ApiResponse:
         return self._answer("policy_status", "GET", f"/policy/{policy_id}", self.status(), cb)
 
     def trigger_circuit_breaker(

@@ -52,6 +52,13 @@ class ApiResponse:
     def field(self, name: str) -> Any:
         return self.data.get(name) if isinstance(self.data, dict) else None
 
+    def excerpt(self, limit: int = 300) -> str:
+        """The body's text for an error message, shortened to ``limit``."""
+        text = self.text.strip()
+        if not text:
+            return "(empty body)"
+        return text[:limit] + ("..." if len(text) > limit else "")
+
     def describe(self) -> str:
         if self.idempotency_key_reused:
             return (
@@ -65,9 +72,11 @@ class ApiResponse:
 class PolicyApiError(RuntimeError):
     """The Policy API did not give a usable answer (after retries where they apply)."""
 
-    def __init__(self, message: str, transient: bool) -> None:
+    def __init__(self, message: str, transient: bool, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        # The last attempt's Retry-After (seconds): how long the API asked us to back off.
+        self.retry_after = retry_after
 
 
 class InvalidApiKeyError(ValueError):

@@ -17,7 +17,7 @@ from policy_pipeline.core.store.state_store import AuditEvent, ExecutionRow, Sta
 
 class LeaseFenced(PolicyApiError):
     """A call's retries stop: the run cannot be sure it still holds the policy's lease. The
-    call is made again once a renewal confirms the lease (`scheduling.py`)."""
+    call is made again once a renewal confirms the lease (`driver.py`)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, transient=True)

@@ -7,7 +7,7 @@ a holder known to be gone, and gives up on the rest after `LeaseSettings.wait_se
 
 Fencing: each held policy's track knows until when its lease is surely the run's own
 (`Track.lease_until`: when the last confirming statement was sent, plus the TTL, minus a
-safety margin). No call starts past it (`scheduling.py` parks the call until a renewal
+safety margin). No call starts past it (`driver.py` parks the call until a renewal
 confirms the lease again, or stops the policy when a renewal says it is gone), so a run whose
 renewals cannot reach the warehouse stops calling the API before another run may take over.
 Only the writer thread uses this class; it sets ``lease_until`` with the run's lock held.
@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from policy_pipeline.core.engine.run_state import Logger, Track
+from policy_pipeline.core.engine.effects import Logger, Track
 from policy_pipeline.core.settings import LeaseSettings
 from policy_pipeline.core.store.state_store import StateStore
 

@@ -5,10 +5,12 @@ reports into Dagster events and run requests):
 
 - **Waiting without a held run.** A run hands off a policy that has waited long for readiness
   (`PollingSettings.wait_handoff_seconds`); from then on each tick polls the handed-off
-  policies that are due, in one batch: at most ``max_concurrency`` calls in flight, within a
-  time budget, one attempt per poll (a transient failure is simply polled again later),
-  ``Retry-After`` and the API guard honoured. Every poll is recorded as a run records it
-  (``poll_count``, ``last_poll_time``, the response, the audit event). A policy found ready is
+  policies that are due, in one batch, through the driver a run uses (`driver.py`) and the
+  flow `flow.poll_handed_off`: at most ``max_concurrency`` calls in flight, within a time
+  budget, one attempt per poll (a transient failure is simply polled again later),
+  ``Retry-After`` and the API guard honoured. Every poll is read (`flow.poll_once`) and
+  recorded as a run reads and records it (``poll_count``, ``last_poll_time``, the response,
+  the audit event). A policy found ready is
   moved to ``policy_ready`` by the same conditional update a run uses, and claimed by this
   tick, so that exactly one tick reports it and requests its circuit-breaker run.
 - **Automatic resumption.** An execution nothing is moving (an active one whose lease lapsed:
@@ -23,12 +25,12 @@ ones are read with a LIMIT and each kind of write is one statement for the whole
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from policy_pipeline.core.domain import (
     RESUME_FROM,
@@ -37,19 +39,13 @@ from policy_pipeline.core.domain import (
     STEP_READY,
     ExecutionStatus,
 )
-from policy_pipeline.core.engine.auditing import AttemptRecorder
-from policy_pipeline.core.engine.guard import ApiGuard, GuardOpen
+from policy_pipeline.core.engine.driver import Driver
+from policy_pipeline.core.engine.effects import Logger, Track
+from policy_pipeline.core.engine.flow import TickPolls, poll_handed_off
+from policy_pipeline.core.engine.guard import ApiGuard
 from policy_pipeline.core.engine.policy_created import deleted_before_create
-from policy_pipeline.core.engine.policy_ready import PollVerdict, no_answer_note, read_poll
-from policy_pipeline.core.engine.run_state import Logger
 from policy_pipeline.core.liveness import lease_owner
 from policy_pipeline.core.policy_api import PolicyApiClient
-from policy_pipeline.core.policy_api_types import (
-    ApiAttempt,
-    ApiResponse,
-    AttemptCallback,
-    PolicyApiError,
-)
 from policy_pipeline.core.settings import PollingSettings, ProgressSettings
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
 
@@ -86,8 +82,26 @@ class ResumeReport:
     deferred: int = 0  # due, but no run may be launched now (queue full, guard open)
 
 
-class _NextTick(PolicyApiError):
-    """A transient answer: not retried inside the tick, polled again later."""
+class _TickDriver(Driver):
+    """The driver of one tick's polls: no leases (the conditional updates guard the writes),
+    one batch of writes once every answer is in, and what it reports is what the tick found."""
+
+    def __init__(self, tick: ProgressTick) -> None:
+        super().__init__(
+            tick.store,
+            tick.log,
+            tick.guard,
+            tick.max_concurrency,
+            math.inf,
+            threading.Event(),
+            flush_when_idle=True,
+            call_deadline=time.monotonic() + tick.settings.tick_budget_seconds,
+        )
+        self.found = TickPolls()
+
+    def failed(self, track: Track, step: str, error: str, now: ExecutionRow | None) -> None:
+        if now is not None and now.status is ExecutionStatus.ERROR:
+            self.found.failed.append((track.execution, error))
 
 
 @dataclass
@@ -115,7 +129,6 @@ class ProgressTick:
             report.blocked = blocked
             return report
         due = self.store.due_waits(self.settings.wait_poll_batch, lead_seconds)
-        read_at = time.monotonic()
         report.due = len(due)
         report.cut_short = len(due) >= self.settings.wait_poll_batch
         deadline = self.settings.wait_deadline_seconds
@@ -138,145 +151,33 @@ class ProgressTick:
                 for row, waited in overdue
                 if row.execution_id in ended
             ]
-        answers = self._poll([row for row, waited in due if waited <= deadline], report)
-        report.polled = len(answers)
-        # Seconds since each create: the warehouse's age of it when read, plus what this tick
-        # has spent since (counted to the last answer, so never less than the truth).
-        spent = time.monotonic() - read_at
-        since_create = {row.execution_id: waited + spent for row, waited in due}
-        self._record(answers, report, since_create)
+        polled = [(row, waited) for row, waited in due if waited <= deadline]
+        found = self._poll(polled)
+        report.polled = found.polled
+        report.api_calls = found.polled  # one attempt per poll
+        report.ready += found.ready
+        report.retry_after = found.retry_after
+        report.failed += found.failed
+        if found.polled < len(polled):
+            report.cut_short = True
         return report
 
-    def _poll(
-        self, rows: list[ExecutionRow], report: WaitReport
-    ) -> list[tuple[ExecutionRow, ApiResponse | PolicyApiError]]:
-        """One attempt per due policy, ``max_concurrency`` at a time, until the budget is spent or
-        the API asks us to back off."""
-        answers: list[tuple[ExecutionRow, ApiResponse | PolicyApiError]] = []
-        pending = iter(rows)
-        lock = threading.Lock()
-        stop = threading.Event()
-        deadline = time.monotonic() + self.settings.tick_budget_seconds
-
-        def one_attempt(recorder: AttemptRecorder) -> AttemptCallback:
-            def on_attempt(attempt: ApiAttempt) -> PolicyApiError | None:
-                guard_open = recorder(attempt)
-                if guard_open is not None:
-                    return guard_open
-                with lock:
-                    report.api_calls += 1
-                if attempt.retry_after is not None:
-                    with lock:
-                        report.retry_after = max(report.retry_after or 0.0, attempt.retry_after)
-                    stop.set()
-                if attempt.outcome == "retry":  # not retried inside the tick
-                    return _NextTick(
-                        f"{attempt.method} {attempt.path}: {attempt.http_status or attempt.error}"
-                        " (polled again later)",
-                        transient=True,
-                    )
-                return None
-
-            return on_attempt
-
-        def work() -> None:
-            while not stop.is_set() and time.monotonic() < deadline:
-                with lock:
-                    row = next(pending, None)
-                if row is None or row.policy_id is None:
-                    return
-                try:
-                    if self.guard is not None:
-                        self.guard.before_call()
-                    recorder = AttemptRecorder(self.store, row, self.guard)
-                    answer: ApiResponse | PolicyApiError = self.api.get_policy_status(
-                        row.policy_id, one_attempt(recorder)
-                    )
-                except GuardOpen:
-                    stop.set()  # no call made: not a poll; it stays due
-                    return
-                except PolicyApiError as exc:
-                    answer = exc
-                with lock:
-                    answers.append((row, answer))
-
-        workers = [
-            threading.Thread(target=work, name=f"policy-progress-{i}", daemon=True)
-            for i in range(min(self.max_concurrency, len(rows)))
-        ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        if len(answers) < len(rows):
-            report.cut_short = True
-        return answers
-
-    def _record(
-        self,
-        answers: list[tuple[ExecutionRow, ApiResponse | PolicyApiError]],
-        report: WaitReport,
-        since_create: dict[str, float],
-    ) -> None:
-        """One batch of writes for every answer: the polls, the ready moves and their claims,
-        the failures."""
-        polls: list[tuple[ExecutionRow, int, Any, str, float | None]] = []
-        ready: list[tuple[ExecutionRow, str]] = []
-        failed: list[tuple[ExecutionRow, str, str, bool]] = []
-        later = self.polling.wait_poll_interval_seconds
-        for row, answer in answers:
-            number = row.poll_count + 1
-            if isinstance(answer, PolicyApiError):
-                # No answer is still a poll; it is polled again at its usual cadence (or after
-                # the Retry-After the API asked for).
-                next_in = max(later, report.retry_after or 0.0)
-                note = no_answer_note(number, answer)
-                polls.append((row, 1, {"error": str(answer)}, note, next_in))
-                continue
-            assert row.policy_id is not None
-            # Read as a run reads it (`read_poll`): the same answer means the same here.
-            reading = read_poll(
-                answer,
-                row.policy_id,
-                since_create.get(row.execution_id),
-                self.polling.not_found_grace_seconds,
-            )
-            message = reading.poll_note(number)
-            if reading.verdict is PollVerdict.REFUSED:
-                # No word about our policy (an HTTP error, another policy's answer): the
-                # execution stays resumable, and a run polls the same policy_id again.
-                assert reading.error is not None
-                polls.append((row, 1, answer.recorded_body, message, None))
-                failed.append((row, reading.error, STEP_READY, True))
-                continue
-            polls.append((row, 1, answer.recorded_body, message, later))
-            if reading.verdict is PollVerdict.READY:
-                ready.append((row, reading.ready_note(number)))
-            elif reading.verdict is PollVerdict.FAILED:
-                assert reading.error is not None
-                failed.append((row, reading.error, STEP_READY, False))
-        with self.store.batch():
-            if polls:
-                self.store.record_polls(polls)
-            if ready:
-                after = self.store.mark_ready(ready)
-                moved = [
-                    now
-                    for now in after.values()
-                    if now.status is ExecutionStatus.POLICY_READY
-                    and not now.circuit_breaker_initiated
-                ]
-                claimed = self.store.claim_circuit_requests(moved, self.token)
-                report.ready = [row for row in moved if row.execution_id in claimed]
-            if failed:
-                after = self.store.mark_errors(failed)
-                report.failed += [
-                    (row, error)
-                    for row, error, _step, _resumable in failed
-                    if after.get(row.execution_id) is not None
-                    and after[row.execution_id].status is ExecutionStatus.ERROR
-                ]
-            self.store.flush()
+    def _poll(self, due: list[tuple[ExecutionRow, int]]) -> TickPolls:
+        """One poll per due policy (`flow.poll_handed_off`), through the driver a run uses:
+        at most ``max_concurrency`` in flight, until the budget is spent or the API asks us
+        to back off; then one batch of writes for every answer."""
+        driver = _TickDriver(self)
+        found = driver.found
+        with driver.changed:
+            for row, waited in due:
+                if row.policy_id is None:
+                    continue
+                track = Track(row.policy_name, row=row, step=STEP_READY, lease_until=math.inf)
+                flow = poll_handed_off(track, self.api, self.polling, waited, self.token, found)
+                driver.start(track, flow)
+        if driver.tracks:
+            driver.drive(len(driver.tracks))
+        return found
 
     # --- resumption -----------------------------------------------------------------------------
 

@@ -1,11 +1,11 @@
 """The workflow's three steps by name, and what a run reports about them.
 
-Each step is named by the key of the Dagster asset it materializes (`defs/workflow/assets.py`),
-and its rules live in the engine module of the same name:
+Each step is named by the key of the Dagster asset it materializes (`defs/workflow/assets.py`);
+what it does is one function of `flow.py`:
 
-- ``policy_created`` -> `policy_created.py`
-- ``policy_ready`` -> `policy_ready.py`
-- ``circuit_breaker_activation`` -> `circuit_breaker_activation.py`
+- ``policy_created`` -> `flow.create_policy`
+- ``policy_ready`` -> `flow.wait_until_ready`
+- ``circuit_breaker_activation`` -> `flow.trigger_circuit_breaker`
 
 This module serves all three assets; it imports nothing else from the engine, so every other
 engine module can import it.

@@ -1,17 +1,18 @@
 """The workflow engine's entry point: every policy of a run goes create -> ready -> circuit
 breaker on its own, as soon as it can, whatever the other policies do.
 
-Plain Python over the state store and the Policy API (no Dagster). One run of the engine has
-``max_concurrency`` call workers and one writer:
+Plain Python over the state store and the Policy API (no Dagster). What happens to one policy
+is `flow.policy_workflow`, read top to bottom; the driver (`driver.py`) runs every policy's
+flow at once (the calls, at most ``max_concurrency`` in flight, most urgent first; the writes,
+in batches). This module holds `PolicyWorkflow` and what a run adds to the driver:
 
-- the workers take whichever call is due next (a create, a status poll, a circuit-breaker
-  call) from one schedule, so at most ``max_concurrency`` calls are in flight for the whole run,
-  and a slow or failing policy only ever occupies the worker of its own call;
-- the writer commits what the answers taught, in batches (group commit): whatever has
-  gathered since the last write, at most ``flush_seconds`` apart. A batch is a few statements
-  whatever the number of policies in it, so statements per run grow with its duration, not
-  with its number of policies. As each write commits, the policies it moved go on to their
-  next call at once, and ``on_progress`` hears of each policy passing (or failing) each step.
+- the leases (`leases.py`): acquired as the run starts, renewed every third of the TTL (a
+  renewal that confirms fewer leases than the run holds stops those policies), retried for
+  the policies another run holds, released as each policy finishes;
+- what it reports: each policy passing (or failing) each step, to ``on_progress`` and in the
+  `RunReport`;
+- a warehouse that cannot be reached: the writes wait, no call starts past a lease's fence,
+  the batch is tried again, and the run ends after ``WAREHOUSE_GIVE_UP_TTLS`` lease TTLs.
 
 The original rules hold per policy: the intent is committed before the create call, the
 circuit breaker is called only after the state row says ``policy_ready`` (the API said so,
@@ -19,33 +20,17 @@ and a conditional update agreed) and after a conditional claim, and a failure in
 keeps the steps before it recorded. A recoverable failure is recorded so that a later run
 resumes the same execution (same ``policy_id``, same idempotency keys).
 
-A policy that has waited ``PollingSettings.wait_handoff_seconds`` for readiness is handed off: the
-run lets it go (waiting, not failed) and `progress.py` polls it outside any run.
-
-Serves the three workflow assets. This module holds `PolicyWorkflow` and the run that ties
-the other engine modules together (the writer's loop, entering policies, passing and failing
-steps). Each step's rules are in the module named after its asset:
-
-- ``policy_created`` -> `policy_created.py`
-- ``policy_ready`` -> `policy_ready.py`
-- ``circuit_breaker_activation`` -> `circuit_breaker_activation.py`
-
-and the machinery they share: `scheduling.py` (call queue, priorities, workers), `leases.py`
-(acquire/renew/take over), `auditing.py` (`AttemptRecorder`, audit events), `run_state.py`
-(each policy's track, the pending writes), `steps.py` (what a run reports). The settings
-(`PollingSettings`, `LeaseSettings`) are `core/settings.py`'s; the step names and the state
-machine are `core/domain.py`'s.
+A policy that has waited ``PollingSettings.wait_handoff_seconds`` for readiness is handed off:
+the run lets it go (waiting, not failed) and `progress.py` polls it outside any run.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
 from policy_pipeline.core.domain import (
-    RESUME_FROM,
     STEP_CIRCUIT,
     STEP_CREATE,
     STEP_READY,
@@ -53,14 +38,11 @@ from policy_pipeline.core.domain import (
     ExecutionStatus,
     PolicyDefinition,
 )
-from policy_pipeline.core.engine.auditing import warning_event
-from policy_pipeline.core.engine.circuit_breaker_activation import CircuitBreakerActivationStep
+from policy_pipeline.core.engine.driver import Batch, Driver
+from policy_pipeline.core.engine.effects import Logger, Track
+from policy_pipeline.core.engine.flow import RunPlan, policy_workflow
 from policy_pipeline.core.engine.guard import ApiGuard
 from policy_pipeline.core.engine.leases import Leases
-from policy_pipeline.core.engine.policy_created import PolicyCreatedStep
-from policy_pipeline.core.engine.policy_ready import PolicyReadyStep
-from policy_pipeline.core.engine.run_state import Logger, Track, Writes
-from policy_pipeline.core.engine.scheduling import Scheduler
 from policy_pipeline.core.engine.steps import (
     Progress,
     RunReport,
@@ -70,7 +52,6 @@ from policy_pipeline.core.engine.steps import (
 )
 from policy_pipeline.core.liveness import certainly_gone
 from policy_pipeline.core.policy_api import PolicyApiClient
-from policy_pipeline.core.policy_api_types import ApiResponse
 from policy_pipeline.core.settings import LeaseSettings, PollingSettings
 from policy_pipeline.core.store.connection import WarehouseUnavailable
 from policy_pipeline.core.store.state_store import ExecutionRow, StateStore
@@ -85,9 +66,6 @@ GUARD_REFRESH_SECONDS = 2.0
 # and after how many lease TTLs without one the run gives up.
 WAREHOUSE_RETRY_SECONDS = 2.0
 WAREHOUSE_GIVE_UP_TTLS = 10
-# The API refuses our credentials: a configuration error, the same for every policy. (A 403
-# may be about one policy only, so it fails just that policy, resumable like any poll error.)
-AUTH_STATUSES = frozenset({401})
 
 
 class PolicyWorkflow:
@@ -183,10 +161,9 @@ class PolicyWorkflow:
         return report.outcomes[policy_name]
 
 
-class _Run:
-    """One call of `PolicyWorkflow.run`: the writer (the calling thread), the call workers
-    (`Scheduler`), the leases, every policy's track, and the rules of each step. It is the
-    `RunContext` the step rules work through."""
+class _Run(Driver):
+    """One call of `PolicyWorkflow.run`: the driver with the run's leases, its report, and
+    the policies entering as their leases are acquired."""
 
     def __init__(
         self,
@@ -200,36 +177,30 @@ class _Run:
         on_progress: Callable[[Progress], None],
         stop: threading.Event,
     ) -> None:
+        super().__init__(
+            workflow.store,
+            workflow.log,
+            workflow.guard,
+            workflow.max_concurrency,
+            workflow.flush_seconds,
+            stop,
+        )
         self.wf = workflow
-        self.store = workflow.store
-        self.api = workflow.api
-        self.guard = workflow.guard
-        self.log = workflow.log
         self.names = names
         self.steps = steps
         self.on_progress = on_progress
-        self.stop = stop
-        self.verbose = len(names) <= DETAILED_LOG_LIMIT
         self.report = RunReport()
-        self.tracks = {name: Track(name, list(steps)) for name in names}
-        self.unfinished = len(names)
-        self.creation = PolicyCreatedStep(self, definitions, force_new, recreate_failed)
-        self.readiness = PolicyReadyStep(self, polling)
-        self.circuit = CircuitBreakerActivationStep(self)
-        self.rules: dict[
-            str, PolicyCreatedStep | PolicyReadyStep | CircuitBreakerActivationStep
-        ] = {
-            STEP_CREATE: self.creation,
-            STEP_READY: self.readiness,
-            STEP_CIRCUIT: self.circuit,
-        }
-        # Shared with the workers; guards everything below.
-        self.changed = threading.Condition()
-        calls = {rules.call: rules for rules in self.rules.values()}
-        self.scheduler = Scheduler(self.changed, stop, workflow.guard, calls)
-        self.writes = Writes()
-        # The writer's own.
-        self.next_flush = 0.0
+        self.plan = RunPlan(
+            workflow.api,
+            workflow.log,
+            steps,
+            definitions,
+            polling,
+            force_new,
+            recreate_failed,
+            verbose=len(names) <= DETAILED_LOG_LIMIT,
+        )
+        self.entering = {name: Track(name, step=steps[0]) for name in names}
         self.leases = Leases(
             self.store,
             workflow.owner,
@@ -239,60 +210,29 @@ class _Run:
             self.changed,
         )
         self.lost: set[str] = set()  # policies whose lease another run acquired meanwhile
-        # While the warehouse cannot be reached: no batch is tried before this (monotonic).
-        self.unreachable_until = 0.0
-        self.unreachable_since: float | None = None
         self.guard_refresh_at = 0.0
-        self.halted: str | None = None  # why the run stopped starting calls (credentials)
-
-    # --- the writer ----------------------------------------------------------------------------
 
     def execute(self) -> RunReport:
         if not self.names:
             return self.report
-        workers = self.scheduler.workers(min(self.wf.max_concurrency, len(self.names)))
+        reason = self.guard.blocks_calls() if self.guard is not None else None
+        if reason is not None:
+            self.log.warning(reason)
+            with self.changed:
+                for track in self.entering.values():
+                    self.failed(track, track.step, reason, None)
+            return self.report
         try:
-            with self.store.batch():  # one connection for the leases, reads and intents
-                self._start()
-            for worker in workers:
-                worker.start()
-            while True:
-                with self.changed:
-                    while not self._wake():  # the next timer may change with every answer
-                        timer = self._next_timer()
-                        self.changed.wait(
-                            None if timer == math.inf else max(0.0, timer - time.monotonic())
-                        )
-                    if self.scheduler.worker_error is not None:
-                        raise self.scheduler.worker_error
-                    if self._finished():
-                        break
-                    stopping = self.stop.is_set() and self.scheduler.in_flight == 0
-                    # Counted from this batch's start: a batch that took longer than the
-                    # interval is followed at once by the next (group commit).
-                    self.next_flush = time.monotonic() + self.wf.flush_seconds
-                try:
-                    self._batch()
-                except WarehouseUnavailable as exc:
-                    self._unreachable(exc)
-                    continue
-                self._refresh_guard()  # outside the batch: the guard takes its own lock first
-                if stopping:
-                    self.log.warning(
-                        f"the run was stopped: {self.unfinished} policies left where they are; "
-                        "a later run resumes them"
-                    )
-                    if self.halted is not None:
-                        with self.changed:
-                            for track in self.tracks.values():
-                                if track.steps:
-                                    self.fail(track, track.steps[0], f"not run: {self.halted}")
-                    break
+            with self.changed:
+                for track in self.entering.values():
+                    self.add(track)
+            with self.store.batch():  # one connection for the leases, reads and first writes
+                held = self.leases.acquire(self.names, self.entering)
+                self.guard_refresh_at = time.monotonic() + GUARD_REFRESH_SECONDS
+                self._enter(held)
+                self.write_batch()
+            self.drive(len(self.names))
         finally:
-            self.scheduler.close()
-            for worker in workers:
-                if worker.is_alive():
-                    worker.join()
             try:
                 with self.store.batch():
                     self.store.flush()
@@ -302,35 +242,93 @@ class _Run:
                 self.log.warning(f"the run's leases could not be released: {exc}")
         return self.report
 
-    def _batch(self) -> None:
-        """One connection per batch: renew the leases when due (first, so that what follows
-        is written under leases just confirmed), claim the leases waited for, and write what
-        the answers taught. Opening the connection is the one wait on the warehouse; if it
-        fails nothing was written and the batch is tried again."""
-        with self.store.batch():
-            now = time.monotonic()
-            if self.leases.renewal_due(now):
-                lost = self.leases.renew()
-                with self.changed:
-                    self.scheduler.unpark(lost)  # the calls it confirmed go on
-                self._lost(lost)
-            if self.leases.retry_due(now):
-                self.leases.retry(self._enter, self._give_up)
-            with self.changed:
-                writes, self.writes = self.writes, Writes()
-            if self.lost:
-                writes = writes.without(self.lost)
-            self._write(writes)
-        if self.unreachable_since is not None:
-            self.log.warning(
-                f"the warehouse answers again after {time.monotonic() - self.unreachable_since:.0f}"
-                f"s; the run goes on with the {len(self.leases.held)} policies it still holds"
-            )
-            self.unreachable_since = None
+    def _enter(self, tracks: list[Track]) -> None:
+        """Read what the policies' flows start from (their current executions; when the run
+        creates, their completed content and the stored bodies of their intents) and set each
+        flow going. Called by the writer in a batch, without ``changed`` held."""
+        if not tracks:
+            return
+        names = [t.name for t in tracks]
+        current = self.store.current_executions(names)
+        plan = self.plan
+        if STEP_CREATE in self.steps:
+            if not plan.force_new:
+                for done in self.store.completed_executions(names):
+                    if done.policy_content_hash is not None:
+                        by_hash = plan.completed.setdefault(done.policy_name, {})
+                        by_hash.setdefault(done.policy_content_hash, done)
+            # A resumed intent re-sends exactly the body it stored (an error of the create
+            # step is reopened as an intent).
+            intents = [
+                row.execution_id
+                for row in current.values()
+                if row.status in (ExecutionStatus.PENDING, ExecutionStatus.ERROR)
+            ]
+            plan.bodies.update(self.store.policy_data(intents) if intents else {})
+        with self.changed:
+            for track in tracks:
+                track.row = current.get(track.name)
+                self.start(track, policy_workflow(track, plan))
 
-    def _unreachable(self, exc: WarehouseUnavailable) -> None:
+    # --- the driver's hooks ---------------------------------------------------------------------
+
+    def passed(self, track: Track, step: str, message: str) -> None:
+        outcome = track.outcome(message)
+        self.report.outcomes[step][track.name] = outcome
+        self.on_progress(Progress(track.name, step, outcome=outcome))
+        track.resumed = True  # the next step starts from what is done
+
+    def failed(self, track: Track, step: str, error: str, now: ExecutionRow | None) -> None:
+        self.report.failures[track.name] = (step, error)
+        self.on_progress(Progress(track.name, step, error=error))
+
+    def handed_off(self, track: Track, message: str) -> None:
+        self.report.waiting[track.name] = message
+        self.on_progress(Progress(track.name, track.step, waiting=message))
+
+    def finished(self, track: Track) -> None:
+        self.leases.finished(track.name)  # another run may take it from the next batch
+
+    def next_timer(self) -> float:
+        return self.leases.next_timer()
+
+    def before_writes(self) -> None:
+        """Renew the leases when due (first, so that what follows is written under leases
+        just confirmed), and claim the leases waited for."""
+        now = time.monotonic()
+        if self.leases.renewal_due(now):
+            lost = self.leases.renew()
+            with self.changed:
+                self.unpark(lost)  # the calls it confirmed go on
+            self._lost(lost)
+        if self.leases.retry_due(now):
+            self.leases.retry(self._enter, self._give_up)
+
+    def kept_writes(self, batch: Batch) -> Batch:
+        return batch.without(self.lost) if self.lost else batch
+
+    def after_writes(self) -> None:
+        self.leases.release()
+        now = time.monotonic()
+        if self.guard is not None and now >= self.guard_refresh_at:
+            # The guard takes its own lock first: refreshed after the batch's statements.
+            self.guard.refresh()
+            self.guard_refresh_at = now + GUARD_REFRESH_SECONDS
+
+    def stopped(self) -> None:
+        self.log.warning(
+            f"the run was stopped: {self.unfinished} policies left where they are; "
+            "a later run resumes them"
+        )
+        if self.halted is not None:
+            with self.changed:
+                for track in list(self.tracks.values()):
+                    if not track.done:
+                        self.stop_track(track, f"not run: {self.halted}")
+
+    def unreachable(self, exc: WarehouseUnavailable) -> None:
         """The batch found no warehouse: its writes wait, no call starts past a lease's fence
-        meanwhile (`scheduling.py`), and the batch is tried again shortly."""
+        meanwhile, and the batch is tried again shortly."""
         now = time.monotonic()
         if self.unreachable_since is None:
             self.unreachable_since = now
@@ -348,6 +346,8 @@ class _Run:
             ) from exc
         self.unreachable_until = now + min(WAREHOUSE_RETRY_SECONDS, self.wf.lease.renew_seconds)
 
+    # --- leases ---------------------------------------------------------------------------------
+
     def _lost(self, lost: set[str]) -> None:
         """Another run acquired these policies' leases after they lapsed: stop them here,
         writing nothing more for them (the state is theirs now; it stays resumable)."""
@@ -361,191 +361,16 @@ class _Run:
         )
         with self.changed:
             for name in sorted(lost):
-                track = self.tracks[name]
-                if track.steps:
-                    self.fail(
+                track = self.tracks.get(name)
+                if track is not None and not track.done:
+                    self.stop_track(
                         track,
-                        track.steps[0],
                         "this run's lease lapsed while the warehouse could not be reached and "
                         "another run took the policy over; left to that run",
                     )
-
-    def _wake(self) -> bool:
-        return (
-            self.scheduler.worker_error is not None
-            or self._finished()
-            or self._timer_due()
-            # The answers in flight first.
-            or (self.stop.is_set() and self.scheduler.in_flight == 0)
-        )
-
-    def _finished(self) -> bool:
-        return self.unfinished == 0 and self.scheduler.in_flight == 0 and not self.writes
-
-    def _timer_due(self) -> bool:
-        now = time.monotonic()
-        if now < self.unreachable_until:
-            return False
-        if self.writes and now >= self.next_flush:
-            return True
-        return self.leases.timer_due(now)
-
-    def _next_timer(self) -> float:
-        timers = [self.leases.next_timer()]
-        if self.writes:
-            timers.append(self.next_flush)
-        return max(min(timers), self.unreachable_until)
-
-    def _start(self) -> None:
-        """Fail everything at once while the guard is open; otherwise claim the leases and
-        set every policy on its way."""
-        guard = self.guard
-        reason = guard.blocks_calls() if guard is not None else None
-        if reason is not None:
-            self.log.warning(reason)
-            for track in self.tracks.values():
-                self.fail(track, track.steps[0], reason)
-            return
-        held = self.leases.acquire(self.names, self.tracks)
-        self.guard_refresh_at = time.monotonic() + GUARD_REFRESH_SECONDS
-        self._enter(held)
-        with self.changed:
-            writes, self.writes = self.writes, Writes()
-        self._write(writes)
-
-    def _write(self, writes: Writes) -> None:
-        """One batch: each kind of write is one statement (and its read-back) for all the
-        policies in it, in this order (a claim follows the writes that passed it). As a write
-        commits, its policies go on at once."""
-        store = self.store
-        for message in writes.warnings:
-            self.log.warning(message)
-        if writes.intents:
-            self.creation.write_intents(writes.intents)
-        if writes.polls:
-            self.readiness.write_polls(writes.polls)
-        if writes.handoffs:
-            self.readiness.write_handoffs(writes.handoffs, writes.claims)
-        if writes.created:
-            self.creation.write_created(writes.created, writes.claims)
-        if writes.ready:
-            self.readiness.write_ready(writes.ready, writes.claims)
-        if writes.claims:
-            self.circuit.write_claims(writes.claims)
-        if writes.completed:
-            self.circuit.write_completed(writes.completed)
-        for column, kept in writes.kept.items():
-            store.set_responses(column, [(t.execution, body) for t, body in kept.items()])
-        if writes.failed:
-            store.mark_errors(
-                [(f.track.execution, f.error, f.step, f.resumable) for f in writes.failed]
-            )
-            with self.changed:
-                for failure in writes.failed:
-                    self.fail(failure.track, failure.step, failure.error)
-        self.leases.release()
-        store.flush()  # the audit events no state change above wrote
-
-    def _refresh_guard(self) -> None:
-        now = time.monotonic()
-        if self.guard is not None and now >= self.guard_refresh_at:
-            self.guard.refresh()
-            self.guard_refresh_at = now + GUARD_REFRESH_SECONDS
 
     def _give_up(self, refused: list[tuple[Track, str]]) -> None:
         """Policies whose lease another run kept beyond the lease wait."""
         with self.changed:
             for track, error in refused:
-                self.fail(track, track.steps[0], error)
-
-    # --- entering and passing steps ----------------------------------------------------------
-
-    def _enter(self, tracks: list[Track]) -> None:
-        """Read the policies' executions (reopening recoverable errors of the chosen steps)
-        and set each on its first step. Called by the writer, without ``changed`` held."""
-        if not tracks:
-            return
-        current = self.store.current_executions([t.name for t in tracks])
-        current = self._resume_errors(current)
-        self.creation.read(tracks, current)
-        with self.changed:
-            for track in tracks:
-                track.row = current.get(track.name)
-                track.resumed = True
-                self.begin(track, self.writes.claims)
-
-    def _resume_errors(self, current: dict[str, ExecutionRow]) -> dict[str, ExecutionRow]:
-        """Reopen the recoverable errors of the chosen steps (of any step when the run creates)
-        so that this run goes on with the same execution."""
-        groups: dict[ExecutionStatus, list[ExecutionRow]] = {}
-        for row in current.values():
-            if row.status is ExecutionStatus.ERROR and row.resumable:
-                failed_step = row.error_step or STEP_CREATE
-                if STEP_CREATE in self.steps or failed_step in self.steps:
-                    target = RESUME_FROM.get(failed_step, ExecutionStatus.PENDING)
-                    groups.setdefault(target, []).append(row)
-        for target, rows in groups.items():
-            after = self.store.reopen(rows, target)
-            for row in rows:
-                current[row.policy_name] = after[row.execution_id]
-                self.detail(f"policy '{row.policy_name}': resuming after {row.error_message}")
-        return current
-
-    # The methods below (the `RunContext` the step rules use) are called with ``changed`` held.
-
-    def begin(self, track: Track, claims: list[Track]) -> None:
-        """Start the track's next step: a call, a write, or (when the state is already past
-        it) passing it at once."""
-        if track.recorder is not None:
-            track.calls_before = track.recorder.calls
-            track.latency_before = track.recorder.latency_ms
-        self.rules[track.steps[0]].begin(track, claims)
-
-    def passed(self, track: Track, message: str, claims: list[Track]) -> None:
-        step = track.steps.pop(0)
-        assert track.row is not None
-        outcome = track.outcome(message)
-        self.report.outcomes[step][track.name] = outcome
-        self.on_progress(Progress(track.name, step, outcome=outcome))
-        if track.steps:
-            track.resumed = True
-            self.begin(track, claims)
-        else:
-            self.finish(track)
-
-    def fail(self, track: Track, step: str, error: str) -> None:
-        self.report.failures[track.name] = (step, error)
-        self.on_progress(Progress(track.name, step, error=error))
-        self.finish(track)
-
-    def finish(self, track: Track) -> None:
-        track.steps = []
-        self.unfinished -= 1
-        self.leases.finished(track.name)  # another run may take it from now on
-
-    def schedule(self, call: str, track: Track, delay: float = 0.0) -> None:
-        self.scheduler.schedule(call, track, delay)
-
-    def refused_credentials(self, response: ApiResponse) -> bool:
-        """An answer refusing our credentials stops the run from starting calls: every other
-        policy would get the same. Returns whether it was one (the failure stays resumable)."""
-        if response.http_status not in AUTH_STATUSES:
-            return False
-        if self.halted is None:
-            self.halted = (
-                f"the Policy API refused our credentials ({response.describe()}); check "
-                "POLICY_API_KEY. The executions stay resumable"
-            )
-            self.writes.warnings.append(self.halted)
-            self.stop.set()
-        return True
-
-    def warn(self, track: Track, message: str) -> None:
-        self.writes.warnings.append(f"policy '{track.name}': {message}")
-        self.store.audit(
-            warning_event(track.row.execution_id if track.row else None, track.name, message)
-        )
-
-    def detail(self, message: str) -> None:
-        if self.verbose:
-            self.log.info(message)
+                self.fail(track, track.step, error)

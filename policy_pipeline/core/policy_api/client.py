@@ -136,9 +136,13 @@ class PolicyApiClient:
             "createpolicy", "POST", self.config.create_path, payload, idempotency_key, on_attempt
         )
 
-    def get_policy_status(self, policy_id: str, on_attempt: AttemptCallback) -> ApiResponse:
+    def get_policy_status(
+        self, policy_id: str, on_attempt: AttemptCallback, max_attempts: int | None = None
+    ) -> ApiResponse:
+        """``max_attempts`` (default: the client's) caps this call's attempts: the progress
+        sensor makes one, and polls again at its next tick."""
         path = self.config.status_path.format(policy_id=quote(policy_id, safe=""))
-        return self._call("policy_status", "GET", path, None, None, on_attempt)
+        return self._call("policy_status", "GET", path, None, None, on_attempt, max_attempts)
 
     def trigger_circuit_breaker(
         self,
@@ -175,8 +179,10 @@ class PolicyApiClient:
         body: dict[str, Any] | None,
         idempotency_key: str | None,
         on_attempt: AttemptCallback,
+        max_attempts: int | None = None,
     ) -> ApiResponse:
         config = self.config
+        attempts = config.max_attempts if max_attempts is None else max(1, max_attempts)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         content = None if body is None else _json_body(body)
         if content is not None:
@@ -186,8 +192,9 @@ class PolicyApiClient:
         url = self._url(path)
         attempt_of = functools.partial(ApiAttempt, endpoint, method, path)
         last_problem = ""
-        for attempt in range(1, config.max_attempts + 1):
-            retrying = attempt < config.max_attempts
+        retry_after: float | None = None  # the last attempt's
+        for attempt in range(1, attempts + 1):
+            retrying = attempt < attempts
             started = time.monotonic()
             failed: AttemptFailed | None = None
             try:
@@ -195,7 +202,7 @@ class PolicyApiClient:
             except AttemptFailed as exc:
                 failed = exc
             latency = (time.monotonic() - started) * 1000
-            retry_after: float | None = None
+            retry_after = None
             if failed is not None and not failed.sendable:
                 on_attempt(attempt_of(attempt, 0.0, None, "failed", None, failed.problem))
                 raise PolicyApiError(f"{method} {path}: {failed.problem}", transient=False)
@@ -244,6 +251,7 @@ class PolicyApiClient:
                 raise stop  # the caller ends the call's retries (the API guard, a lease fence)
             self._sleep(self.backoff_seconds(attempt, retry_after))
         raise PolicyApiError(
-            f"{method} {path} failed after {config.max_attempts} attempts (last: {last_problem})",
+            f"{method} {path} failed after {attempts} attempts (last: {last_problem})",
             transient=True,
+            retry_after=retry_after,
         )

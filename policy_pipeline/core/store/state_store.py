@@ -38,6 +38,16 @@ from policy_pipeline.core.store.statements import progress as sql_progress
 __all__ = ["MAX_DETAIL_CHARS", "AuditEvent", "ExecutionRow", "StateStore", "to_json"]
 
 
+def has_retired(now: ExecutionRow | None, error: str) -> bool:
+    """Whether `StateStore.retire` retired the execution (``now``) with this error."""
+    return (
+        now is not None
+        and now.status is ExecutionStatus.ERROR
+        and not now.resumable
+        and now.error_message == error[:MAX_DETAIL_CHARS]
+    )
+
+
 class StateStore:
     """The workflow's reads and writes. Audit events are buffered and written in batches, in the
     same connection as the state change they accompany. Every method runs in one session (one
@@ -395,13 +405,7 @@ class StateStore:
                 session.rowcount(sql_executions.RETIRE_EXECUTIONS, [batch])
             after = self.executions([row.execution_id for row, *_rest in retirements])
             for row, _step, error, detail in retirements:
-                now = after.get(row.execution_id)
-                if (
-                    now is not None
-                    and now.status is ExecutionStatus.ERROR
-                    and not now.resumable
-                    and now.error_message == error[:MAX_DETAIL_CHARS]
-                ):
+                if has_retired(after.get(row.execution_id), error):
                     self.audit(
                         AuditEvent.about(
                             row,
