@@ -60,7 +60,7 @@ FAST_ENV = {
 LIVE_SNOWFLAKE_ENV = {k: v for k, v in os.environ.items() if k.startswith("SNOWFLAKE_")}
 
 
-# The files that take longest (mostly waiting) start first, so that with two workers
+# The files that take longest (mostly waiting) start first, so that with several workers
 # (`./dev.sh test`) the others run beside them instead of after them.
 SLOW_FIRST = ("test_hands_off.py", "test_ui_browser.py", "test_deployment.py")
 
