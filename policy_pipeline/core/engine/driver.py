@@ -57,7 +57,7 @@ WRITE_ORDER: tuple[type, ...] = (
     effects.ClaimCircuitRequest,
     effects.MarkCompleted,
     effects.KeepResponse,
-    effects.StepFailed,
+    effects.StepError,
 )
 _POSITION = {kind: index for index, kind in enumerate(WRITE_ORDER)}
 
@@ -149,7 +149,7 @@ class Driver:
             effects.ClaimCircuitRequest: self._claim_circuit_requests,
             effects.MarkCompleted: self._mark_completed,
             effects.KeepResponse: self._keep_responses,
-            effects.StepFailed: self._record_failures,
+            effects.StepError: self._record_failures,
         }
 
     # --- flows ----------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class Driver:
                     self.handed_off(track, end.value.message)
                 self._finish(track)
                 return
-            except effects.StepFailed as failed:
+            except effects.StepError as failed:
                 self._queue(track, failed, batch)  # ends once the error is written
                 return
             except effects.StepRefused as refused:

@@ -14,7 +14,7 @@ A flow (`flow.py`) is a generator: it yields one effect at a time and the driver
 - `Passed`: the policy passed a step (reported at once); `StopCalls`: no call starts any more.
 
 A flow ends by returning (`HandedOff` when it waits outside the run) or by raising
-`StepFailed` (the driver records the error on the state row) or `StepRefused` (the state row
+`StepError` (the driver records the error on the state row) or `StepRefused` (the state row
 stays as it is).
 """
 
@@ -214,7 +214,7 @@ Effect = (
 Flow = Generator[Effect, Any, HandedOff | None]
 
 
-class StepFailed(Exception):
+class StepError(Exception):
     """The policy failed at ``step``: the driver records it on the state row. ``resumable``:
     a later run goes on from where it is."""
 

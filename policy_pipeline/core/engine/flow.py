@@ -8,9 +8,9 @@ flight, most urgent first; the writes, batched with every other policy's (group 
 leases and their fence. The flow never calls the API or the warehouse itself, so it reads as
 the original rules in their order.
 
-The progress sensor's tick polls handed-off policies through the same driver, with
-`poll_handed_off`; both read a poll answer with `poll_once` (`read_poll` decides what it
-means).
+A run's polls (`wait_until_ready`) and the progress sensor's polls of handed-off policies
+(`poll_handed_off`, through the same driver) are each made and read by `poll_once`;
+`read_poll` decides what an answer means.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from policy_pipeline.core.engine.effects import (
     Retirement,
     Started,
     StartExecution,
-    StepFailed,
+    StepError,
     StepRefused,
     StopCalls,
     Track,
@@ -211,7 +211,7 @@ def create_policy(p: Track, plan: RunPlan) -> Generator[Effect, Any, bool]:
         # the same idempotency key.
         body = plan.bodies.get(row.execution_id)
         if not isinstance(body, dict):
-            raise StepFailed(STEP_CREATE, "stored policy_data is not a JSON object", False)
+            raise StepError(STEP_CREATE, "stored policy_data is not a JSON object", False)
         return (yield from _create_call(p, plan, row, body))
     elif row is not None and row.status in ACTIVE_STATUSES:
         plan.detail(f"policy '{p.name}': resuming {row.execution_id} ({row.status})")
@@ -254,17 +254,17 @@ def _create_call(
 
     answer = yield Call(CREATE_CALL, send)
     if isinstance(answer, PolicyApiError):
-        raise StepFailed(STEP_CREATE, str(answer), answer.transient)
+        raise StepError(STEP_CREATE, str(answer), answer.transient)
     if not answer.ok:
         refused_credentials = yield from _check_credentials(answer)
-        raise StepFailed(
+        raise StepError(
             STEP_CREATE, f"{answer.describe()}: {answer.excerpt()}", refused_credentials
         )
     reading = read_create(answer)
     if reading.policy_id is None:
         assert reading.error is not None
         yield KeepResponse(row, "api_response", answer.recorded_body)
-        raise StepFailed(STEP_CREATE, reading.error, reading.resumable)
+        raise StepError(STEP_CREATE, reading.error, reading.resumable)
     # When this run saw the create answer: the start of its grace for a 404 on the first
     # polls (an eventually consistent API may not show a new policy at once).
     p.created_answer_at = time.monotonic()
@@ -281,7 +281,7 @@ def _create_call(
                 "breaker"
             )
             plan.log.warning(f"policy '{p.name}': {error}")
-            raise StepFailed(STEP_CREATE, error, False)
+            raise StepError(STEP_CREATE, error, False)
         raise StepRefused(
             STEP_CREATE,
             f"state row for execution {row.execution_id} does not hold policy_id {policy_id} "
@@ -387,7 +387,7 @@ def wait_until_ready(p: Track, plan: RunPlan) -> Generator[Effect, Any, HandedOf
     while True:
         answer = yield from poll_once(p, plan.api, polling, wait, p.seconds_since_create)
         if isinstance(answer, GuardOpen):  # no call was made: not a poll
-            raise StepFailed(STEP_READY, str(answer), True)
+            raise StepError(STEP_READY, str(answer), True)
         polls += 1
         if isinstance(answer, PolicyApiError):
             # The client already retried; a poll that got no answer is still a poll.
@@ -419,7 +419,7 @@ def wait_until_ready(p: Track, plan: RunPlan) -> Generator[Effect, Any, HandedOf
             if reading.verdict is not PollVerdict.WAITING:
                 assert reading.error is not None
                 resumable = reading.verdict is PollVerdict.REFUSED
-                raise StepFailed(STEP_READY, reading.error, resumable)
+                raise StepError(STEP_READY, reading.error, resumable)
             if reading.warning is not None:
                 yield Warn(row, p.name, reading.warning)
         wait = polling.interval(polls)
@@ -443,7 +443,7 @@ def wait_until_ready(p: Track, plan: RunPlan) -> Generator[Effect, Any, HandedOf
             # It moved meanwhile (ready, polled by the sensor): go on from there.
             return (yield from wait_until_ready(p, plan))
         if polls >= polling.max_polls or elapsed + wait > polling.deadline_seconds:
-            raise StepFailed(
+            raise StepError(
                 STEP_READY,
                 f"policy {row.policy_id} not ready after {polls} polls in {elapsed:.1f}s (last "
                 f"status {_last_status(answer)!r}); a later run resumes polling the same policy",
@@ -525,7 +525,7 @@ def trigger_circuit_breaker(p: Track, plan: RunPlan) -> Generator[Effect, Any, N
 
     answer = yield Call(CIRCUIT_CALL, send)
     if isinstance(answer, PolicyApiError):
-        raise StepFailed(STEP_CIRCUIT, str(answer), True)
+        raise StepError(STEP_CIRCUIT, str(answer), True)
     if not answer.ok:
         yield from _check_credentials(answer)
     reading = read_circuit(answer)
@@ -535,7 +535,7 @@ def trigger_circuit_breaker(p: Track, plan: RunPlan) -> Generator[Effect, Any, N
     if not reading.triggered:
         assert reading.error is not None
         yield KeepResponse(claimed, "circuit_breaker_response", body)
-        raise StepFailed(STEP_CIRCUIT, reading.error, reading.resumable)
+        raise StepError(STEP_CIRCUIT, reading.error, reading.resumable)
     done = yield MarkCompleted(claimed, body)
     if done is None or done.status is not ExecutionStatus.COMPLETED:
         raise StepRefused(STEP_CIRCUIT, "state row did not reach completed")
@@ -599,11 +599,11 @@ def poll_handed_off(
         # stays resumable, and a run polls the same policy_id again.
         assert reading.error is not None
         yield RecordPoll(row, response.recorded_body, reading.poll_note(number))
-        raise StepFailed(STEP_READY, reading.error, True)
+        raise StepError(STEP_READY, reading.error, True)
     yield RecordPoll(row, response.recorded_body, reading.poll_note(number), later)
     if reading.verdict is PollVerdict.FAILED:
         assert reading.error is not None
-        raise StepFailed(STEP_READY, reading.error, False)
+        raise StepError(STEP_READY, reading.error, False)
     if reading.verdict is PollVerdict.READY:
         now = yield MarkReady(row, reading.ready_note(number))
         moved = (

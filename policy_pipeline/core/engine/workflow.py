@@ -122,7 +122,7 @@ class PolicyWorkflow:
         if unknown:
             raise ValueError(f"unknown workflow steps: {sorted(unknown)}")
         # A policy without a definition (its catalog file was deleted) goes on only from what
-        # its execution stored; the create step creates nothing for it (`policy_created.py`).
+        # its execution stored; the create step creates nothing for it (`flow.create_policy`).
         definitions = definitions or {}
         return _Run(
             self,
