@@ -184,16 +184,7 @@ class HandedOff:
     message: str
 
 
-WRITES = (
-    Reopen,
-    StartExecution,
-    HandOff,
-    MarkCreated,
-    MarkReady,
-    ClaimCircuit,
-    MarkCompleted,
-    ClaimCircuitRequest,
-)
+# Written with the next batch while the flow goes on.
 NOTES = (RecordPoll, KeepResponse, Warn)
 Effect = (
     Call

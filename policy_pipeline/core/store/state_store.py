@@ -35,7 +35,7 @@ from policy_pipeline.core.store.statements import progress as sql_progress
 
 # The row types live in `rows` (beside the tables they are checked against); importers of the
 # store get them here.
-__all__ = ["MAX_DETAIL_CHARS", "AuditEvent", "ExecutionRow", "StateStore", "to_json"]
+__all__ = ["MAX_DETAIL_CHARS", "AuditEvent", "ExecutionRow", "StateStore", "has_retired", "to_json"]
 
 
 def has_retired(now: ExecutionRow | None, error: str) -> bool:
