@@ -62,6 +62,14 @@ WRITE_ORDER: tuple[type, ...] = (
 _POSITION = {kind: index for index, kind in enumerate(WRITE_ORDER)}
 
 
+def _grouped(items: list[tuple[Track, Any]], field: str) -> dict[Any, list[tuple[Track, Any]]]:
+    """A batch's writes of one kind by the value of one of their fields (one statement each)."""
+    groups: dict[Any, list[tuple[Track, Any]]] = {}
+    for track, write in items:
+        groups.setdefault(getattr(write, field), []).append((track, write))
+    return groups
+
+
 class Batch:
     """Writes waiting to be committed, by kind, in the order the flows asked."""
 
@@ -230,9 +238,9 @@ class Driver:
     def _stop_calls(self, effect: effects.StopCalls) -> None:
         if self.stop.is_set():
             return
-        if effect.fail_rest:
+        if effect.fail_rest:  # a halt is the run's to explain; a tick's back-off is not news
             self.halted = effect.why
-        self.warnings.append(effect.why)
+            self.warnings.append(effect.why)
         self.stop.set()
         self.changed.notify_all()
 
@@ -374,13 +382,15 @@ class Driver:
         try:
             while True:
                 with self.changed:
-                    while self.stop.is_set() or (next_call := self._next_due()) is None:
+                    while self._calls_stopped() or (next_call := self._next_due()) is None:
                         if self.closed:
                             return
                         waits = [queue[0][0] for queue in self.due.values() if queue]
-                        self.changed.wait(
-                            max(0.0, min(waits) - time.monotonic()) if waits else None
-                        )
+                        # Stopped, or nothing queued: until the writer (or a new call) says.
+                        timeout = None
+                        if waits and not self._calls_stopped():
+                            timeout = max(0.0, min(waits) - time.monotonic())
+                        self.changed.wait(timeout)
                     if self.closed:
                         return
                     call, track = next_call
@@ -405,12 +415,12 @@ class Driver:
                 self.worker_error = self.worker_error or exc
                 self.changed.notify_all()
 
+    def _calls_stopped(self) -> bool:
+        return self.stop.is_set() or time.monotonic() >= self.call_deadline
+
     def _next_due(self) -> tuple[Call, Track] | None:
         """The most urgent call that is due."""
         now = time.monotonic()
-        if now >= self.call_deadline:
-            self.changed.notify_all()  # the writer ends the driving
-            return None
         for kind in CALL_ORDER:
             queue = self.due[kind]
             while queue and queue[0][0] <= now:
@@ -432,10 +442,7 @@ class Driver:
             self.store.audit(warning_event(execution_id, warn.policy_name, warn.message))
 
     def _reopen(self, items: list[tuple[Track, Any]], batch: Batch) -> None:
-        by_target: dict[Any, list[tuple[Track, effects.Reopen]]] = {}
-        for track, reopen in items:
-            by_target.setdefault(reopen.target, []).append((track, reopen))
-        for target, group in by_target.items():
+        for target, group in _grouped(items, "target").items():
             after = self.store.reopen([reopen.row for _t, reopen in group], target)
             with self.changed:
                 for track, reopen in group:
@@ -548,10 +555,7 @@ class Driver:
         self._answer_rows(items, batch, after)
 
     def _claim_circuit_requests(self, items: list[tuple[Track, Any]], batch: Batch) -> None:
-        by_token: dict[str, list[tuple[Track, effects.ClaimCircuitRequest]]] = {}
-        for track, claim in items:
-            by_token.setdefault(claim.token, []).append((track, claim))
-        for token, group in by_token.items():
+        for token, group in _grouped(items, "token").items():
             claimed = self.store.claim_circuit_requests([c.row for _t, c in group], token)
             with self.changed:
                 for track, claim in group:
@@ -563,11 +567,8 @@ class Driver:
         self._answer_rows(items, batch, after)
 
     def _keep_responses(self, items: list[tuple[Track, Any]], batch: Batch) -> None:
-        by_column: dict[str, list[tuple[ExecutionRow, Any]]] = {}
-        for _track, keep in items:
-            by_column.setdefault(keep.column, []).append((keep.row, keep.body))
-        for column, responses in by_column.items():
-            self.store.set_responses(column, responses)
+        for column, group in _grouped(items, "column").items():
+            self.store.set_responses(column, [(keep.row, keep.body) for _t, keep in group])
 
     def _record_failures(self, items: list[tuple[Track, Any]], batch: Batch) -> None:
         after = self.store.mark_errors(

@@ -257,12 +257,17 @@ class _Run(Driver):
                     if done.policy_content_hash is not None:
                         by_hash = plan.completed.setdefault(done.policy_name, {})
                         by_hash.setdefault(done.policy_content_hash, done)
-            # A resumed intent re-sends exactly the body it stored (an error of the create
-            # step is reopened as an intent).
+            # A resumed intent re-sends exactly the body it stored (a recoverable error of
+            # the create step is reopened as an intent).
             intents = [
                 row.execution_id
                 for row in current.values()
-                if row.status in (ExecutionStatus.PENDING, ExecutionStatus.ERROR)
+                if row.status is ExecutionStatus.PENDING
+                or (
+                    row.status is ExecutionStatus.ERROR
+                    and row.resumable
+                    and (row.error_step or STEP_CREATE) == STEP_CREATE
+                )
             ]
             plan.bodies.update(self.store.policy_data(intents) if intents else {})
         with self.changed:

@@ -1,9 +1,9 @@
 """The workflow area: the three partitioned assets (one step), their job, and the sensors that
 drive them (the catalog's new policies; whatever waits or is stranded)."""
 
-import inspect
 import warnings
 from collections.abc import Callable
+from types import FunctionType
 
 from dagster import (
     AssetsDefinition,
@@ -34,10 +34,11 @@ STEP_FUNCTIONS = {
 
 
 def _code(function: Callable[..., object], label: str) -> LocalFileCodeReference:
+    # From the function's code object: nothing is read from disk while the definitions load.
+    assert isinstance(function, FunctionType)
+    code = function.__code__
     return LocalFileCodeReference(
-        file_path=inspect.getsourcefile(function) or "",
-        line_number=inspect.getsourcelines(function)[1],
-        label=label,
+        file_path=code.co_filename, line_number=code.co_firstlineno, label=label
     )
 
 
