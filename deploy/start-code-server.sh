@@ -21,9 +21,14 @@ if [ -z "${POLICY_API_ENDPOINT:-}" ] || [ -z "${POLICY_API_KEY:-}" ]; then
 fi
 cd "$REPO_DIR"  # relative POLICY_* paths are read from the repository root
 # The dbt manifest the reporting assets are built from (the code location never parses dbt
-# while it loads). In a container image, run this at build time instead.
-"$DAGSTER_BIN_DIR/dagster-dbt" project prepare-and-package \
-  --file policy_pipeline/defs/reporting/project.py >/dev/null
+# while it loads), parsed again only when a file of the dbt project is newer. In a container
+# image, run the prepare-and-package at build time instead.
+if ! "$DAGSTER_BIN_DIR/python" -c 'import sys
+from policy_pipeline.defs.reporting.project import manifest_is_current, policy_dbt_project
+sys.exit(not manifest_is_current(policy_dbt_project))'; then
+  "$DAGSTER_BIN_DIR/dagster-dbt" project prepare-and-package \
+    --file policy_pipeline/defs/reporting/project.py >/dev/null
+fi
 exec "$DAGSTER_BIN_DIR/dagster" code-server start \
   --module-name policy_pipeline.definitions \
   --attribute defs \

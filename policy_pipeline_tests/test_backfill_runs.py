@@ -51,13 +51,15 @@ def _partitions(run: Any) -> list[str]:
 def test_a_big_backfill_is_split_into_runs_and_a_small_one_stays_one_run(
     workspace: Workspace,
 ) -> None:
-    # Two more policies: five in all, in the catalog's name order.
-    for name in ("retention_extra_one", "retention_extra_two"):
+    # Four more policies: seven in all, in the catalog's name order.
+    extras = [f"retention_extra_{n}" for n in ("one", "two", "three", "four")]
+    for name in extras:
         (workspace.catalog_dir / f"{name}.yaml").write_text(
             f"policy_name: {name}\npolicy_type: data_retention\n"
             "description: A backfill test policy.\npriority: low\n"
         )
-    names = sorted([*CATALOG_POLICIES, "retention_extra_one", "retention_extra_two"])
+    names = sorted([*CATALOG_POLICIES, *extras])
+    big_names, small_names = names[:5], names[5:]
     env = subprocess_env(workspace, POLICY_BACKFILL_MAX_PARTITIONS_PER_RUN="2")
     home = prepare_dagster_home(
         Path(env["DAGSTER_HOME"]), {"run_queue": {"dequeue_interval_seconds": 1}}
@@ -67,16 +69,20 @@ def test_a_big_backfill_is_split_into_runs_and_a_small_one_stays_one_run(
         instance.add_dynamic_partitions(
             "policies", [n for n in names if not instance.has_dynamic_partition("policies", n)]
         )
-        big = _runs_of(instance, _launch(server, names), 3, log)
-        small = _runs_of(instance, _launch(server, names[:2]), 1, log)
+        # Both at once, on policies of their own: the daemon takes them up in one pass (it
+        # looks at backfills every 30 s).
+        big_id, small_id = _launch(server, big_names), _launch(server, small_names)
+        big = _runs_of(instance, big_id, 3, log)
+        small = _runs_of(instance, small_id, 1, log)
 
     # Five policies, at most two per run: three runs, which between them cover all five.
     assert len(big) == 3, [r.tags for r in big]
     assert all(run.status is DagsterRunStatus.SUCCESS for run in big), [r.status for r in big]
     covered = sorted(name for run in big for name in _partitions(run))
-    assert set(covered) == set(names) and len(covered) in (5, 6), covered
+    assert set(covered) == set(big_names) and len(covered) in (5, 6), covered
     # Two policies, within the limit: one run.
     assert len(small) == 1 and small[0].status is DagsterRunStatus.SUCCESS
+    assert sorted(_partitions(small[0])) == small_names, small[0].tags
     counts = workspace.simulator.counts()["per_policy"]
     for name in names:
         assert counts[name]["policies_created"] == 1, (name, counts[name])

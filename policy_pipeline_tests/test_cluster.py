@@ -239,13 +239,16 @@ def test_two_worker_hosts_share_a_backfill(cluster_hosts: None, tmp_path: Path) 
         ready_after_polls=1, latency_ms=10, latency_jitter_ms=20, ignore_idempotency_keys=True
     )
     env = {**FAST_ENV, "POLICY_BACKFILL_MAX_PARTITIONS_PER_RUN": str(PER_RUN)}
-    with celery_cluster(tmp_path, tmp_path / "policies", simulator, workers=2, env=env) as cluster:
+    with celery_cluster(
+        tmp_path, tmp_path / "policies", simulator, workers=2, env=env, start_daemon=False
+    ) as cluster:
         hosts = cluster.hosts
         # As the catalog sensor registers them, in name order.
         cluster.instance.add_dynamic_partitions(PARTITIONS_NAME, names)
         with LeaseSampler(cluster) as sampler:
             backfill_id = cluster.launch_backfill(names, STEPS)
-            runs = cluster.wait_backfill(backfill_id, BACKFILL_TIMEOUT_SECONDS)
+            cluster.start_daemon()
+            runs = cluster.wait_backfill_runs(backfill_id, names, BACKFILL_TIMEOUT_SECONDS)
         counts = cluster.services.api_counts()["per_policy"]
         states = cluster.query(
             'SELECT "policy_name", "status", "dagster_run_id" FROM policy_execution_state'
@@ -373,10 +376,12 @@ def test_a_worker_host_killed_mid_run_is_taken_over_after_the_lapse(
         env=KILL_ENV,
         keep_automation=("policy_progress_sensor",),
         instance_yaml=KILL_INSTANCE,
+        start_daemon=False,
     ) as cluster:
         instance = cluster.instance
         instance.add_dynamic_partitions(PARTITIONS_NAME, names)
         backfill_id = cluster.launch_backfill(names, STEPS)
+        cluster.start_daemon()
 
         def victim() -> tuple[str, str, list[str]] | None:
             """A run on a worker host whose every policy is created and none triggered."""

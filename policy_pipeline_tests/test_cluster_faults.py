@@ -220,12 +220,15 @@ def test_a_slow_host_keeps_its_leases_and_a_second_run_on_the_other_host_waits(
         "POLICY_POLL_DEADLINE_SECONDS": "600",
     }
     began = time.monotonic()
-    with celery_cluster(tmp_path, tmp_path / "policies", simulator, workers=2, env=env) as cluster:
+    with celery_cluster(
+        tmp_path, tmp_path / "policies", simulator, workers=2, env=env, start_daemon=False
+    ) as cluster:
         up = time.monotonic()
         cluster.instance.add_dynamic_partitions(PARTITIONS_NAME, sorted(names))
         totals = api_totals(cluster, held)
         with Sampler(lease_rows(cluster), 0.5) as leases:
             first = cluster.launch_backfill(held, STEPS)
+            cluster.start_daemon()
             run_1 = one_run(cluster, first, RUN_TIMEOUT_SECONDS)
             cluster.wait_for(
                 "run 1's creates", lambda: totals()["create_requests"] == len(held), 120
@@ -353,11 +356,13 @@ def test_a_host_cut_off_from_the_warehouse_stops_calling_and_another_host_takes_
         workers=2,
         env=env,
         keep_automation=["policy_progress_sensor"],
+        start_daemon=False,
     ) as cluster:
         up = time.monotonic()
         cluster.instance.add_dynamic_partitions(PARTITIONS_NAME, sorted(names))
         totals = api_totals(cluster, names)
         first = cluster.launch_backfill(names, STEPS)
+        cluster.start_daemon()
         run_1 = one_run(cluster, first, RUN_TIMEOUT_SECONDS)
         host_1 = host_of(run_1)
 

@@ -56,6 +56,19 @@ def _polls(workspace: Workspace, name: str) -> int:
     return workspace.simulator.counts()["per_policy"].get(name, {}).get("status_requests", 0)
 
 
+def _hold_read_only(path: Path, timeout: float = 30.0) -> duckdb.DuckDBPyConnection:
+    """A reader's connection to the DuckDB file, taken between two of the run's own
+    connections (the run holds the file only while it writes a batch)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=True)
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -191,7 +204,7 @@ def test_a_duckdb_file_held_past_the_ttl_fires_no_circuit_breaker_twice(
     second: subprocess.Popen[str] | None = None
     try:
         _wait_for(lambda: all(_polls(workspace, n) >= 3 for n in names), 120, "polls")
-        reader = duckdb.connect(str(workspace.duckdb_path), read_only=True)
+        reader = _hold_read_only(workspace.duckdb_path)
         try:
             time.sleep(TTL + 0.5)
             at_fence = {n: _polls(workspace, n) for n in names}

@@ -8,7 +8,9 @@ and does not parse dbt (the prepared manifest is left as it is). The core import
 from __future__ import annotations
 
 import json
+import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,37 @@ def test_loading_the_definitions_is_pure(tmp_path: Path) -> None:
     assert "policy_execution_results" in loaded["asset_keys"]
     assert not database.parent.exists()  # no connection, no DDL
     assert manifest.stat().st_mtime_ns == stamp  # no dbt parse
+
+
+def test_under_dagster_dev_only_a_changed_dbt_project_is_parsed_again(tmp_path: Path) -> None:
+    """`dagster dev` loads the definitions in every run process: an unchanged project keeps its
+    manifest (no `dbt` process), a changed one is parsed again at the next load."""
+    project = tmp_path / "dbt_project"
+    source = policy_dbt_project.project_dir
+    shutil.copytree(source, project, ignore=shutil.ignore_patterns("target", "logs", ".*"))
+    (project / "target").mkdir()
+    manifest = project / "target" / "manifest.json"
+    shutil.copy2(policy_dbt_project.manifest_path, manifest)
+    os.utime(manifest)  # parsed after the copy of every file
+    env = {
+        "PATH": str(Path(sys.executable).parent),
+        "HOME": str(tmp_path),
+        "DAGSTER_IS_DEV_CLI": "1",
+        "POLICY_DBT_PROJECT_DIR": str(project),
+        "POLICY_DUCKDB_PATH": str(tmp_path / "state.duckdb"),
+    }
+    stamp = manifest.stat().st_mtime_ns
+    assert measure(env)["subprocesses"] == []
+    assert manifest.stat().st_mtime_ns == stamp
+
+    (project / "models" / "policy_names.sql").write_text(
+        'select distinct "policy_name" as "policy_name" '
+        "from {{ ref('policy_execution_results') }}\n"
+    )
+    loaded = measure(env)
+    assert any("dbt" in command for command in loaded["subprocesses"]), loaded["subprocesses"]
+    assert "model.policy_pipeline_dbt.policy_names" in json.loads(manifest.read_text())["nodes"]
+    assert "policy_names" in loaded["asset_keys"]
 
 
 def test_the_core_imports_no_dagster() -> None:

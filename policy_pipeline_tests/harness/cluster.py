@@ -18,6 +18,11 @@ Usage::
         backfill_id = cluster.launch_backfill(names, assets)
         cluster.wait_backfill(backfill_id, timeout=150)
         cluster.hosts.kill_host("worker-1")
+
+The daemon looks at backfills every 30 s (Dagster's fixed interval), from the moment it starts.
+A test that launches its first backfill right away starts the cluster with
+``start_daemon=False``, launches, then calls `Cluster.start_daemon`: the daemon's first pass
+takes the backfill up at once.
 """
 
 from __future__ import annotations
@@ -80,7 +85,11 @@ class Cluster:
     graphql: GraphQL
     workers: list[str]
     env: dict[str, str]  # what every host has in common (control's and workers' base)
+    control_env: dict[str, str]
     processes: dict[str, Proc] = field(default_factory=dict)  # "<host>/<name>" -> process
+
+    def start_daemon(self) -> None:
+        _start(self.hosts, self.processes, CONTROL, "start-daemon.sh", self.control_env)
 
     def logs(self, tail: int = 3000) -> str:
         return "\n".join(
@@ -140,6 +149,31 @@ class Cluster:
             return runs if finished and runs and all(r.is_finished for r in runs) else None
 
         result: list[DagsterRun] = self.wait_for(f"backfill {backfill_id}", done, timeout)
+        return result
+
+    def wait_backfill_runs(
+        self, backfill_id: str, partitions: Sequence[str], timeout: float
+    ) -> list[DagsterRun]:
+        """Wait until the backfill's runs have ended and between them covered `partitions` (in
+        their registration order): sooner than `wait_backfill`, since the daemon marks a
+        backfill done only at its next pass."""
+        position = {name: i for i, name in enumerate(partitions)}
+
+        def covered(run: DagsterRun) -> set[str]:
+            tags = run.tags
+            if "dagster/partition" in tags:
+                return {tags["dagster/partition"]}
+            start = position[tags["dagster/asset_partition_range_start"]]
+            end = position[tags["dagster/asset_partition_range_end"]]
+            return set(partitions[start : end + 1])
+
+        def done() -> list[DagsterRun] | None:
+            runs = self.backfill_runs(backfill_id)
+            if not runs or not all(run.is_finished for run in runs):
+                return None
+            return runs if set().union(*map(covered, runs)) >= set(partitions) else None
+
+        result: list[DagsterRun] = self.wait_for(f"backfill {backfill_id}'s runs", done, timeout)
         return result
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -250,12 +284,14 @@ def celery_cluster(
     worker_env: Mapping[str, Mapping[str, str]] | None = None,
     keep_automation: Sequence[str] = (),
     instance_yaml: Mapping[str, Any] | None = None,
+    start_daemon: bool = True,
 ) -> Iterator[Cluster]:
     """Services, a control host and `workers` worker hosts (``worker-1`` ...), all started and
     ready (the code location loaded, every worker listening on the queue). `env` is added to
     every host's environment, `worker_env[name]` to one worker's. Everything is removed on
     exit. `instance_yaml` is merged into every host's dagster.yaml (e.g. ``{"run_monitoring":
-    {"poll_interval_seconds": 2}}``); without it the file is used as it is."""
+    {"poll_interval_seconds": 2}}``); without it the file is used as it is. With
+    `start_daemon` false the daemon waits for `Cluster.start_daemon`."""
     with ExitStack() as stack:
         hosts = stack.enter_context(test_hosts(workdir / "hosts"))
         services = hosts.start_services(simulator)
@@ -274,36 +310,45 @@ def celery_cluster(
             "DAGSTER_WEBSERVER_PORT": str(WEBSERVER_PORT),
         }
         processes: dict[str, Proc] = {}
-
-        def start(host: str, script: str, host_env: Mapping[str, str]) -> Proc:
-            proc = hosts.spawn(host, ["bash", str(DEPLOY_DIR / script)], host_env, script)
-            processes[f"{host}/{script}"] = proc
-            return proc
-
-        start(CONTROL, "start-code-server.sh", control_env)
-        start(CONTROL, "start-webserver.sh", control_env)
+        _start(hosts, processes, CONTROL, "start-code-server.sh", control_env)
+        _start(hosts, processes, CONTROL, "start-webserver.sh", control_env)
         # The test's own view of the instance: the same dagster.yaml and PostgreSQL.
         saved = {k: os.environ.get(k) for k in control_env if k.startswith("DAGSTER_")}
         os.environ.update({k: v for k, v in control_env.items() if k.startswith("DAGSTER_")})
         stack.callback(_restore_env, saved)
         instance = stack.enter_context(DagsterInstance.get())
         graphql = GraphQL(f"http://{control_address}:{WEBSERVER_PORT}/graphql")
-        cluster = Cluster(hosts, services, instance, graphql, names, base, processes)
+        cluster = Cluster(hosts, services, instance, graphql, names, base, control_env, processes)
         cluster.wait_for(
             "the code location", lambda: _location_loaded(graphql), START_TIMEOUT_SECONDS
         )
         stop_automation(graphql, keep_automation)
-        start(CONTROL, "start-daemon.sh", control_env)
+        if start_daemon:
+            cluster.start_daemon()
         started = []
         for name in names:
             home = str(_dagster_home(workdir, name, instance_yaml))
             extra = (worker_env or {}).get(name, {})
-            started.append(start(name, "start-worker.sh", {**base, "DAGSTER_HOME": home, **extra}))
+            host_env = {**base, "DAGSTER_HOME": home, **extra}
+            started.append(_start(hosts, processes, name, "start-worker.sh", host_env))
         for worker in started:
             cluster.wait_for(
                 f"{worker.host}'s Celery worker", _ready(worker), START_TIMEOUT_SECONDS
             )
         yield cluster
+
+
+def _start(
+    hosts: TestHosts,
+    processes: dict[str, Proc],
+    host: str,
+    script: str,
+    host_env: Mapping[str, str],
+) -> Proc:
+    """Run a deploy/ start script on a host, as its operator would."""
+    proc = hosts.spawn(host, ["bash", str(DEPLOY_DIR / script)], host_env, script)
+    processes[f"{host}/{script}"] = proc
+    return proc
 
 
 def _ready(worker: Proc) -> Callable[[], bool]:
