@@ -302,7 +302,9 @@ def _pick_partition_and_launch(page: Page, title: str, partition: str) -> None:
 def _follow_launched_run(page: Page, ui: Ui) -> str:
     """Open the run that the "Launched run <id> [View]" toast links to; returns its short id."""
     message = page.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$")).last
-    expect(message, "the toast of a launched run").to_be_visible()
+    # The toast shows once the launch returns, which takes more than the default 5 s while the
+    # machine is busy (the code location starts the run's process first).
+    expect(message, "the toast of a launched run").to_be_visible(timeout=UI_TIMEOUT_MS)
     short_id = message.inner_text().split()[-1]
     view = page.get_by_role("link", name="View", exact=True)
     href = view.and_(page.locator(f'[href^="/runs/{short_id}"]')).first.get_attribute("href")
