@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from policy_devtools.simulator import PolicyApiSimulator, SimulatorConfig
-from policy_pipeline.cli import print_table
+from policy_pipeline.cli import open_warehouse, print_table
 from policy_pipeline.core.catalog import CatalogError, load_catalog
 from policy_pipeline.core.settings import PROJECT_ROOT, Settings, SettingsError
 from policy_pipeline.defs.workflow.partitions import (
@@ -134,10 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 returncode = result.returncode
 
     from policy_pipeline.core.store.health import HealthReport
-    from policy_pipeline.resources import open_state
 
-    with open_state(settings) as state:
-        rows = HealthReport(state.warehouse()).executions(limit=10 * len(names))
+    with open_warehouse(settings) as warehouse:  # as `policy-pipeline status` reads it
+        rows = HealthReport(warehouse).executions(limit=10 * len(names))
     latest: dict[str, dict[str, object]] = {}
     for row in rows:  # newest first: keep each policy's latest execution
         if row["policy_name"] in catalog:

@@ -36,7 +36,7 @@ from policy_pipeline.core.settings import (
     SettingsError,
     dagster_home_set,
 )
-from policy_pipeline.core.store.connection import WarehouseConnection
+from policy_pipeline.core.store.connection import WarehouseConnection, WarehouseError
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -85,19 +85,18 @@ def _json(value: Any) -> str:
 
 @contextmanager
 def open_warehouse(settings: Settings) -> Iterator[WarehouseConnection]:
-    """The state's warehouse, as the runs reach it. A DuckDB file is opened without Dagster
-    (``status`` and ``diagnose`` answer in well under a second); Snowflake's connection is
-    built by the dagster-snowflake resource the runs use (key pair, passphrase, host)."""
+    """The state's warehouse, as the runs reach it, opened through the core without Dagster
+    (``status`` and ``diagnose`` answer in about a second): a DuckDB file, or Snowflake with
+    the options and secrets of the runs' dagster-snowflake resource."""
     if settings.warehouse == "duckdb":
         from policy_pipeline.core.store.duckdb_file import duckdb_warehouse
 
         wait = LeaseSettings(ttl_seconds=settings.leases.ttl_seconds).warehouse_wait_seconds
         yield duckdb_warehouse(settings.duckdb_path, wait_seconds=wait)
         return
-    from policy_pipeline.resources import open_state
+    from policy_pipeline.core.store.snowflake_connection import snowflake_warehouse
 
-    with open_state(settings) as state:
-        yield state.warehouse()
+    yield snowflake_warehouse(settings)
 
 
 def _store(warehouse: WarehouseConnection) -> StateStore:
@@ -488,7 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result: int = args.handler(args, settings)
+    try:
+        result: int = args.handler(args, settings)
+    except SettingsError as exc:  # found once the command needs it (Snowflake's variables)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except WarehouseError as exc:  # its message names the statement, secrets scrubbed
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return result
 
 

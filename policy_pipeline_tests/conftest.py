@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from dagster import (
     AssetKey,
     DagsterInstance,
@@ -299,6 +301,17 @@ run_launcher:
 telemetry:
   enabled: false
 """
+
+
+def encrypted_pem(passphrase: str) -> str:
+    """A new RSA private key as Snowflake key-pair authentication takes it: a PKCS#8 PEM,
+    encrypted with ``passphrase``."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase.encode()),
+    ).decode()
 
 
 def dagster_home(workspace: Workspace, config: str = DEFAULT_LAUNCHER) -> Path:

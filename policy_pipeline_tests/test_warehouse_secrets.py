@@ -28,8 +28,6 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from dagster import DagsterInstance
 from dagster._serdes import serialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
@@ -38,7 +36,13 @@ from dagster_snowflake import SnowflakeResource
 from policy_pipeline.core.store.connection import WarehouseConnection, WarehouseError
 from policy_pipeline.core.store.dialect import SqlDialect
 from policy_pipeline.resources.snowflake_state import SnowflakeStateResource
-from policy_pipeline_tests.conftest import Workspace, run_cli, run_job, subprocess_env
+from policy_pipeline_tests.conftest import (
+    Workspace,
+    encrypted_pem,
+    run_cli,
+    run_job,
+    subprocess_env,
+)
 from policy_pipeline_tests.harness.fakesnow_server import FakesnowServer
 
 REFUSAL = "Incorrect username or password was specified."
@@ -250,15 +254,6 @@ def test_reporting_job_succeeds_on_a_new_warehouse(workspace: Workspace) -> None
 # --- the warehouse connection, every secret and every form ---------------------------------------
 
 
-def _encrypted_key(passphrase: str) -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(passphrase.encode()),
-    ).decode()
-
-
 def _renderings(secret: str) -> str:
     """The secret as an echo may render it: raw, in JSON, percent- and HTML-escaped, quoted."""
     return " | ".join(
@@ -274,7 +269,7 @@ def _renderings(secret: str) -> str:
 
 def test_connect_and_statement_errors_scrub_the_key_and_its_passphrase(tmp_path: Path) -> None:
     passphrase_token, passphrase = distinctive_password()
-    pem = _encrypted_key(passphrase)
+    pem = encrypted_pem(passphrase)
     key_file = tmp_path / "rsa_key.p8"
     key_file.write_text(pem)
     resource = SnowflakeStateResource(

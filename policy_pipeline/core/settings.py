@@ -8,9 +8,10 @@ sensor ticks and checks read no environment. Run config and the Component's attr
 override a knob under its own name (`override_field`, `with_overrides`). Nothing is written
 back to the environment.
 
-Secrets (POLICY_API_KEY, SNOWFLAKE_PASSWORD, ...) are not read here: the Dagster resources
-get them as ``EnvVar`` references, resolved only at run time and never shown. Only whether
-one is set is looked at (to choose Snowflake's authentication), never its value.
+Secrets (POLICY_API_KEY, SNOWFLAKE_PASSWORD, ...) are not part of the settings: the Dagster
+resources get them as ``EnvVar`` references, resolved only at run time and never shown.
+Whether one is set chooses Snowflake's authentication; ``Settings.secret_if_set`` hands a value
+over only to check its form at load and to the CLI's own warehouse connection.
 """
 
 from __future__ import annotations
@@ -390,7 +391,8 @@ class Settings:
 
     @staticmethod
     def secret_if_set(name: str) -> str | None:
-        """A secret's value, only to check its form at load (never kept, shown or logged)."""
+        """A secret's value, to check its form at load or for the CLI's warehouse connection
+        (never kept, shown or logged)."""
         return os.environ.get(name)
 
     def snowflake(self, environ: Mapping[str, str] | None = None) -> SnowflakeSettings:
