@@ -47,7 +47,7 @@ case "${1:-}" in
     .venv/bin/dg check defs
     # Three workers on two cores, each taking tests from the others when idle: the longest
     # tests mostly wait (the hands-off test's three minutes, leases lapsing on the cluster's
-    # hosts), so a third worker overlaps them (13.3 to 13.5 minutes on a fresh clone; a fourth
+    # hosts), so a third worker overlaps them (13.3 to 13.8 minutes on a fresh clone; a fourth
     # adds CPU contention and takes longer). Every server a test starts has its own port.
     .venv/bin/python -m pytest -n 3 --dist worksteal "${@:2}"
     ;;
