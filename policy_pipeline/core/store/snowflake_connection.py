@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,24 +159,27 @@ def snowflake_warehouse(settings: Settings) -> WarehouseConnection:
     plain = (*_FIELD_VARS, "password")
     args = {field: values[field] for field in plain if values.get(field) is not None}
 
-    @contextmanager
+    @functools.cache
+    def key_args() -> dict[str, Any]:
+        """The private key, read and decrypted once (at the first connection), as the
+        connector takes it; nothing for a password."""
+        key_path, key = values.get("private_key_path"), values.get("private_key")
+        if key_path is None and key is None:
+            return {}
+        var = options.field_vars["private_key_path" if key_path is not None else "private_key"]
+        try:
+            pem = Path(key_path).read_bytes() if key_path is not None else str(key).encode()
+        except OSError as exc:
+            raise SettingsError(f"{var}: the key file cannot be read ({exc.strerror})") from None
+        return {"private_key": _der_private_key(pem, values.get("private_key_password"), var)}
+
+    @contextlib.contextmanager
     def connect() -> Iterator[Any]:
         import snowflake.connector
 
-        key_args: dict[str, Any] = {}
-        key_path, key = values.get("private_key_path"), values.get("private_key")
-        if key_path is not None or key is not None:
-            var = options.field_vars["private_key_path" if key_path is not None else "private_key"]
-            try:
-                pem = Path(key_path).read_bytes() if key_path is not None else str(key).encode()
-            except OSError as exc:
-                raise SettingsError(
-                    f"{var}: the key file cannot be read ({exc.strerror})"
-                ) from None
-            key_args["private_key"] = _der_private_key(pem, values.get("private_key_password"), var)
         connection = snowflake.connector.connect(
             **args,
-            **key_args,
+            **key_args(),
             login_timeout=options.login_timeout,
             **options.connection_args,
         )

@@ -65,6 +65,6 @@ def manifest_is_current(project: DbtProject) -> bool:
 
 
 # Under `dagster dev` every run process loads the definitions too: an unchanged project is not
-# parsed again (a `dbt parse` costs seconds of CPU per run).
-if not manifest_is_current(policy_dbt_project):
+# parsed again (a `dbt parse` costs seconds of CPU per run). Elsewhere nothing is looked at.
+if policy_dbt_project.preparer.using_dagster_dev() and not manifest_is_current(policy_dbt_project):
     policy_dbt_project.prepare_if_dev()
